@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create or reuse .venv in the repository and install ts_plugin with everything it needs.
+# Idempotent: a stamp file records the inputs of the last successful install.
+# TORCH_SPEC picks the torch build: the default is the CPU wheel this machine kind has on disk;
+# on a CUDA host use e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${TS_PLUGIN_VENV:-$repo/.venv}"
+python="${PYTHON:-python3}"
+torch_spec="${TORCH_SPEC:-torch==2.13.0}"
+stamp="$venv/.ts_plugin-installed"
+want="$(cat "$repo/setup.py" "$repo/scripts/bootstrap.sh"; echo "$torch_spec")"
+want_hash="$(printf '%s' "$want" | sha256sum | cut -d' ' -f1)"
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want_hash" ]; then
+  exit 0
+fi
+echo "[bootstrap] installing into $venv (a few minutes the first time)" >&2
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+"${pip[@]}" install --upgrade pip setuptools wheel
+# torch first and pinned, so nothing later pulls a multi-GB CUDA build
+# shellcheck disable=SC2086
+"${pip[@]}" install $torch_spec
+"${pip[@]}" install -e "$repo[accelerate,test]"
+# DeepSpeed builds against the torch above; build isolation would pull another torch
+"${pip[@]}" install --no-build-isolation "deepspeed==0.19.8"
+echo "$want_hash" > "$stamp"
+echo "[bootstrap] done" >&2

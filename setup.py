@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+SERVE = [
+    "torch>=2.4",
+    "transformers>=4.45",
+    "safetensors>=0.4",
+    "torchserve==0.12.0",
+    "psutil>=5.9",
+]
+EXTRAS = {
+    "serve": SERVE,
+    # deepspeed itself must be installed with --no-build-isolation after torch (see README)
+    "deepspeed": SERVE + ["deepspeed>=0.15"],
+    "accelerate": SERVE + ["accelerate>=1.0"],
+    "test": SERVE + ["pytest>=8", "requests>=2.31", "accelerate>=1.0", "tokenizers>=0.20"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
+setup(
+    name="ts_plugin",
+    version="0.1.0",
+    description="Large-model serving on TorchServe 0.12: parallel base handlers and a model-config validator",
+    python_requires=">=3.9",
+    packages=find_packages(include=["ts_plugin", "ts_plugin.*"]),
+    package_data={"ts_plugin": ["py.typed"]},
+    install_requires=[
+        "pyyaml>=6.0",
+        "pydantic>=2.6",
+        "torch-model-archiver==0.12.0",
+    ],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["ts-plugin=ts_plugin.cli:main"]},
+)

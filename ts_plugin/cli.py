@@ -1,0 +1,115 @@
+"""The `ts-plugin` command: validate, archive, schema, rules, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .config import ValidationContext, validate_file
+
+FORMATS = ("text", "json", "github")
+
+
+def _github_line(source: str, finding) -> str:
+    def escape(text: str) -> str:
+        return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+    level = "error" if finding.severity == "error" else "warning"
+    return (f"::{level} file={source},line={finding.line},col={finding.column},title={finding.code} {finding.key}::"
+            f"{escape(finding.message + '. Fix: ' + finding.hint)}")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .archive import archive_contents
+
+    if args.format not in FORMATS:  # argparse checks too; kept for programmatic callers
+        print(f"ts-plugin validate: --format must be one of {', '.join(FORMATS)}", file=sys.stderr)
+        return 2
+    archive_files = archive_contents(args.extra_files) if args.extra_files else None
+    reports = []
+    for name in args.files:
+        path = Path(name)
+        if not path.is_file():
+            print(f"ts-plugin validate: cannot read {name}: no such file", file=sys.stderr)
+            return 2
+        try:
+            reports.append(validate_file(path, ValidationContext(archive_files=archive_files, gpus=args.gpus)))
+        except (OSError, UnicodeDecodeError) as err:
+            print(f"ts-plugin validate: cannot read {name}: {err}", file=sys.stderr)
+            return 2
+    if args.format == "json":
+        print(json.dumps({"files": [{"file": r.source, "findings": [f.to_dict() for f in r.findings]}
+                                    for r in reports]}, indent=2))
+    else:
+        for report in reports:
+            for finding in report.findings:
+                print(_github_line(report.source, finding) if args.format == "github" else finding.format(report.source))
+        if args.format == "text":
+            errors = sum(len(r.errors) for r in reports)
+            warnings = sum(len(r.findings) for r in reports) - errors
+            print(f"{len(reports)} file(s) checked: {errors} error(s), {warnings} warning(s)", file=sys.stderr)
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from .config import rules_table
+
+    print(rules_table())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(workdir=Path(args.workdir), parallel_types=args.only)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ts-plugin", description="Large-model serving on TorchServe 0.12.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    validate = sub.add_parser("validate", help="check model-config.yaml files")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("--format", choices=FORMATS, default="text")
+    validate.add_argument("--extra-files", help="the --extra-files you will give torch-model-archiver (comma-separated)")
+    validate.add_argument("--gpus", type=_positive_int, help="GPUs on the serving host")
+    validate.set_defaults(func=cmd_validate)
+    sub.add_parser("archive", help="validate --config-file, then run torch-model-archiver with the same arguments",
+                   add_help=False)
+    sub.add_parser("schema", help="print the JSON Schema of model-config.yaml").set_defaults(func=cmd_schema)
+    sub.add_parser("rules", help="print the validation rules").set_defaults(func=cmd_rules)
+    demo = sub.add_parser("demo", help="build a tiny model, archive it per parallelType, serve and query it")
+    demo.add_argument("--workdir", default="demo-work")
+    demo.add_argument("--only", nargs="*", choices=["tp", "pp", "pptp", "custom"], default=None)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "archive":
+        from .archive import archive
+
+        return archive(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,519 @@
+"""Validation rules for model-config.yaml: every finding has a stable code, a key, a line and a fix."""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
+
+from pydantic import ValidationError
+
+from ._loader import LoadedYaml, YamlSyntaxError, load_yaml
+from .layout import ParallelLayout
+from .schema import SECTIONS, TORCHRUN_PARALLEL_TYPES, ModelConfig, TorchrunConfig, known_keys
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    code: str
+    severity: Severity
+    title: str
+
+
+RULES: Dict[str, Rule] = {}
+
+
+def _rule(code: str, severity: Severity, title: str) -> Rule:
+    RULES[code] = Rule(code, severity, title)
+    return RULES[code]
+
+
+YAML_SYNTAX = _rule("TSP101", "error", "YAML syntax error (the frontend would run the model with all defaults)")
+EMPTY_FILE = _rule("TSP102", "error", "empty file (the frontend's config parsing crashes)")
+NOT_A_MAPPING = _rule("TSP103", "error", "the file is not a mapping of keys to values")
+DUPLICATE_KEY = _rule("TSP104", "warning", "a key written twice (the later one wins silently)")
+WRONG_TYPE = _rule("TSP110", "error", "a value of the wrong type (the frontend ignores it and keeps its default)")
+OUT_OF_RANGE = _rule("TSP111", "error", "a number out of its allowed range")
+NEAR_MISS_KEY = _rule("TSP112", "error", "an unknown key that looks like a known one (ignored by the frontend)")
+IGNORED_TORCHRUN_KEY = _rule("TSP113", "error", "a torchrun sub-key the frontend does not read")
+INVALID_CHOICE = _rule("TSP114", "error", "a value outside its closed set of choices")
+LEVEL_AND_NPROC = _rule("TSP201", "error", "torchrun.nproc-per-node and parallelLevel both set (mutually exclusive)")
+LEVEL_WITHOUT_TORCHRUN = _rule("TSP202", "error", "pp/tp/pptp with parallelLevel but no torchrun section (never READY)")
+TORCHRUN_WITHOUT_NPROC = _rule("TSP203", "error", "a torchrun section without nproc-per-node beside parallelLevel (silently 1 process)")
+CUSTOM_MULTI_GPU_SYNC = _rule("TSP204", "error", "custom with parallelLevel > 1 but no asyncCommunication (never READY)")
+CUSTOM_WITH_TORCHRUN = _rule("TSP205", "error", "custom with a torchrun section (custom runs one process)")
+PARALLEL_WITHOUT_TYPE = _rule("TSP206", "error", "parallelLevel or torchrun without parallelType (ignored)")
+MULTI_NODE = _rule("TSP207", "error", "torchrun.nnodes > 1 (the frontend is single-node)")
+PPTP_NO_PP_SIZE = _rule("TSP208", "error", "pptp without pippy.pp_size")
+PPTP_PP_SIZE_DIVIDES = _rule("TSP209", "error", "pippy.pp_size does not divide the world size")
+SINGLE_RANK = _rule("TSP210", "warning", "a pp/tp/pptp worker with a single rank")
+DEVICE_IDS_DUPLICATE = _rule("TSP301", "error", "deviceIds lists a GPU twice")
+DEVICE_IDS_NEGATIVE = _rule("TSP302", "error", "a negative GPU id in deviceIds")
+DEVICE_IDS_TOO_FEW = _rule("TSP303", "error", "deviceIds shorter than the GPUs one worker needs")
+DEVICE_IDS_NOT_MULTIPLE = _rule("TSP304", "error", "len(deviceIds) is not a multiple of the GPUs per worker")
+DEVICE_IDS_ON_CPU = _rule("TSP305", "error", "deviceIds with deviceType cpu")
+MORE_GPUS_THAN_HOST = _rule("TSP306", "error", "more GPUs asked for than the host has")
+WORKERS_MIN_OVER_MAX = _rule("TSP401", "error", "minWorkers > maxWorkers (ignored by the frontend)")
+WORKERS_MIN_ZERO = _rule("TSP402", "warning", "minWorkers 0 (the frontend makes it 1)")
+SECTION_CONFLICT = _rule("TSP501", "error", "a section or key that contradicts the parallelType")
+CHUNKS_OVER_BATCH = _rule("TSP502", "warning", "pippy.chunks larger than batchSize (some micro-batches stay empty)")
+MAX_MEMORY_KEY = _rule("TSP503", "error", "handler.max_memory key that is not a GPU id, cpu or disk")
+PATH_ABSOLUTE = _rule("TSP601", "error", "an absolute path where a file inside the archive is expected")
+PATH_ESCAPES = _rule("TSP602", "error", "a path that leaves the model folder")
+FILE_MISSING = _rule("TSP603", "error", "a referenced file is not among the archive's files")
+FILE_NOT_JSON = _rule("TSP604", "error", "a referenced JSON file does not parse")
+TP_SIZE_MISMATCH = _rule("TSP605", "error", "DeepSpeed tp_size (or mp_size) differs from the world size")
+MODEL_PATH_MISSING = _rule("TSP606", "warning", "an absolute handler.model_path that does not exist on this host")
+TRUST_REMOTE_CODE = _rule("TSP607", "warning", "handler.trust_remote_code runs code shipped with the model")
+GPU_EXPECTED = _rule("TSP608", "warning", "deviceType gpu on a host without GPUs (the frontend falls back to cpu)")
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: Severity
+    key: str
+    line: int
+    column: int
+    message: str
+    hint: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def format(self, source: str) -> str:
+        return f"{source}:{self.line}:{self.column}: {self.severity} {self.code} [{self.key}] {self.message}\n    hint: {self.hint}"
+
+
+@dataclass
+class ValidationContext:
+    """What the validator may look at besides the YAML text.
+
+    archive_files: archive-relative path -> local file, when the archive's contents are known
+    (`ts-plugin archive`, `validate --extra-files`). model_dir: the unpacked model folder at
+    worker start. gpus: GPUs on the serving host, when known.
+    """
+
+    config_dir: Optional[Path] = None
+    archive_files: Optional[Dict[str, Path]] = None
+    model_dir: Optional[Path] = None
+    gpus: Optional[int] = None
+
+
+@dataclass
+class Report:
+    source: str
+    findings: List[Finding] = field(default_factory=list)
+    config: Optional[ModelConfig] = None
+    layout: Optional[ParallelLayout] = None
+
+    @property
+    def errors(self) -> List[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def text(self) -> str:
+        return "\n".join(f.format(self.source) for f in self.findings)
+
+
+class _Collector:
+    def __init__(self, loaded: Optional[LoadedYaml]):
+        self.loaded = loaded
+        self.findings: List[Finding] = []
+
+    def add(self, rule: Rule, path: Tuple[Any, ...], message: str, hint: str) -> None:
+        line, column = self.loaded.position(path) if self.loaded else (1, 1)
+        self.findings.append(Finding(rule.code, rule.severity, key_name(path), line, column, message, hint))
+
+
+def key_name(path: Tuple[Any, ...]) -> str:
+    """('deviceIds', 1) -> 'deviceIds[1]'; () -> '<file>'."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "<file>"
+
+
+def validate_text(text: str, source: str = "model-config.yaml", context: Optional[ValidationContext] = None) -> Report:
+    """Validate the text of a model-config.yaml.
+
+    Example:
+        >>> report = validate_text("parallelType: tp\\nparallelLevel: 2\\n")
+        >>> [f.code for f in report.errors]
+        ['TSP202']
+    """
+    context = context or ValidationContext()
+    report = Report(source)
+    if not text.strip():
+        report.findings.append(Finding(EMPTY_FILE.code, "error", "<file>", 1, 1, "the file is empty",
+                                       "write at least `minWorkers: 1`, or leave --config-file out"))
+        return report
+    try:
+        loaded = load_yaml(text)
+    except YamlSyntaxError as err:
+        report.findings.append(Finding(YAML_SYNTAX.code, "error", "<file>", err.line, err.column,
+                                       f"YAML syntax error: {err}",
+                                       "fix the YAML; TorchServe would log this and serve with all defaults"))
+        return report
+    out = _Collector(loaded)
+    if loaded.data is None:
+        out.add(EMPTY_FILE, (), "the file holds only comments", "write at least `minWorkers: 1`, or leave --config-file out")
+        report.findings = out.findings
+        return report
+    if not isinstance(loaded.data, dict):
+        out.add(NOT_A_MAPPING, (), f"the top level is a {type(loaded.data).__name__}, not a mapping",
+                "write `key: value` lines at the top level, e.g. `parallelType: tp`")
+        report.findings = out.findings
+        return report
+    for path in loaded.duplicates:
+        out.add(DUPLICATE_KEY, path, f"`{path[-1]}` is set more than once; only the last value counts",
+                "keep one of them")
+    _check_keys(loaded.data, out)
+    config = _parse(loaded.data, out)
+    layout = ParallelLayout.of(config)
+    _check_parallel(config, layout, out)
+    _check_devices(config, layout, out, context)
+    _check_sections(config, layout, out)
+    _check_files(config, layout, out, context)
+    report.findings = sorted(out.findings, key=lambda f: (f.line, f.column, f.code))
+    report.config, report.layout = config, layout
+    return report
+
+
+def validate_file(path: os.PathLike, context: Optional[ValidationContext] = None) -> Report:
+    """Validate a model-config.yaml file; relative paths in it are looked up beside it by default."""
+    path = Path(path)
+    context = context or ValidationContext()
+    if context.config_dir is None:
+        context = ValidationContext(path.parent, context.archive_files, context.model_dir, context.gpus)
+    return validate_text(path.read_text(encoding="utf-8"), str(path), context)
+
+
+# --- keys and types -------------------------------------------------------------------------------
+
+def _normalise(key: str) -> str:
+    return key.lower().replace("-", "").replace("_", "")
+
+
+def _near_miss(key: str, known: List[str]) -> Optional[str]:
+    by_norm = {_normalise(k): k for k in known}
+    if _normalise(key) in by_norm:
+        return by_norm[_normalise(key)]
+    close = difflib.get_close_matches(_normalise(key), list(by_norm), n=1, cutoff=0.8)
+    return by_norm[close[0]] if close else None
+
+
+def _check_keys(data: Dict[str, Any], out: _Collector) -> None:
+    for prefix, model in SECTIONS.items():
+        section = data
+        for part in prefix:
+            section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict):
+            continue
+        known = known_keys(model)
+        for key in section:
+            if not isinstance(key, str) or key in known:
+                continue
+            guess = _near_miss(key, known)
+            if model is TorchrunConfig:
+                hint = f"did you mean `{guess}`?" if guess else f"the frontend reads only: {', '.join(known)}"
+                out.add(IGNORED_TORCHRUN_KEY, prefix + (key,),
+                        f"torchrun key `{key}` is not read by TorchServe 0.12 and would be ignored", hint)
+            elif guess:
+                out.add(NEAR_MISS_KEY, prefix + (key,), f"unknown key `{key}` would be ignored",
+                        f"did you mean `{guess}`?")
+
+
+_CHOICE_ERRORS = {"literal_error", "enum"}
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _parse(data: Dict[str, Any], out: _Collector) -> ModelConfig:
+    """Build the typed config; each invalid value is reported once and dropped, so the rest is checked."""
+    data = copy.deepcopy(data)
+    reported = set()
+    for _ in range(50):
+        try:
+            return ModelConfig.model_validate(data)
+        except ValidationError as err:
+            errors = err.errors()
+        for error in _first_per_location(errors):
+            path = tuple(p for p in error["loc"] if not _is_union_tag(p))
+            if error["type"] == "extra_forbidden":
+                _drop(data, path)  # reported by _check_keys
+                continue
+            if path not in reported:
+                reported.add(path)
+                _report_value_error(error, path, out)
+            _drop(data, path)
+    raise RuntimeError("model-config.yaml could not be reduced to a valid config")  # pragma: no cover
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic adds the union member or constraint to a location, e.g. ('handler', 'device_map', 'literal[...]')
+    return isinstance(part, str) and ("[" in part or part in {"int", "str", "float", "bool", "constrained-int"})
+
+
+def _first_per_location(errors: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    seen, first = set(), []
+    for error in errors:
+        path = tuple(p for p in error["loc"] if not _is_union_tag(p))
+        if path not in seen:
+            seen.add(path)
+            first.append(error)
+    return first
+
+
+def _drop(data: Any, path: Tuple[Any, ...]) -> None:
+    target = data
+    for part in path[:-1]:
+        target = target[part]
+    if isinstance(target, list):
+        del target[:]  # one bad item invalidates the list, as in the frontend
+    else:
+        target.pop(path[-1], None)
+
+
+def _report_value_error(error: Dict[str, Any], path: Tuple[Any, ...], out: _Collector) -> None:
+    value = error.get("input")
+    shown = json.dumps(value) if isinstance(value, (str, int, float, bool)) or value is None else repr(value)
+    key = key_name(path)
+    if error["type"] in _CHOICE_ERRORS or "literal" in error["type"]:
+        expected = error.get("ctx", {}).get("expected", "")
+        out.add(INVALID_CHOICE, path, f"`{key}` is {shown}; allowed: {expected}",
+                f"use one of {expected}")
+    elif error["type"] in _RANGE_ERRORS:
+        out.add(OUT_OF_RANGE, path, f"`{key}` is {shown}; {error['msg'].lower()}", f"set `{key}` to an allowed number")
+    else:
+        expected = error["msg"].replace("Input should be ", "").replace("a valid integer", "an integer")
+        hint = f"write {expected} without quotes" if isinstance(value, str) and error["type"] in {
+            "int_type", "float_type", "bool_type", "int_parsing"} else f"write {expected}"
+        out.add(WRONG_TYPE, path, f"`{key}` is {shown} ({type(value).__name__}); expected {expected}",
+                hint + "; TorchServe would ignore this value and keep its default")
+
+
+# --- cross-field rules ----------------------------------------------------------------------------
+
+def _check_parallel(config: ModelConfig, layout: ParallelLayout, out: _Collector) -> None:
+    ptype, level, torchrun = config.parallel_type, config.parallel_level, config.torchrun
+    nproc = torchrun.nproc_per_node if torchrun else None
+    if ptype is None:
+        for path, value in ((("parallelLevel",), level), (("torchrun",), torchrun)):
+            if value is not None:
+                out.add(PARALLEL_WITHOUT_TYPE, path, f"`{path[0]}` is set but parallelType is not, so TorchServe ignores it",
+                        "add `parallelType: pp|tp|pptp|custom`, or remove it")
+        return
+    if torchrun is not None and torchrun.nnodes > 1:
+        out.add(MULTI_NODE, ("torchrun", "nnodes"), f"torchrun.nnodes is {torchrun.nnodes}; TorchServe 0.12 serves on one node",
+                "set `nnodes: 1` (or remove it) and run one TorchServe per node")
+    if ptype == "custom":
+        if torchrun is not None:
+            out.add(CUSTOM_WITH_TORCHRUN, ("torchrun",), "parallelType custom runs one process, but a torchrun section is set",
+                    "remove the torchrun section; give the process GPUs with `parallelLevel: N` + `asyncCommunication: true`")
+        if level is not None and level > 1 and not config.async_communication:
+            out.add(CUSTOM_MULTI_GPU_SYNC, ("parallelLevel",),
+                    f"parallelType custom with parallelLevel {level} never reaches READY without asyncCommunication",
+                    "add `asyncCommunication: true` (the ts_plugin accelerate handler supports it), or remove parallelLevel")
+        return
+    if nproc is not None and level is not None:
+        out.add(LEVEL_AND_NPROC, ("parallelLevel",),
+                f"parallelLevel {level} and torchrun.nproc-per-node {nproc} are both set; they are mutually exclusive",
+                f"remove `parallelLevel` and keep `torchrun: {{nproc-per-node: {nproc}}}`")
+    elif level is not None and torchrun is None:
+        out.add(LEVEL_WITHOUT_TORCHRUN, ("parallelLevel",),
+                f"parallelType {ptype} with parallelLevel {level} but no torchrun section: the frontend never reaches READY",
+                f"replace `parallelLevel: {level}` with `torchrun: {{nproc-per-node: {level}}}`")
+    elif level is not None and nproc is None:
+        out.add(TORCHRUN_WITHOUT_NPROC, ("torchrun",),
+                f"a torchrun section without nproc-per-node makes parallelLevel {level} silently 1 process",
+                f"move it into the section: `torchrun: {{nproc-per-node: {level}}}` and remove `parallelLevel`")
+    if ptype == "pptp":
+        pp_size = config.pippy.pp_size if config.pippy else None
+        if pp_size is None:
+            out.add(PPTP_NO_PP_SIZE, ("pippy",) if config.pippy else ("parallelType",),
+                    "parallelType pptp needs pippy.pp_size (the number of pipeline stages)",
+                    f"add `pippy: {{pp_size: 2}}` with a divisor of the world size {layout.world_size}")
+        elif layout.world_size % pp_size:
+            out.add(PPTP_PP_SIZE_DIVIDES, ("pippy", "pp_size"),
+                    f"pippy.pp_size {pp_size} does not divide the world size {layout.world_size}",
+                    f"use a divisor of {layout.world_size} for pp_size, or change nproc-per-node")
+    if layout.world_size == 1 and ptype in ("pp", "tp"):
+        out.add(SINGLE_RANK, ("torchrun",) if torchrun else ("parallelType",),
+                f"parallelType {ptype} with a single rank does no parallelism",
+                "set `torchrun: {nproc-per-node: N}` with N > 1, or drop parallelType")
+
+
+def _check_devices(config: ModelConfig, layout: ParallelLayout, out: _Collector, context: ValidationContext) -> None:
+    ids = config.device_ids
+    gpus = context.gpus
+    per_worker = layout.gpus_per_worker
+    if ids:
+        if config.device_type == "cpu":
+            out.add(DEVICE_IDS_ON_CPU, ("deviceIds",), f"deviceIds {ids} is set with deviceType cpu",
+                    "remove deviceIds, or set `deviceType: gpu`")
+        seen = set()
+        for index, gpu in enumerate(ids):
+            if gpu < 0:
+                out.add(DEVICE_IDS_NEGATIVE, ("deviceIds", index), f"deviceIds[{index}] is {gpu}; GPU ids start at 0",
+                        "list GPU ids as shown by nvidia-smi")
+            elif gpu in seen:
+                out.add(DEVICE_IDS_DUPLICATE, ("deviceIds", index), f"GPU {gpu} appears twice in deviceIds {ids}",
+                        "list each GPU once")
+            seen.add(gpu)
+            if gpus is not None and gpu >= gpus:
+                out.add(MORE_GPUS_THAN_HOST, ("deviceIds", index),
+                        f"deviceIds[{index}] is {gpu} but the host has {gpus} GPU(s); the frontend would drop the whole list",
+                        f"use ids 0..{gpus - 1}")
+        if len(ids) < per_worker:
+            out.add(DEVICE_IDS_TOO_FEW, ("deviceIds",),
+                    f"deviceIds lists {len(ids)} GPU(s) but one worker needs {per_worker}",
+                    f"list at least {per_worker} GPU ids")
+        elif len(ids) % per_worker:
+            out.add(DEVICE_IDS_NOT_MULTIPLE, ("deviceIds",),
+                    f"deviceIds lists {len(ids)} GPUs, not a multiple of the {per_worker} each worker takes",
+                    f"list a multiple of {per_worker} GPU ids")
+    if gpus is not None and config.device_type == "gpu":
+        if gpus == 0:
+            out.add(GPU_EXPECTED, ("deviceType",), "deviceType gpu, but this host has no GPU",
+                    "serve on a GPU host, or set `deviceType: cpu`")
+        elif per_worker > gpus:
+            out.add(MORE_GPUS_THAN_HOST, ("torchrun", "nproc-per-node") if config.torchrun else ("parallelLevel",),
+                    f"one worker needs {per_worker} GPUs but the host has {gpus}",
+                    f"use at most {gpus} per worker")
+    if config.min_workers > config.max_workers:
+        out.add(WORKERS_MIN_OVER_MAX, ("minWorkers",),
+                f"minWorkers {config.min_workers} > maxWorkers {config.max_workers}",
+                "make minWorkers <= maxWorkers (for large models usually both 1)")
+    if config.min_workers < 1:
+        out.add(WORKERS_MIN_ZERO, ("minWorkers",), f"minWorkers {config.min_workers} becomes 1 in the frontend",
+                "set `minWorkers: 1`")
+
+
+def _check_sections(config: ModelConfig, layout: ParallelLayout, out: _Collector) -> None:
+    ptype = config.parallel_type
+    if ptype == "pp" and config.deepspeed is not None:
+        out.add(SECTION_CONFLICT, ("deepspeed",), "a deepspeed section under parallelType pp is never used",
+                "remove it, or use parallelType tp (DeepSpeed) or pptp")
+    if ptype in ("tp", "custom") and config.pippy is not None:
+        out.add(SECTION_CONFLICT, ("pippy",), f"a pippy section under parallelType {ptype} is never used",
+                "remove it, or use parallelType pp or pptp")
+    if ptype in TORCHRUN_PARALLEL_TYPES and config.handler.device_map is not None:
+        out.add(SECTION_CONFLICT, ("handler", "device_map"),
+                f"handler.device_map is for parallelType custom (Accelerate), not {ptype}",
+                "remove handler.device_map, or use parallelType custom")
+    if config.pippy is not None and ptype in ("pp", "pptp") and config.pippy.chunks > config.batch_size:
+        out.add(CHUNKS_OVER_BATCH, ("pippy", "chunks"),
+                f"pippy.chunks {config.pippy.chunks} > batchSize {config.batch_size}: a batch never fills all micro-batches",
+                f"raise batchSize to at least {config.pippy.chunks}, or lower chunks")
+    for key in config.handler.max_memory or {}:
+        valid = (isinstance(key, int) and key >= 0) or key in ("cpu", "disk") or (isinstance(key, str) and key.isdigit())
+        if not valid:
+            out.add(MAX_MEMORY_KEY, ("handler", "max_memory", key), f"handler.max_memory key {key!r} is not a GPU id, cpu or disk",
+                    "use keys like 0, 1, cpu, disk")
+    if config.handler.trust_remote_code:
+        out.add(TRUST_REMOTE_CODE, ("handler", "trust_remote_code"),
+                "handler.trust_remote_code is true: Python code in the model folder will run in every worker",
+                "keep it only for model folders you trust")
+    tp_sizes = []
+    if config.deepspeed is not None:
+        if config.deepspeed.tensor_parallel and config.deepspeed.tensor_parallel.tp_size is not None:
+            tp_sizes.append((("deepspeed", "tensor_parallel", "tp_size"), config.deepspeed.tensor_parallel.tp_size))
+        if config.deepspeed.mp_size is not None:
+            tp_sizes.append((("deepspeed", "mp_size"), config.deepspeed.mp_size))
+    _check_tp_sizes(tp_sizes, layout, out)
+
+
+def _check_tp_sizes(sizes: List[Tuple[Tuple[Any, ...], int]], layout: ParallelLayout, out: _Collector) -> None:
+    if layout.parallel_type not in ("tp", "pptp"):
+        return
+    for path, size in sizes:
+        if size != layout.tp_size:
+            what = "the world size" if layout.parallel_type == "tp" else "world size / pp_size"
+            out.add(TP_SIZE_MISMATCH, path, f"{'.'.join(map(str, path))} is {size} but {what} is {layout.tp_size}",
+                    f"set it to {layout.tp_size} or leave it out (ts_plugin derives it)")
+
+
+def _check_files(config: ModelConfig, layout: ParallelLayout, out: _Collector, context: ValidationContext) -> None:
+    ds = config.deepspeed
+    archive_paths: List[Tuple[Tuple[Any, ...], Optional[str], bool]] = [
+        (("deepspeed", "config"), ds.config if ds else None, True),
+        (("deepspeed", "checkpoint"), ds.checkpoint if ds else None, True),
+        (("handler", "offload_folder"), config.handler.offload_folder, False),
+    ]
+    for path, value, must_exist in archive_paths:
+        if value is None:
+            continue
+        key = ".".join(path)
+        if os.path.isabs(value):
+            out.add(PATH_ABSOLUTE, path, f"{key} is the absolute path {value!r}; it must name a file inside the archive",
+                    f"ship it with --extra-files and write the archive-relative name, e.g. {os.path.basename(value)!r}")
+            continue
+        if _escapes(value):
+            out.add(PATH_ESCAPES, path, f"{key} {value!r} leaves the model folder", "name a path inside the archive, without `..`")
+            continue
+        if not must_exist:
+            continue
+        local = _locate(value, context)
+        if local is None:
+            if context.archive_files is not None or context.model_dir is not None:
+                out.add(FILE_MISSING, path, f"{key} names {value!r}, which is not in the archive",
+                        f"add it with --extra-files (archive files: {', '.join(sorted(context.archive_files or {})[:8]) or 'none'})"
+                        if context.model_dir is None else f"ship {value!r} inside the model archive")
+            continue
+        try:
+            parsed = json.loads(local.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            out.add(FILE_NOT_JSON, path, f"{key} {value!r} is not valid JSON: {err}", "fix the JSON file")
+            continue
+        if path == ("deepspeed", "config") and isinstance(parsed, dict):
+            sizes = []
+            tp_section = parsed.get("tensor_parallel")
+            if isinstance(tp_section, dict) and isinstance(tp_section.get("tp_size"), int):
+                sizes.append((path, tp_section["tp_size"]))
+            if isinstance(parsed.get("mp_size"), int):
+                sizes.append((path, parsed["mp_size"]))
+            _check_tp_sizes(sizes, layout, out)
+    model_path = config.handler.model_path
+    if model_path:
+        if not os.path.isabs(model_path) and _escapes(model_path):
+            out.add(PATH_ESCAPES, ("handler", "model_path"), f"handler.model_path {model_path!r} leaves the model folder",
+                    "use a path inside the model folder, or an absolute path on the serving host")
+        elif os.path.isabs(model_path) and not os.path.exists(model_path):
+            out.add(MODEL_PATH_MISSING, ("handler", "model_path"),
+                    f"handler.model_path {model_path!r} does not exist on this host",
+                    "fine if it exists on the serving host; otherwise ship the model in the archive and use a relative path")
+
+
+def _escapes(value: str) -> bool:
+    parts = PurePosixPath(value.replace("\\", "/")).parts
+    depth = 0
+    for part in parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            return True
+    return False
+
+
+def _locate(value: str, context: ValidationContext) -> Optional[Path]:
+    normalised = os.path.normpath(value).replace("\\", "/")
+    if context.model_dir is not None:
+        candidate = context.model_dir / normalised
+        return candidate if candidate.is_file() else None
+    if context.archive_files is not None:
+        return context.archive_files.get(normalised)
+    if context.config_dir is not None:
+        candidate = context.config_dir / normalised
+        return candidate if candidate.is_file() else None
+    return None
+
+
+def rules_table() -> str:
+    """The rules reference as a Markdown table (the README embeds it)."""
+    lines = ["| code | severity | rule |", "| --- | --- | --- |"]
+    lines += [f"| {r.code} | {r.severity} | {r.title} |" for r in RULES.values()]
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""The schema of model-config.yaml: TorchServe 0.12's frontend keys and ts_plugin's sections.
+
+This module is the single source of truth: the validator, `ts-plugin schema`, the handlers
+and the README's configuration reference all derive from these models.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ParallelType = Literal["pp", "tp", "pptp", "custom"]
+DeviceType = Literal["cpu", "gpu"]
+DeviceMapStrategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
+DTypeName = Literal["float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"]
+
+PARALLEL_TYPES = ("pp", "tp", "pptp", "custom")
+TORCHRUN_PARALLEL_TYPES = ("pp", "tp", "pptp")
+
+# The frontend compares these case-insensitively (ModelConfig.java setParallelMode/setDeviceType).
+def _lowercase(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+class _Section(BaseModel):
+    # strict: the frontend ignores a quoted number, so we refuse it instead of coercing
+    model_config = ConfigDict(strict=True, populate_by_name=True, extra="allow")
+
+
+class TorchrunConfig(_Section):
+    """`torchrun:` - the only sub-keys the frontend reads; anything else it ignores."""
+
+    model_config = ConfigDict(strict=True, populate_by_name=True, extra="forbid")
+
+    nnodes: int = Field(1, ge=1, description="Nodes; the frontend supports a single node only.")
+    nproc_per_node: Optional[int] = Field(
+        None, alias="nproc-per-node", ge=1,
+        description="Processes (ranks, one per GPU) per worker. Mutually exclusive with parallelLevel.")
+    rdzv_backend: str = Field("c10d", alias="rdzv-backend", description="torchrun rendezvous backend.")
+    rdzv_endpoint: Optional[str] = Field(
+        None, alias="rdzv-endpoint",
+        description="host:port of the rendezvous; default localhost:29400, shared by every model on the host.")
+    rdzv_conf: Optional[str] = Field(None, alias="rdzv-conf", description="Parsed but not passed to torchrun by TorchServe 0.12.")
+    monitor_interval: Optional[Union[int, float]] = Field(
+        None, alias="monitor-interval", description="Parsed but not passed to torchrun by TorchServe 0.12.")
+    node_rank: Optional[int] = Field(None, alias="node-rank", description="Parsed but not passed to torchrun by TorchServe 0.12.")
+    omp_number_threads: int = Field(1, alias="OMP_NUMBER_THREADS", ge=1, description="OMP_NUM_THREADS of every rank.")
+
+
+class PippyConfig(_Section):
+    """`pippy:` - pipeline parallelism (parallelType pp and pptp)."""
+
+    chunks: int = Field(1, ge=1, description="Micro-batches per batch (GPipe).")
+    input_names: List[str] = Field(default_factory=lambda: ["input_ids"], description="Model inputs fed to stage 0.")
+    model_type: Literal["HF"] = Field("HF", description="Only HuggingFace causal LMs are supported.")
+    split_points: Optional[List[str]] = Field(
+        None, description="Module names where stages begin (e.g. model.layers.2); even split by default.")
+    pp_size: Optional[int] = Field(None, ge=1, description="Pipeline stages; required for pptp, must divide the world size.")
+    rpc_timeout: Optional[Union[int, float]] = Field(
+        None, gt=0, description="Legacy PiPPy RPC timeout in seconds; used as the process-group timeout.")
+    num_worker_threads: Optional[int] = Field(None, ge=1, description="Legacy PiPPy RPC setting; accepted and ignored.")
+
+
+class TensorParallelConfig(_Section):
+    tp_size: Optional[int] = Field(None, ge=1, description="Tensor-parallel degree; must equal the world size.")
+
+
+class DeepSpeedConfig(_Section):
+    """`deepspeed:` - DeepSpeed inference (parallelType tp and pptp). Other keys are passed to init_inference."""
+
+    config: Optional[str] = Field(None, description="A DeepSpeed inference JSON file inside the archive.")
+    checkpoint: Optional[str] = Field(None, description="A DeepSpeed checkpoint JSON file inside the archive.")
+    dtype: Optional[DTypeName] = Field(None, description="Default fp16 on GPU, fp32 on CPU.")
+    replace_with_kernel_inject: bool = Field(False, description="Kernel injection; GPU only.")
+    tensor_parallel: Optional[TensorParallelConfig] = None
+    mp_size: Optional[int] = Field(None, ge=1, description="Deprecated spelling of tensor_parallel.tp_size.")
+    max_out_tokens: Optional[int] = Field(None, ge=1)
+    injection_policy: Optional[Dict[str, Any]] = Field(None, description="Module class -> policy, for models AutoTP cannot shard.")
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_lower(cls, value: Any) -> Any:
+        return _lowercase(value)
+
+
+class HandlerConfig(_Section):
+    """`handler:` - the ts_plugin base handler and its engines. Extra keys are kept for subclasses."""
+
+    model_path: Optional[str] = Field(None, description="HF model folder: relative to the model folder, or absolute.")
+    model_name: Optional[str] = None
+    max_length: Optional[int] = Field(None, ge=1, description="Upper bound on prompt + generated tokens.")
+    max_new_tokens: int = Field(64, ge=1, description="Upper bound (and default) for generated tokens per request.")
+    manual_seed: int = Field(42, description="Seed set identically on every rank.")
+    dtype: Optional[DTypeName] = Field(None, description="Model dtype; default fp16 on GPU, fp32 on CPU.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model folder; off by default.")
+    max_request_bytes: int = Field(1_000_000, ge=1, description="Requests with a larger body get a 413.")
+    # custom (Accelerate)
+    device_map: Optional[Union[DeviceMapStrategy, Dict[str, Union[int, str]]]] = Field(
+        None, description="auto|balanced|balanced_low_0|sequential or module -> device (custom only).")
+    max_memory: Optional[Dict[Union[int, str], Union[int, str]]] = Field(
+        None, description="Per GPU id, cpu and disk, e.g. {0: 10GiB, cpu: 30GiB} (custom only).")
+    offload_folder: Optional[str] = Field(None, description="Disk offload folder inside the model folder (custom only).")
+    offload_buffers: bool = False
+    no_split_module_classes: Optional[List[str]] = None
+    low_cpu_mem_usage: bool = True
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_lower(cls, value: Any) -> Any:
+        return _lowercase(value)
+
+
+class ModelConfig(_Section):
+    """The whole model-config.yaml. Unknown top-level sections are kept for user handlers."""
+
+    min_workers: int = Field(1, alias="minWorkers", description="0 becomes 1 in the frontend.")
+    max_workers: int = Field(1, alias="maxWorkers", ge=0)
+    batch_size: int = Field(1, alias="batchSize", ge=1)
+    max_batch_delay: int = Field(100, alias="maxBatchDelay", ge=0, description="Milliseconds.")
+    response_timeout: int = Field(120, alias="responseTimeout", gt=0, description="Seconds.")
+    startup_timeout: int = Field(120, alias="startupTimeout", gt=0, description="Seconds.")
+    device_type: Optional[DeviceType] = Field(None, alias="deviceType")
+    device_ids: Optional[List[int]] = Field(None, alias="deviceIds", description="GPU ids for this model's workers.")
+    parallel_type: Optional[ParallelType] = Field(None, alias="parallelType")
+    parallel_level: Optional[int] = Field(
+        None, alias="parallelLevel", ge=1, description="GPUs per worker; mutually exclusive with torchrun.nproc-per-node.")
+    torchrun: Optional[TorchrunConfig] = None
+    max_retry_timeout_in_sec: int = Field(300, alias="maxRetryTimeoutInSec", ge=0)
+    client_timeout_in_mills: int = Field(0, alias="clientTimeoutInMills", ge=0)
+    job_queue_size: Optional[int] = Field(None, alias="jobQueueSize")
+    use_job_ticket: bool = Field(False, alias="useJobTicket")
+    sequence_max_idle_msec: int = Field(0, alias="sequenceMaxIdleMSec", ge=0)
+    sequence_timeout_msec: int = Field(0, alias="sequenceTimeoutMSec", ge=0)
+    max_sequence_job_queue_size: int = Field(1, alias="maxSequenceJobQueueSize", ge=1)
+    max_num_sequence: int = Field(1, alias="maxNumSequence", ge=1)
+    sequence_batching: bool = Field(False, alias="sequenceBatching")
+    continuous_batching: bool = Field(False, alias="continuousBatching")
+    async_communication: bool = Field(False, alias="asyncCommunication")
+    use_venv: bool = Field(False, alias="useVenv")
+    pippy: Optional[PippyConfig] = None
+    deepspeed: Optional[DeepSpeedConfig] = None
+    handler: HandlerConfig = Field(default_factory=HandlerConfig)
+
+    @field_validator("parallel_type", "device_type", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: Any) -> Any:
+        return _lowercase(value)
+
+
+def known_keys(model: type) -> List[str]:
+    """The YAML spellings of a section's keys."""
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+# Where the near-miss check looks for known spellings, by path prefix.
+SECTIONS: Dict[tuple, type] = {
+    (): ModelConfig,
+    ("torchrun",): TorchrunConfig,
+    ("pippy",): PippyConfig,
+    ("deepspeed",): DeepSpeedConfig,
+    ("deepspeed", "tensor_parallel"): TensorParallelConfig,
+    ("handler",): HandlerConfig,
+}
+
+
+def json_schema() -> Dict[str, Any]:
+    """A JSON Schema of model-config.yaml for editors (yaml-language-server)."""
+    schema = ModelConfig.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "TorchServe model-config.yaml (ts_plugin)"
+    return schema

@@ -1,0 +1,1 @@
+"""One module per engine; each turns a validated config into a ready `StepModel` for this rank."""

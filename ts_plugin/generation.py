@@ -1,0 +1,198 @@
+"""Batched token generation with a KV cache, shared by every engine.
+
+An engine supplies a `StepModel`: one forward step over the batch, returning the last position's
+logits, plus `share_tokens` to give every rank the tokens chosen on the driver. The loop here is
+the same on every rank that runs it, so ranks stay in step.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+from .handlers._requests import SamplingParams, stop_index
+
+
+class StepModel(Protocol):
+    #: True where the chosen tokens are computed (the others receive them through share_tokens)
+    samples_here: bool
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: Any) -> Tuple[Optional[torch.Tensor], Any]:
+        """Run one step; return (logits of the last position [batch, vocab] or None, the new cache)."""
+
+    def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Return the driver's tokens on every rank that runs the loop."""
+
+    def end(self, cache: Any) -> None:
+        """Release the batch's cache (and tell follower ranks the batch is over)."""
+
+
+class HFStepModel:
+    """A HuggingFace causal LM on one device (or tensor-parallel, where every rank runs the same step)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, share: Optional[Callable] = None,
+                 samples_here: bool = True):
+        self.model = model
+        self.device = device
+        self._share = share
+        self.samples_here = samples_here
+        self._extra = cache_kwargs(model)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, attention_mask, position_ids, cache):
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                         position_ids=position_ids.to(self.device), use_cache=True, **self._extra(cache))
+        return out.logits[:, -1, :].float(), output_cache(out)
+
+    def share_tokens(self, tokens):
+        return self._share(tokens) if self._share else tokens
+
+    def end(self, cache):
+        pass
+
+
+def cache_kwargs(model: torch.nn.Module) -> Callable[[Any], dict]:
+    """transformers 5 names the KV cache argument `cache`, 4.x `past_key_values`; only the last
+    position's logits are needed where the model supports `logits_to_keep`."""
+    parameters = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in parameters else "past_key_values"
+    fixed = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    return lambda cache: {name: cache, **fixed}
+
+
+def output_cache(output: Any) -> Any:
+    return output["cache"] if "cache" in output else output.get("past_key_values")
+
+
+@dataclass
+class SequenceResult:
+    text: str
+    token_ids: List[int]
+    prompt_tokens: int
+    finish_reason: str  # length | eos_token | stop_sequence
+    time_to_first_token_s: float
+    seconds: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class _Sequence:
+    prompt_ids: List[int]
+    params: SamplingParams
+    generator: torch.Generator
+    token_ids: List[int] = field(default_factory=list)
+    text: str = ""
+    emitted: str = ""
+    finish_reason: Optional[str] = None
+    first_token_at: Optional[float] = None
+
+    @property
+    def sampling(self) -> bool:
+        p = self.params
+        return p.do_sample or p.temperature != 1.0 or p.top_k > 0 or p.top_p < 1.0
+
+
+# (index in batch, new text, finished) -> None
+StreamCallback = Callable[[int, str, bool], None]
+
+
+def choose_tokens(logits: torch.Tensor, sequences: Sequence[_Sequence]) -> torch.Tensor:
+    """Greedy or sampled next token per row, each with its own parameters and generator."""
+    chosen = torch.empty(len(sequences), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        scores = logits[row].clone()
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.prompt_ids + seq.token_ids)), dtype=torch.long)
+            picked = scores[seen]
+            scores[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if not seq.sampling:
+            chosen[row] = int(torch.argmax(scores))
+            continue
+        scores = scores / p.temperature
+        if p.top_k > 0:
+            kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
+            scores[scores < kth] = float("-inf")
+        if p.top_p < 1.0:
+            ordered, order = torch.sort(scores, descending=True)
+            cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
+            drop = cumulative - torch.softmax(ordered, dim=-1) >= p.top_p  # keep the token that crosses top_p
+            scores[order[drop]] = float("-inf")
+        probs = torch.softmax(scores, dim=-1)
+        chosen[row] = int(torch.multinomial(probs, 1, generator=seq.generator))
+    return chosen
+
+
+def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], params: Sequence[SamplingParams],
+             default_seed: int, eos_ids: Sequence[int], on_text: Optional[StreamCallback] = None) -> List[SequenceResult]:
+    """Generate for a batch of tokenized prompts (left-padded together), until each sequence stops."""
+    start = time.perf_counter()
+    sequences = []
+    for index, (ids, p) in enumerate(zip(prompts, params)):
+        generator = torch.Generator().manual_seed(p.seed if p.seed is not None else default_seed + index)
+        sequences.append(_Sequence(list(ids), p, generator))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    eos = set(eos_ids)
+    cache = None
+    try:
+        while True:
+            logits, cache = model.forward(input_ids, attention_mask, position_ids, cache)
+            tokens = choose_tokens(logits, sequences) if model.samples_here else torch.zeros(len(sequences), dtype=torch.long)
+            tokens = model.share_tokens(tokens)
+            now = time.perf_counter()
+            for row, seq in enumerate(sequences):
+                if seq.finish_reason is None:
+                    _advance(seq, int(tokens[row]), tokenizer, eos, now, row, on_text)
+            if all(seq.finish_reason for seq in sequences):
+                break
+            # finished rows keep stepping with a pad token: ranks must run identical shapes
+            for row, seq in enumerate(sequences):
+                if seq.finish_reason:
+                    tokens[row] = pad_id
+            input_ids = tokens.view(-1, 1)
+            attention_mask = torch.cat([attention_mask, torch.ones((len(sequences), 1), dtype=torch.long)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+    finally:
+        model.end(cache)
+    elapsed = time.perf_counter() - start
+    return [SequenceResult(seq.text, seq.token_ids, len(seq.prompt_ids), seq.finish_reason,
+                           (seq.first_token_at or start) - start, elapsed) for seq in sequences]
+
+
+def _advance(seq: _Sequence, token: int, tokenizer: Any, eos: set, now: float, row: int,
+             on_text: Optional[StreamCallback]) -> None:
+    if seq.first_token_at is None:
+        seq.first_token_at = now
+    if token in eos:
+        seq.finish_reason = "eos_token"
+    else:
+        seq.token_ids.append(token)
+        seq.text = tokenizer.decode(seq.token_ids, skip_special_tokens=True)
+        end = stop_index(seq.text, seq.params.stop)
+        if end >= 0:
+            seq.text = seq.text[:end]
+            seq.finish_reason = "stop_sequence"
+        elif len(seq.token_ids) >= seq.params.max_new_tokens:
+            seq.finish_reason = "length"
+    if on_text is not None:
+        # hold back an incomplete UTF-8 character until the next token completes it
+        ready = seq.text if seq.finish_reason else seq.text.rstrip("\ufffd")
+        if ready.startswith(seq.emitted) and (len(ready) > len(seq.emitted) or seq.finish_reason):
+            on_text(row, ready[len(seq.emitted):], seq.finish_reason is not None)
+            seq.emitted = ready
+        elif seq.finish_reason:
+            on_text(row, "", True)

@@ -1,0 +1,174 @@
+"""Parse and check request bodies (text-generation-inference shape). Pure and deterministic:
+every rank reaches the same verdict on the same bytes, before any collective."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+PARAMETERS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "seed", "stop",
+              "repetition_penalty")
+# TGI parameters we accept for compatibility but do not act on
+IGNORED_PARAMETERS = ("details", "decoder_input_details", "return_full_text", "truncate", "watermark",
+                      "best_of", "typical_p")
+MAX_STOP_SEQUENCES = 4
+
+
+class RequestError(Exception):
+    """A bad request: answered with `status` on every rank, nothing computed."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    do_sample: bool = False
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class TextRequest:
+    prompt: str
+    params: SamplingParams
+    stream: bool = False
+    input_ids: List[int] = field(default_factory=list)  # filled by the handler's tokenizer
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens: int
+    max_request_bytes: int
+
+
+def _body(row: Dict[str, Any]) -> Any:
+    for key in ("body", "data"):
+        if row.get(key) is not None:
+            return row[key]
+    raise RequestError("the request has no body")
+
+
+def parse_request(row: Dict[str, Any], limits: Limits) -> TextRequest:
+    """One TorchServe request row -> a checked TextRequest, or RequestError.
+
+    Accepts `{"inputs": str, "parameters": {...}, "stream": bool}` or a plain-text body.
+    """
+    body = _body(row)
+    if isinstance(body, (bytes, bytearray)):
+        if len(body) > limits.max_request_bytes:
+            raise RequestError(f"the request body is {len(body)} bytes; the limit is {limits.max_request_bytes}", 413)
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RequestError(f"the request body is not valid UTF-8 (byte {err.start})") from None
+        stripped = text.lstrip()
+        if stripped.startswith("{") or stripped.startswith("["):
+            try:
+                body = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise RequestError(f"invalid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+        else:
+            body = text
+    elif isinstance(body, str) and len(body.encode("utf-8")) > limits.max_request_bytes:
+        raise RequestError(f"the request body is larger than {limits.max_request_bytes} bytes", 413)
+    elif not isinstance(body, str) and len(json.dumps(body)) > limits.max_request_bytes:
+        raise RequestError(f"the request body is larger than {limits.max_request_bytes} bytes", 413)
+    if isinstance(body, str):
+        return TextRequest(_check_prompt(body), SamplingParams(max_new_tokens=limits.max_new_tokens))
+    if not isinstance(body, dict):
+        raise RequestError(f'the JSON body must be an object like {{"inputs": "..."}}, not {type(body).__name__}')
+    unknown = sorted(set(body) - {"inputs", "parameters", "stream"})
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}; allowed: inputs, parameters, stream")
+    if "inputs" not in body:
+        raise RequestError('missing "inputs" (the prompt)')
+    if not isinstance(body["inputs"], str):
+        raise RequestError(f'"inputs" must be a string, not {type(body["inputs"]).__name__}')
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(f'"stream" must be true or false, not {stream!r}')
+    parameters = body.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise RequestError(f'"parameters" must be an object, not {type(parameters).__name__}')
+    return TextRequest(_check_prompt(body["inputs"]), _params(parameters, limits), stream)
+
+
+def _check_prompt(prompt: str) -> str:
+    if not prompt.strip():
+        raise RequestError("the prompt is empty")
+    return prompt
+
+
+def _number(params: Dict[str, Any], name: str, kind: type, default: Any, low: float, high: float,
+            low_open: bool = False) -> Any:
+    value = params.get(name, default)
+    if value is None:
+        return default
+    ok_type = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)):
+        raise RequestError(f"parameters.{name} must be {'a number' if kind is float else 'an integer'}, not {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        bounds = f"{'(' if low_open else '['}{low}, {high}]"
+        raise RequestError(f"parameters.{name} is {value}; it must be in {bounds}")
+    return kind(value)
+
+
+def _params(params: Dict[str, Any], limits: Limits) -> SamplingParams:
+    unknown = sorted(set(params) - set(PARAMETERS) - set(IGNORED_PARAMETERS))
+    if unknown:
+        raise RequestError(f"unknown parameter(s) {', '.join(unknown)}; allowed: {', '.join(PARAMETERS)}")
+    max_new = params.get("max_new_tokens", limits.max_new_tokens)
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+        raise RequestError(f"parameters.max_new_tokens must be a positive integer, not {max_new!r}")
+    if max_new > limits.max_new_tokens:
+        raise RequestError(f"parameters.max_new_tokens is {max_new}; this model allows at most {limits.max_new_tokens}")
+    do_sample = params.get("do_sample", False)
+    if not isinstance(do_sample, bool):
+        raise RequestError(f"parameters.do_sample must be true or false, not {do_sample!r}")
+    seed = params.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise RequestError(f"parameters.seed must be a non-negative integer, not {seed!r}")
+    stop = params.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("parameters.stop must be a list of non-empty strings")
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise RequestError(f"parameters.stop has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES}")
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=_number(params, "temperature", float, 1.0, 0.0, 100.0, low_open=True),
+        top_k=_number(params, "top_k", int, 0, 0, 1_000_000),
+        top_p=_number(params, "top_p", float, 1.0, 0.0, 1.0, low_open=True),
+        do_sample=do_sample,
+        seed=seed,
+        stop=stop,
+        repetition_penalty=_number(params, "repetition_penalty", float, 1.0, 0.0, 100.0, low_open=True),
+    )
+
+
+def check_lengths(prompt_tokens: int, params: SamplingParams, max_length: Optional[int], max_positions: Optional[int]) -> None:
+    """Reject prompts that do not fit; `max_length` is the configured bound, `max_positions` the model's."""
+    for bound, what in ((max_length, "handler.max_length"), (max_positions, "the model's maximum positions")):
+        if bound is None:
+            continue
+        if prompt_tokens >= bound:
+            raise RequestError(f"the prompt has {prompt_tokens} tokens; {what} is {bound}", 413)
+        if prompt_tokens + params.max_new_tokens > bound:
+            raise RequestError(
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds {what} ({bound}); "
+                f"ask for at most {bound - prompt_tokens} new tokens", 422)
+
+
+def stop_index(text: str, stops: Sequence[str]) -> int:
+    """End index of the earliest stop sequence in `text`, or -1."""
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    return min(ends) if ends else -1

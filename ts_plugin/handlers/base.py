@@ -1,0 +1,251 @@
+"""The base handler every parallelType shares: config check at start, requests, batching,
+streaming, metrics and rank roles. Engines plug in through `load_model`."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from ..config import ModelConfig, ParallelLayout, Report, ValidationContext, validate_text
+from ._requests import Limits, RequestError, TextRequest, check_lengths, parse_request
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+class ConfigError(ValueError):
+    """model-config.yaml fails the rules: the load fails with the validator's message."""
+
+
+def check_worker_config(context: Any, model_dir: Path, gpus: Optional[int]) -> Report:
+    """Run the validator on the archive's model-config.yaml (with its line numbers) at worker start."""
+    import yaml
+
+    name = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("configFile")
+    path = model_dir / name if name else None
+    if path is not None and path.is_file():
+        text, source = path.read_text(encoding="utf-8"), name
+    else:
+        text, source = yaml.safe_dump(context.model_yaml_config or {}, sort_keys=False), "model-config.yaml"
+    return validate_text(text, source, ValidationContext(model_dir=model_dir, gpus=gpus))
+
+
+def torch_dtype(name: Optional[str], device_type: str):
+    """The configured dtype, or fp16 on GPU and fp32 on CPU."""
+    import torch
+
+    if name is None:
+        return torch.float16 if device_type == "cuda" else torch.float32
+    return getattr(torch, DTYPES[name])
+
+
+class LLMHandler:
+    """Serve a HuggingFace causal LM. Subclasses implement `load_model` (and may override
+    `preprocess` / `postprocess`).
+
+    Request: `{"inputs": "...", "parameters": {...}, "stream": false}` or a plain-text prompt.
+    Response: `{"generated_text": "...", "details": {"prompt_tokens", "completion_tokens", "finish_reason"}}`.
+    """
+
+    #: whether every rank receives PREDICT (tp, pptp) or only rank 0 (pp)
+    every_rank_handles = True
+
+    def __init__(self):
+        self.initialized = False
+        self.config: Optional[ModelConfig] = None
+        self.layout: Optional[ParallelLayout] = None
+        self.model = None
+        self.tokenizer = None
+        self._batches = 0
+
+    # --- start-up -------------------------------------------------------------------------------
+    def initialize(self, context: Any) -> None:
+        import torch
+
+        from ..distributed import Ranks, init_process_group, pick_device
+
+        self.context = context
+        self.model_dir = Path(context.system_properties.get("model_dir", "."))
+        self.ranks = Ranks.from_env()
+        gpus = torch.cuda.device_count() if "CUDA_VISIBLE_DEVICES" not in os.environ else None
+        report = check_worker_config(context, self.model_dir, gpus)
+        for finding in report.findings:
+            logger.warning("%s", finding.format(report.source))
+        if not report.ok:
+            raise ConfigError(f"model-config.yaml has {len(report.errors)} error(s):\n{report.text()}")
+        self.config, self.layout = report.config, report.layout
+        self.check_layout()
+        self.device = pick_device(self.ranks, self.config.device_type)
+        self.dtype = torch_dtype(self.config.handler.dtype, self.device.type)
+        torch.manual_seed(self.config.handler.manual_seed)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        init_process_group(self.ranks, self.device, self.process_group_timeout())
+        self.model_path = self.resolve_model_path()
+        self.log_progress(f"loading {self.model_path} on {self.device} as {self.dtype}")
+        started = time.perf_counter()
+        self.tokenizer = self.load_tokenizer()
+        self.model = self.load_model()
+        self.log_progress(f"model ready in {time.perf_counter() - started:.1f}s")
+        self.limits = Limits(self.config.handler.max_new_tokens, self.config.handler.max_request_bytes)
+        self.max_positions = self.model_max_positions()
+        self.eos_token_ids = self.eos_ids()
+        self.initialized = True
+
+    def check_layout(self) -> None:
+        """Compare the derived layout with what torchrun actually started."""
+        if self.layout.uses_torchrun and self.layout.world_size != self.ranks.world_size:
+            raise ConfigError(f"the config asks for {self.layout.world_size} ranks but torchrun started "
+                              f"{self.ranks.world_size} (WORLD_SIZE)")
+
+    def process_group_timeout(self) -> Optional[float]:
+        return float(self.config.response_timeout)
+
+    def log_progress(self, message: str) -> None:
+        logger.info("[rank %d/%d] %s", self.ranks.rank, self.ranks.world_size, message)
+
+    def resolve_model_path(self) -> Path:
+        configured = self.config.handler.model_path
+        if not configured:
+            return self.model_dir
+        path = Path(configured)
+        return path if path.is_absolute() else self.model_dir / path
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(self.model_path),
+                                                  trust_remote_code=self.config.handler.trust_remote_code)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def load_model(self):
+        """Return a `ts_plugin.generation.StepModel` for this rank. Engines implement it."""
+        raise NotImplementedError
+
+    def model_max_positions(self) -> Optional[int]:
+        config = self.hf_config()
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if isinstance(getattr(config, name, None), int):
+                return getattr(config, name)
+        return None
+
+    def eos_ids(self) -> List[int]:
+        """End-of-sequence ids as HF generate sees them (generation_config first)."""
+        from transformers import GenerationConfig
+
+        try:
+            value = GenerationConfig.from_pretrained(str(self.model_path)).eos_token_id
+        except OSError:
+            value = None
+        for fallback in (self.hf_config().eos_token_id, self.tokenizer.eos_token_id):
+            value = fallback if value is None else value
+        if value is None:
+            return []
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    def hf_config(self):
+        from transformers import AutoConfig
+
+        if getattr(self, "_hf_config", None) is None:
+            self._hf_config = AutoConfig.from_pretrained(str(self.model_path),
+                                                         trust_remote_code=self.config.handler.trust_remote_code)
+        return self._hf_config
+
+    # --- requests -------------------------------------------------------------------------------
+    def preprocess(self, data: List[Dict[str, Any]]) -> List[Union[TextRequest, RequestError]]:
+        """Parse each row; a bad row becomes a RequestError (the same on every rank)."""
+        parsed: List[Union[TextRequest, RequestError]] = []
+        for row in data:
+            try:
+                request = parse_request(row, self.limits)
+                request.input_ids = self.tokenizer(request.prompt)["input_ids"]
+                check_lengths(len(request.input_ids), request.params, self.config.handler.max_length, self.max_positions)
+                parsed.append(request)
+            except RequestError as error:
+                parsed.append(error)
+        return parsed
+
+    def inference(self, requests: List[TextRequest], on_text=None):
+        from ..generation import generate
+
+        seed = self.config.handler.manual_seed + self._batches
+        return generate(self.model, self.tokenizer, [r.input_ids for r in requests], [r.params for r in requests],
+                        seed, self.eos_token_ids, on_text)
+
+    def postprocess(self, request: TextRequest, result) -> Dict[str, Any]:
+        return {"generated_text": result.text,
+                "details": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                            "finish_reason": result.finish_reason}}
+
+    def handle(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
+        self.context = context
+        parsed = self.preprocess(data)
+        responses: List[Any] = [None] * len(parsed)
+        good = [i for i, item in enumerate(parsed) if isinstance(item, TextRequest)]
+        for index, item in enumerate(parsed):
+            if isinstance(item, RequestError):
+                context.set_response_status(item.status, str(item), index)
+                responses[index] = {"error": str(item), "error_type": "validation"}
+        self._batches += 1
+        if not good:
+            return responses
+        requests = [parsed[i] for i in good]
+        streamer = self._streamer(context, good, requests)
+        results = self.inference(requests, streamer)
+        for position, index in enumerate(good):
+            responses[index] = self.postprocess(requests[position], results[position])
+            if requests[position].stream:
+                # the last chunk: the remaining text, plus the full answer as in TGI's final event
+                responses[index]["token"] = {"text": streamer.final_text.get(position, "") if streamer else ""}
+        self._record_metrics(context, results)
+        return responses
+
+    def _streamer(self, context, batch_indexes: List[int], requests: List[TextRequest]) -> Optional["_Streamer"]:
+        if not any(r.stream for r in requests) or self.ranks.local_rank != 0:
+            return None
+        return _Streamer(context, batch_indexes, requests)
+
+    def _record_metrics(self, context, results) -> None:
+        metrics = getattr(context, "metrics", None)
+        if metrics is None or self.ranks.rank != 0:
+            return
+        prompt = sum(r.prompt_tokens for r in results)
+        completion = sum(r.completion_tokens for r in results)
+        seconds = max(r.seconds for r in results)
+        try:
+            metrics.add_counter("PromptTokens", prompt)
+            metrics.add_counter("CompletionTokens", completion)
+            metrics.add_time("TimeToFirstToken", 1000 * min(r.time_to_first_token_s for r in results))
+            metrics.add_metric("TokensPerSecond", completion / seconds if seconds else 0.0, "count/s")
+        except Exception:  # noqa: BLE001 - metrics must never fail a request
+            logger.warning("could not record metrics", exc_info=True)
+
+
+class _Streamer:
+    """Sends each streaming request's new text as a TorchServe intermediate response (rank 0 only)."""
+
+    def __init__(self, context: Any, batch_indexes: List[int], requests: List[TextRequest]):
+        self.context = context
+        self.batch_indexes = batch_indexes
+        self.requests = requests
+        self.final_text: Dict[int, str] = {}
+
+    def __call__(self, row: int, text: str, finished: bool) -> None:
+        if not self.requests[row].stream:
+            return
+        if finished:
+            self.final_text[row] = text  # goes out with handle's return value
+            return
+        from ts.handler_utils.utils import send_intermediate_predict_response
+
+        index = self.batch_indexes[row]
+        chunks: List[Any] = [None] * (max(self.context.request_ids) + 1)
+        chunks[index] = {"token": {"text": text}, "generated_text": None, "details": None}
+        send_intermediate_predict_response(chunks, {index: self.context.request_ids[index]},
+                                           "Intermediate Prediction success", 200, self.context)

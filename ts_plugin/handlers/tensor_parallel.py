@@ -1,0 +1,19 @@
+"""parallelType tp: the base handler with the DeepSpeed engine."""
+from __future__ import annotations
+
+from .base import ConfigError, LLMHandler
+
+
+class DeepSpeedHandler(LLMHandler):
+    """Tensor parallelism with DeepSpeed inference: every rank gets every batch and computes its shard."""
+
+    def check_layout(self) -> None:
+        super().check_layout()
+        if self.layout.parallel_type != "tp":
+            raise ConfigError(f"the DeepSpeed handler serves parallelType tp, not {self.layout.parallel_type or 'none'}")
+
+    def load_model(self):
+        from ..engines import deepspeed as engine
+
+        return engine.load(self.config, self.layout, self.ranks, self.model_path, self.model_dir, self.device,
+                           self.dtype, self.log_progress)

@@ -1,0 +1,77 @@
+"""Tiny random-weight HuggingFace models and a locally trained tokenizer (nothing is downloaded).
+
+Used by the tests, the demo and the benchmark.
+
+Example:
+    >>> from ts_plugin.tiny_model import make_tiny_model
+    >>> make_tiny_model("/tmp/tiny-llama", arch="llama")  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+ARCHS = ("llama", "opt", "gpt2")
+
+_CORPUS = (
+    "the quick brown fox jumps over the lazy dog . large models are served by torchserve with "
+    "pipeline and tensor parallelism on many devices . a request carries a prompt and parameters , "
+    "the server answers with generated text . tokens flow through stages ; ranks agree on every step . "
+    "hello world ! how are you today ? numbers 0 1 2 3 4 5 6 7 8 9 and letters a b c d e f g h i j k l m "
+    "n o p q r s t u v w x y z ."
+)
+
+
+def make_tokenizer(path: Union[str, Path], vocab_size: int = 512):
+    """Train a small byte-level BPE tokenizer on a fixed corpus and save it to `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def make_tiny_model(path: Union[str, Path], arch: str = "llama", layers: int = 4, hidden: int = 64,
+                    seed: int = 0, shards: int = 1, safetensors: bool = True, init_range: float = 0.3) -> Path:
+    """Save a random-weight causal LM and its tokenizer as a HuggingFace model folder.
+
+    `init_range` is larger than the usual 0.02 so that logits are peaked and greedy decoding does not
+    hinge on near-ties (which tiny numeric differences between parallel layouts would flip).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    import torch
+    import transformers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(path)
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, initializer_range=init_range)
+    if arch == "llama":
+        config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                          tie_word_embeddings=False, **common)
+        cls = transformers.LlamaForCausalLM
+    elif arch == "opt":
+        config = transformers.OPTConfig(hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=layers,
+                                        num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden,
+                                        **common)
+        config.init_std = init_range
+        cls = transformers.OPTForCausalLM
+    else:
+        config = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common)
+        cls = transformers.GPT2LMHeadModel
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    max_shard = f"{max(1, model.num_parameters() * 4 // shards // 1024 + 1)}KB" if shards > 1 else "10GB"
+    model.save_pretrained(str(path), safe_serialization=safetensors, max_shard_size=max_shard)
+    return path

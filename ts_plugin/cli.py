@@ -67,6 +67,17 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    from .config.reference import reference_markdown, replace_in
+
+    if args.write:
+        path = Path(args.write)
+        path.write_text(replace_in(path.read_text(encoding="utf-8")), encoding="utf-8")
+    else:
+        print(reference_markdown())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -93,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("schema", help="print the JSON Schema of model-config.yaml").set_defaults(func=cmd_schema)
     sub.add_parser("rules", help="print the validation rules").set_defaults(func=cmd_rules)
+    reference = sub.add_parser("reference", help="print the Markdown configuration and rules reference")
+    reference.add_argument("--write", metavar="README", help="replace the generated block in this file")
+    reference.set_defaults(func=cmd_reference)
     demo = sub.add_parser("demo", help="build a tiny model, archive it per parallelType, serve and query it")
     demo.add_argument("--workdir", default="demo-work")
     demo.add_argument("--only", nargs="*", choices=["tp", "pp", "pptp", "custom"], default=None)

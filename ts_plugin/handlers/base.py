@@ -2,6 +2,7 @@
 streaming, metrics and rank roles. Engines plug in through `load_model`."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -201,8 +202,10 @@ class LLMHandler:
         for position, index in enumerate(good):
             responses[index] = self.postprocess(requests[position], results[position])
             if requests[position].stream:
-                # the last chunk: the remaining text, plus the full answer as in TGI's final event
-                responses[index]["token"] = {"text": streamer.final_text.get(position, "") if streamer else ""}
+                # the last line: the remaining text, plus the full answer as in TGI's final event
+                final = {"token": {"text": streamer.final_text.get(position, "") if streamer else ""},
+                         **responses[index]}
+                responses[index] = stream_line(final)
         self._record_metrics(context, results)
         return responses
 
@@ -227,6 +230,11 @@ class LLMHandler:
             logger.warning("could not record metrics", exc_info=True)
 
 
+def stream_line(event: Dict[str, Any]) -> str:
+    """Streamed answers are JSON lines, so a client can split chunks that arrive together."""
+    return json.dumps(event) + "\n"
+
+
 class _Streamer:
     """Sends each streaming request's new text as a TorchServe intermediate response (rank 0 only)."""
 
@@ -246,6 +254,6 @@ class _Streamer:
 
         index = self.batch_indexes[row]
         chunks: List[Any] = [None] * (max(self.context.request_ids) + 1)
-        chunks[index] = {"token": {"text": text}, "generated_text": None, "details": None}
+        chunks[index] = stream_line({"token": {"text": text}, "generated_text": None, "details": None})
         send_intermediate_predict_response(chunks, {index: self.context.request_ids[index]},
                                            "Intermediate Prediction success", 200, self.context)

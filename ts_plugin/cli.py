@@ -81,7 +81,11 @@ def cmd_reference(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(workdir=Path(args.workdir), parallel_types=args.only)
+    try:
+        return run_demo(workdir=Path(args.workdir), parallel_types=args.only)
+    except Exception as error:  # noqa: BLE001 - the demo reports any failed step and exits non-zero
+        print(f"demo failed: {error}", file=sys.stderr)
+        return 1
 
 
 def _positive_int(text: str) -> int:

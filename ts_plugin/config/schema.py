@@ -24,13 +24,13 @@ def _lowercase(value: Any) -> Any:
 
 class _Section(BaseModel):
     # strict: the frontend ignores a quoted number, so we refuse it instead of coercing
-    model_config = ConfigDict(strict=True, populate_by_name=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
 class TorchrunConfig(_Section):
     """`torchrun:` - the only sub-keys the frontend reads; anything else it ignores."""
 
-    model_config = ConfigDict(strict=True, populate_by_name=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     nnodes: int = Field(1, ge=1, description="Nodes; the frontend supports a single node only.")
     nproc_per_node: Optional[int] = Field(

@@ -6,13 +6,14 @@ SERVE = [
     "safetensors>=0.4",
     "torchserve==0.12.0",
     "psutil>=5.9",
+    "requests>=2.31",  # the demo's client
 ]
 EXTRAS = {
     "serve": SERVE,
     # deepspeed itself must be installed with --no-build-isolation after torch (see README)
     "deepspeed": SERVE + ["deepspeed>=0.15"],
     "accelerate": SERVE + ["accelerate>=1.0"],
-    "test": SERVE + ["pytest>=8", "requests>=2.31", "accelerate>=1.0", "tokenizers>=0.20"],
+    "test": SERVE + ["pytest>=8", "requests>=2.31", "accelerate>=1.0", "tokenizers>=0.20", "jsonschema>=4"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

@@ -13,12 +13,13 @@ FORMATS = ("text", "json", "github")
 
 
 def _github_line(source: str, finding) -> str:
-    def escape(text: str) -> str:
-        return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    def escape(text: str, prop: bool = False) -> str:
+        text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+        return text.replace(":", "%3A").replace(",", "%2C") if prop else text
 
     level = "error" if finding.severity == "error" else "warning"
-    return (f"::{level} file={source},line={finding.line},col={finding.column},title={finding.code} {finding.key}::"
-            f"{escape(finding.message + '. Fix: ' + finding.hint)}")
+    return (f"::{level} file={escape(source, True)},line={finding.line},col={finding.column},"
+            f"title={escape(finding.code + ' ' + finding.key, True)}::{escape(finding.message + '. Fix: ' + finding.hint)}")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -77,7 +77,12 @@ def run_demo(workdir: Path, parallel_types: Optional[Sequence[str]] = None) -> i
             t0 = time.perf_counter()
             server.wait_ready(f"llama-{ptype}")
             _step(f"llama-{ptype} READY ({time.perf_counter() - t0:.0f}s more)")
-        _step(f"a request without the key is refused: HTTP {server.predict_without_key(f'llama-{chosen[0]}', PROMPT)}")
+        import requests
+
+        refused = requests.post(f"{server.inference_url}/predictions/llama-{chosen[0]}", data=PROMPT, timeout=30)
+        _step(f"a request without the key is refused: HTTP {refused.status_code}")
+        if refused.status_code not in (400, 401):
+            raise RuntimeError("token authorization is not in force")
         body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 16}}
         for ptype in chosen:
             t0 = time.perf_counter()

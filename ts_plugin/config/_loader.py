@@ -41,7 +41,11 @@ def load_yaml(text: str) -> LoadedYaml:
         root = loader.get_single_node()
         if root is None:
             return LoadedYaml(data=None)
-        data = loader.construct_document(root)
+        # positions first: constructing the document flattens merge keys (`<<`) into the mapping
+        loaded = LoadedYaml(data=None)
+        loaded.positions[()] = (root.start_mark.line + 1, root.start_mark.column + 1)
+        _record(root, (), loaded, set(), loader)
+        loaded.data = loader.construct_document(root)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -53,33 +57,31 @@ def load_yaml(text: str) -> LoadedYaml:
         raise YamlSyntaxError(str(err), 1, 1) from None
     finally:
         loader.dispose()
-    loaded = LoadedYaml(data=data)
-    loaded.positions[()] = (root.start_mark.line + 1, root.start_mark.column + 1)
-    _record(root, (), loaded, set())
     return loaded
 
 
-def _record(node: yaml.Node, path: KeyPath, loaded: LoadedYaml, seen: set) -> None:
+def _record(node: yaml.Node, path: KeyPath, loaded: LoadedYaml, seen: set, loader: yaml.SafeLoader) -> None:
     if id(node) in seen:  # aliases can make the node graph cyclic
         return
     seen = seen | {id(node)}
     if isinstance(node, yaml.MappingNode):
+        merges = [v for k, v in node.value if k.tag == "tag:yaml.org,2002:merge"]
+        for merged in merges:  # merged keys first, so the mapping's own keys override their positions
+            for source in merged.value if isinstance(merged, yaml.SequenceNode) else [merged]:
+                _record(source, path, loaded, seen, loader)
         keys_here = set()
         for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                 continue
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                _record(value_node, path, loaded, seen)
-                continue
-            key = key_node.value
+            key = loader.construct_object(key_node)  # `0:` is the int 0, as in the data
             child = path + (key,)
             if key in keys_here:
                 loaded.duplicates.append(child)
             keys_here.add(key)
             loaded.positions[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            _record(value_node, child, loaded, seen)
+            _record(value_node, child, loaded, seen, loader)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             child = path + (index,)
             loaded.positions[child] = (item.start_mark.line + 1, item.start_mark.column + 1)
-            _record(item, child, loaded, seen)
+            _record(item, child, loaded, seen, loader)

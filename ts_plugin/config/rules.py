@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -200,12 +199,25 @@ def _normalise(key: str) -> str:
     return key.lower().replace("-", "").replace("_", "")
 
 
+def _edit_distance(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
 def _near_miss(key: str, known: List[str]) -> Optional[str]:
-    by_norm = {_normalise(k): k for k in known}
-    if _normalise(key) in by_norm:
-        return by_norm[_normalise(key)]
-    close = difflib.get_close_matches(_normalise(key), list(by_norm), n=1, cutoff=0.8)
-    return by_norm[close[0]] if close else None
+    """A known key that `key` differs from only by case, `-`/`_`, or a typo or two (longer keys)."""
+    wanted = _normalise(key)
+    best, best_distance = None, None
+    for candidate in known:
+        distance = _edit_distance(wanted, _normalise(candidate))
+        if distance <= max(1, len(candidate) // 6) and (best_distance is None or distance < best_distance):
+            best, best_distance = candidate, distance
+    return best
 
 
 def _check_keys(data: Dict[str, Any], out: _Collector) -> None:
@@ -291,8 +303,13 @@ def _report_value_error(error: Dict[str, Any], path: Tuple[Any, ...], out: _Coll
         out.add(OUT_OF_RANGE, path, f"`{key}` is {shown}; {error['msg'].lower()}", f"set `{key}` to an allowed number")
     else:
         expected = error["msg"].replace("Input should be ", "").replace("a valid integer", "an integer")
-        hint = f"write {expected} without quotes" if isinstance(value, str) and error["type"] in {
-            "int_type", "float_type", "bool_type", "int_parsing"} else f"write {expected}"
+        if not error["msg"].startswith("Input should be"):
+            expected = error["msg"][0].lower() + error["msg"][1:]
+            hint = f"fix `{key}`: {expected}"
+        elif isinstance(value, str) and error["type"] in {"int_type", "float_type", "bool_type", "int_parsing"}:
+            hint = f"write {expected} without quotes"
+        else:
+            hint = f"write {expected}"
         out.add(WRONG_TYPE, path, f"`{key}` is {shown} ({type(value).__name__}); expected {expected}",
                 hint + "; TorchServe would ignore this value and keep its default")
 
@@ -422,19 +439,20 @@ def _check_sections(config: ModelConfig, layout: ParallelLayout, out: _Collector
     tp_sizes = []
     if config.deepspeed is not None:
         if config.deepspeed.tensor_parallel and config.deepspeed.tensor_parallel.tp_size is not None:
-            tp_sizes.append((("deepspeed", "tensor_parallel", "tp_size"), config.deepspeed.tensor_parallel.tp_size))
+            tp_sizes.append((("deepspeed", "tensor_parallel", "tp_size"), config.deepspeed.tensor_parallel.tp_size,
+                             "deepspeed.tensor_parallel.tp_size"))
         if config.deepspeed.mp_size is not None:
-            tp_sizes.append((("deepspeed", "mp_size"), config.deepspeed.mp_size))
+            tp_sizes.append((("deepspeed", "mp_size"), config.deepspeed.mp_size, "deepspeed.mp_size"))
     _check_tp_sizes(tp_sizes, layout, out)
 
 
-def _check_tp_sizes(sizes: List[Tuple[Tuple[Any, ...], int]], layout: ParallelLayout, out: _Collector) -> None:
+def _check_tp_sizes(sizes: List[Tuple[Tuple[Any, ...], int, str]], layout: ParallelLayout, out: _Collector) -> None:
     if layout.parallel_type not in ("tp", "pptp"):
         return
-    for path, size in sizes:
+    for path, size, name in sizes:
         if size != layout.tp_size:
             what = "the world size" if layout.parallel_type == "tp" else "world size / pp_size"
-            out.add(TP_SIZE_MISMATCH, path, f"{'.'.join(map(str, path))} is {size} but {what} is {layout.tp_size}",
+            out.add(TP_SIZE_MISMATCH, path, f"{name} is {size} but {what} is {layout.tp_size}",
                     f"set it to {layout.tp_size} or leave it out (ts_plugin derives it)")
 
 
@@ -474,9 +492,9 @@ def _check_files(config: ModelConfig, layout: ParallelLayout, out: _Collector, c
             sizes = []
             tp_section = parsed.get("tensor_parallel")
             if isinstance(tp_section, dict) and isinstance(tp_section.get("tp_size"), int):
-                sizes.append((path, tp_section["tp_size"]))
+                sizes.append((path, tp_section["tp_size"], f"tensor_parallel.tp_size in {value}"))
             if isinstance(parsed.get("mp_size"), int):
-                sizes.append((path, parsed["mp_size"]))
+                sizes.append((path, parsed["mp_size"], f"mp_size in {value}"))
             _check_tp_sizes(sizes, layout, out)
     model_path = config.handler.model_path
     if model_path:

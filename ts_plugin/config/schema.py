@@ -146,6 +146,11 @@ class ModelConfig(_Section):
     def _case_insensitive(cls, value: Any) -> Any:
         return _lowercase(value)
 
+    @field_validator("handler", mode="before")
+    @classmethod
+    def _empty_handler(cls, value: Any) -> Any:
+        return {} if value is None else value  # `handler:` with every key commented out
+
 
 def known_keys(model: type) -> List[str]:
     """The YAML spellings of a section's keys."""
@@ -166,6 +171,11 @@ SECTIONS: Dict[tuple, type] = {
 def json_schema() -> Dict[str, Any]:
     """A JSON Schema of model-config.yaml for editors (yaml-language-server)."""
     schema = ModelConfig.model_json_schema(by_alias=True)
+    for key, choices in (("parallelType", PARALLEL_TYPES), ("deviceType", ("cpu", "gpu"))):
+        # the frontend compares case-insensitively; JSON Schema has no flag for it, so spell it out
+        pattern = "^(" + "|".join("".join(f"[{c.lower()}{c.upper()}]" for c in choice) for choice in choices) + ")$"
+        schema["properties"][key] = {"anyOf": [{"type": "string", "pattern": pattern}, {"type": "null"}],
+                                     "default": None, "title": schema["properties"][key].get("title", key)}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "TorchServe model-config.yaml (ts_plugin)"
     return schema

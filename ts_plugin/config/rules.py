@@ -50,6 +50,7 @@ PARALLEL_WITHOUT_TYPE = _rule("TSP206", "error", "parallelLevel or torchrun with
 MULTI_NODE = _rule("TSP207", "error", "torchrun.nnodes > 1 (the frontend is single-node)")
 PPTP_NO_PP_SIZE = _rule("TSP208", "error", "pptp without pippy.pp_size")
 PPTP_PP_SIZE_DIVIDES = _rule("TSP209", "error", "pippy.pp_size does not divide the world size")
+ASYNC_BATCHING = _rule("TSP211", "error", "asyncCommunication with batchSize > 1 (the frontend's async batcher crashes)")
 SINGLE_RANK = _rule("TSP210", "warning", "a pp/tp/pptp worker with a single rank")
 DEVICE_IDS_DUPLICATE = _rule("TSP301", "error", "deviceIds lists a GPU twice")
 DEVICE_IDS_NEGATIVE = _rule("TSP302", "error", "a negative GPU id in deviceIds")
@@ -319,6 +320,11 @@ def _report_value_error(error: Dict[str, Any], path: Tuple[Any, ...], out: _Coll
 def _check_parallel(config: ModelConfig, layout: ParallelLayout, out: _Collector) -> None:
     ptype, level, torchrun = config.parallel_type, config.parallel_level, config.torchrun
     nproc = torchrun.nproc_per_node if torchrun else None
+    if config.async_communication and config.batch_size > 1:
+        out.add(ASYNC_BATCHING, ("batchSize",),
+                f"asyncCommunication: true with batchSize {config.batch_size}: TorchServe 0.12's async batcher "
+                "crashes its worker thread whenever it batches two requests, which are then never answered",
+                "set `batchSize: 1` (each request is then generated on its own)")
     if ptype is None:
         for path, value in ((("parallelLevel",), level), (("torchrun",), torchrun)):
             if value is not None:

@@ -14,6 +14,10 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 
+class EngineError(RuntimeError):
+    """The engine cannot serve this model with this config; the message says what to change."""
+
+
 def load_causal_lm(model_path: Path, dtype: torch.dtype, trust_remote_code: bool = False, **kwargs):
     """from_pretrained on CPU with low memory use (safetensors or .bin, single or sharded)."""
     from transformers import AutoModelForCausalLM

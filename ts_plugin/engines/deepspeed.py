@@ -11,11 +11,7 @@ import torch.distributed as dist
 from ..config import ModelConfig, ParallelLayout
 from ..distributed import Ranks
 from ..generation import HFStepModel
-from ._hf import Progress, load_causal_lm, peak_rss_mb, release_memory
-
-
-class EngineError(RuntimeError):
-    """The engine cannot serve this model with this config; the message says what to change."""
+from ._hf import EngineError, Progress, load_causal_lm, peak_rss_mb, release_memory
 
 
 def inference_config(config: ModelConfig, layout: ParallelLayout, model_dir: Path, device: torch.device,

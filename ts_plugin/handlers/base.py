@@ -225,7 +225,7 @@ class LLMHandler:
             metrics.add_counter("PromptTokens", prompt)
             metrics.add_counter("CompletionTokens", completion)
             metrics.add_time("TimeToFirstToken", 1000 * min(r.time_to_first_token_s for r in results))
-            metrics.add_metric("TokensPerSecond", completion / seconds if seconds else 0.0, "count/s")
+            metrics.add_metric("TokensPerSecond", completion / seconds if seconds else 0.0, "count")  # the frontend rejects units like count/s
         except Exception:  # noqa: BLE001 - metrics must never fail a request
             logger.warning("could not record metrics", exc_info=True)
 

@@ -1,0 +1,111 @@
+"""parallelType custom through the real TorchServe 0.12: HuggingFace Accelerate in one process, on CPU.
+
+One server, three archives of one tiny random-weight Llama:
+- acc-auto:  device_map auto (everything fits on the CPU), a plain sync worker;
+- acc-disk:  handler.max_memory gives the CPU ~60% of the weights, the rest is offloaded to disk, into the
+             model folder's `offload/`;
+- acc-async: parallelLevel 2 + asyncCommunication true: TorchServe's async worker awaits `handle`.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+
+from _llm import PROMPTS, archive, reference_text, stream_events, stream_text
+from torchserve_harness import TorchServe, java_available
+
+pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
+
+MODELS = ("acc-auto", "acc-disk", "acc-async")
+BASE = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 200, "responseTimeout": 120,
+        "parallelType": "custom", "deviceType": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from ts_plugin.tiny_model import make_tiny_model
+
+    root = tmp_path_factory.mktemp("custom")
+    model_dir = make_tiny_model(root / "llama", arch="llama", shards=3)
+    model_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    handler = {"max_new_tokens": 24, "max_length": 128}
+    configs = {
+        "acc-auto": {**BASE, "handler": {**handler, "device_map": "auto"}},
+        "acc-disk": {**BASE, "handler": {**handler, "device_map": "auto", "offload_folder": "offload",
+                                         "max_memory": {"cpu": model_bytes * 6 // 10}}},
+        # batchSize 1: TorchServe 0.12's async frontend crashes when it batches two requests (see device_map.py)
+        "acc-async": {**BASE, "batchSize": 1, "parallelLevel": 2, "asyncCommunication": True, "handler": handler},
+    }
+    store = root / "store"
+    store.mkdir()
+    for name, config in configs.items():
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        archive(store, name, "accelerate_handler.py", model_dir, path)
+    with TorchServe(root / "ts", store) as ts:
+        ts.start(models={name: name for name in MODELS}, timeout=300)
+        yield ts, model_dir, store
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_concurrent_greedy_requests_equal_single_process_generate(server, name):
+    ts, model_dir, _ = server
+    lengths = [24, 7, 15]
+    bodies = [{"inputs": p, "parameters": {"max_new_tokens": n}} for p, n in zip(PROMPTS, lengths)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: ts.predict(name, b), bodies))
+    for prompt, n, response in zip(PROMPTS, lengths, responses):
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["generated_text"] == reference_text(model_dir, prompt, n), name
+        assert answer["details"]["completion_tokens"] <= n
+
+
+def test_device_map_is_logged_once_and_disk_offload_stays_in_the_model_folder(server):
+    ts, _, store = server
+    log = (ts.log_dir / "model_log.log").read_text(encoding="utf-8", errors="replace")
+    lines = {name: [line for line in log.splitlines() if f"-{name}_" in line and "device map: " in line]
+             for name in MODELS}
+    assert all(len(found) == 1 for found in lines.values()), lines
+    assert lines["acc-auto"][0].endswith("device map: the whole model -> cpu")
+    disk = lines["acc-disk"][0]
+    assert "model.embed_tokens" in disk and "-> cpu |" in disk and disk.endswith("-> disk"), disk
+    offloaded = list((store / "acc-disk" / "offload").glob("worker-*/*.dat"))
+    assert offloaded, "the offloaded weights are memory-mapped files inside the model folder"
+
+
+@pytest.mark.parametrize("name", ["acc-disk", "acc-async"])
+def test_stream_yields_the_unstreamed_text(server, name):
+    ts, _, _ = server
+    body = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 16}}
+    plain = ts.predict(name, body).json()["generated_text"]
+    chunks = ts.stream_chunks(name, {**body, "stream": True})
+    events = stream_events(chunks)
+    assert len(events) > 2, chunks
+    assert stream_text(chunks) == plain
+    assert events[-1]["generated_text"] == plain and events[-1]["details"]["completion_tokens"] == 16
+
+
+def test_async_mode_bad_requests_get_4xx_without_failing_the_others(server):
+    ts, model_dir, _ = server
+    good = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 10}}
+    bodies = [good, b"{not json", {"inputs": "hi", "parameters": {"max_new_tokens": 500}}, good]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: ts.predict("acc-async", b), bodies))
+    assert [r.status_code for r in responses] == [200, 400, 400, 200], [r.text for r in responses]
+    assert "invalid JSON" in responses[1].text and "at most 24" in responses[2].text
+    expected = reference_text(model_dir, PROMPTS[1], 10)
+    assert responses[0].json()["generated_text"] == responses[3].json()["generated_text"] == expected
+    # and the worker still answers (a message-level error would have failed every request in flight)
+    again = ts.predict("acc-async", good)
+    assert again.status_code == 200 and again.json()["generated_text"] == expected
+
+
+def test_async_worker_is_ready_with_parallel_level_2(server):
+    ts, _, _ = server
+    (description,) = ts.describe("acc-async")
+    assert [w["status"] for w in description["workers"]] == ["READY"]
+    log = (ts.log_dir / "model_log.log").read_text(encoding="utf-8", errors="replace")
+    assert any("-acc-async_" in line and "handle is awaitable" in line for line in log.splitlines())

@@ -1,0 +1,694 @@
+"""parallelType pp: a HuggingFace causal LM split into pipeline stages, one per rank.
+
+Rank 0 is the driver: TorchServe sends PREDICT to rank 0 only, so rank 0 runs the shared
+`generation.generate` loop with `PipelineDriver` as its `StepModel`. Each step runs stage 0 locally,
+sends the hidden states down the pipeline with point-to-point sends and receives the last position's
+logits back from the last stage, so sampling happens on rank 0. The other ranks run
+`PipelineFollower.run` in a background thread: block in a receive, run their stage, pass the result on.
+
+Why not torch.distributed.pipelining's schedules (`pipeline()` + `build_stage` + `ScheduleGPipe`)?
+They give correct logits for Llama and GPT-2, but a stage fixes its tensor shapes at the first step:
+the next call with another batch size or prompt length fails inside the process group ("Received data
+size doesn't match"), for traced and for manual `PipelineStage`s alike. Serving changes shapes on every
+request and every decode step, and a schedule has no notion of a per-stage KV cache either. Its
+splitter (`pipeline()`, torch.export tracing) worked only once per process here and would trace the
+model without its cache. So the split is done at module boundaries on a meta-device copy of the model
+(the same boundaries `pipe_split`/`SplitPoint.BEGINNING` would mark), and each transfer carries a small
+header first (op code, shapes, dtype), then the payload: every shape works without re-splitting.
+
+Each stage runs the model's own forward (the full `...ForCausalLM.forward`): the causal mask, rotary
+or learned position embeddings and the layer calling convention are the model's own code for every
+architecture. Layers of other stages are replaced by pass-through modules; a forward pre-hook on the
+stage's first layer injects the hidden states received from the previous stage, and a forward hook on
+its last layer ends the forward early on all but the last stage. Every stage keeps its own
+`DynamicCache` per micro-batch, so a decode step moves one token's hidden state through the pipeline.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..distributed import Ranks
+from ..generation import cache_kwargs
+from ._hf import Progress, peak_rss_mb, release_memory
+
+logger = logging.getLogger(__name__)
+
+#: where decoder-only HF models keep their list of decoder layers (checked first, in this order)
+LAYER_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "transformer.layers",
+               "transformer.blocks", "model.language_model.layers", "decoder.layers", "layers", "h")
+
+# message op codes (header[0])
+FORWARD, END, STOP, ERROR, RESULT = 1, 2, 3, 4, 5
+HEADER = 8  # [op, batch id, micro-batch, rows, new tokens, mask width, dtype code, hidden/vocab size]
+DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
+DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
+#: headers wait on a gloo group of their own with this timeout: an idle follower blocks in a receive for as
+#: long as the server has no requests, and gloo ends a receive that outlives the group's timeout
+IDLE_TIMEOUT = datetime.timedelta(days=365)
+
+
+class PipelineError(RuntimeError):
+    """The pipeline engine cannot serve this model with this config; the message says what to change."""
+
+
+# --- splitting -------------------------------------------------------------------------------------------------
+
+def find_layer_list(model: torch.nn.Module) -> Tuple[str, torch.nn.ModuleList]:
+    """The decoder layer list: a known attribute path, else the one ModuleList of num_hidden_layers blocks."""
+    modules = dict(model.named_modules())
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    expected = getattr(text_config, "num_hidden_layers", None)
+    for path in LAYER_LISTS:
+        found = modules.get(path)
+        if isinstance(found, torch.nn.ModuleList) and len(found) and (expected is None or len(found) == expected):
+            return path, found
+    candidates = [(name, module) for name, module in modules.items()
+                  if isinstance(module, torch.nn.ModuleList) and expected and len(module) == expected
+                  and len({type(child) for child in module}) == 1]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise PipelineError(
+        f"parallelType pp cannot split {type(model).__name__}: no single list of decoder layers was found "
+        f"(looked for {', '.join(LAYER_LISTS[:5])}, ... and for one ModuleList of num_hidden_layers={expected} "
+        f"blocks; found {[name for name, _ in candidates] or 'none'}). Serve it with parallelType tp or custom.")
+
+
+def stage_bounds(num_layers: int, stages: int, layers_path: str,
+                 split_points: Optional[Sequence[str]] = None) -> List[Tuple[int, int]]:
+    """[start, end) layer ranges per stage: even by default, or beginning at `split_points` (module names)."""
+    if stages > num_layers:
+        raise PipelineError(f"{stages} pipeline stages but the model has only {num_layers} decoder layers; "
+                            "use at most as many ranks as layers")
+    if not split_points:
+        base, extra = divmod(num_layers, stages)
+        sizes = [base + (1 if stage < extra else 0) for stage in range(stages)]
+        starts = [sum(sizes[:stage]) for stage in range(stages)]
+    else:
+        if len(split_points) != stages - 1:
+            raise PipelineError(f"pippy.split_points has {len(split_points)} entries; {stages} stages need "
+                                f"{stages - 1} (the module names where stages 1..{stages - 1} begin)")
+        starts = [0]
+        for point in split_points:
+            prefix, _, index = point.rpartition(".")
+            if prefix != layers_path or not index.isdigit():
+                raise PipelineError(f"pippy.split_points entry {point!r} is not a decoder layer of this model; "
+                                    f"use {layers_path}.<i> with 0 < i < {num_layers}")
+            starts.append(int(index))
+        if any(not 0 < start < num_layers for start in starts[1:]) or starts != sorted(set(starts)):
+            raise PipelineError(f"pippy.split_points {list(split_points)} must be increasing layer names between "
+                                f"{layers_path}.1 and {layers_path}.{num_layers - 1}")
+    ends = starts[1:] + [num_layers]
+    return list(zip(starts, ends))
+
+
+class _Skipped(torch.nn.Module):
+    """Stands in for a decoder layer of another stage: returns its input (which the next hook replaces)."""
+
+    def forward(self, *args, **kwargs):
+        return args[0] if args else kwargs.get("hidden_states")
+
+
+class _StageOutput(Exception):
+    """Raised by the hook on a non-last stage's last layer to end the model's forward there."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__("stage output")
+        self.hidden = hidden
+
+
+# --- loading only this stage's tensors ---------------------------------------------------------------------
+
+def build_meta_model(model_path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model skeleton with parameters on the meta device (buffers such as rotary inv_freq are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+    if getattr(config, "is_encoder_decoder", False):
+        raise PipelineError(f"parallelType pp serves decoder-only causal LMs; {type(config).__name__} is an "
+                            "encoder-decoder model")
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        raise PipelineError(f"parallelType pp serves HuggingFace causal LMs; {type(config).__name__} has no "
+                            f"causal-LM class: {error}") from error
+    return model.eval()
+
+
+def checkpoint_index(model_path: Path) -> Dict[str, Path]:
+    """Tensor name -> file, for safetensors or .bin checkpoints, single or sharded (with an index)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = model_path / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return {name: model_path / file for name, file in weight_map.items()}
+    files = sorted(model_path.glob("*.safetensors"))
+    if files:
+        from safetensors import safe_open
+
+        names: Dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as reader:
+                names.update({name: file for name in reader.keys()})
+        return names
+    files = sorted(model_path.glob("pytorch_model*.bin"))
+    if files:
+        names = {}
+        for file in files:
+            state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+            names.update({name: file for name in state})
+            del state
+        return names
+    raise PipelineError(f"no checkpoint in {model_path}: expected *.safetensors or pytorch_model*.bin "
+                        "(single or sharded with an index)")
+
+
+def read_tensors(wanted: Dict[str, str], index: Dict[str, Path]) -> Iterable[Tuple[str, torch.Tensor, bool]]:
+    """(model name, tensor, memory-mapped) for each model name -> checkpoint name in `wanted`, reading one
+    file at a time and only the tensors asked for."""
+    by_file: Dict[Path, List[Tuple[str, str]]] = {}
+    for name, key in wanted.items():
+        by_file.setdefault(index[key], []).append((name, key))
+    for file, pairs in sorted(by_file.items()):
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for name, key in pairs:
+                    yield name, reader.get_tensor(key), False
+        else:
+            state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+            for name, key in pairs:
+                yield name, state[key], True
+            del state
+
+
+@dataclass
+class StageInfo:
+    index: int
+    count: int
+    layers_path: str
+    start: int
+    end: int
+    num_layers: int
+    stage_bytes: int
+    model_bytes: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.count - 1
+
+
+def _module_of(model: torch.nn.Module, module: Optional[torch.nn.Module]) -> Optional[str]:
+    if module is None:
+        return None
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    return None
+
+
+def _tied_names(model: torch.nn.Module) -> Dict[str, List[str]]:
+    """Parameter name -> the names tied to it (both directions), as transformers ties them at load."""
+    try:
+        mapping = model.get_expanded_tied_weights_keys(all_submodels=True)
+    except (AttributeError, TypeError, ValueError):
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        mapping = getattr(model, "_tied_weights_keys", None) if getattr(text, "tie_word_embeddings", False) else None
+        mapping = dict(mapping) if isinstance(mapping, dict) else {}
+    tied: Dict[str, List[str]] = {}
+    for target, source in mapping.items():
+        tied.setdefault(target, []).append(source)
+        tied.setdefault(source, []).append(target)
+    return tied
+
+
+def checkpoint_names(model: torch.nn.Module, index: Dict[str, Path]) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """Model tensor name -> checkpoint name, renamed the way from_pretrained renames (transformers' conversion
+    mapping: legacy names, base-model prefix added or stripped, per-model renames such as GPT-NeoX's
+    embed_out -> lm_head). Also returns the model names that only a many-to-one conversion produces (e.g. fused
+    expert tensors), which this loader does not perform."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    model_names = {name: True for name in model.state_dict(keep_vars=True)}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    except ImportError:  # older transformers: only the base-model prefix differs
+        rename_source_key = None
+    names: Dict[str, str] = {}
+    converted: Dict[str, str] = {}
+    for key in index:
+        if rename_source_key is not None:
+            name, pattern = rename_source_key(key, renamings, converters, prefix or None, model_names)
+            if pattern is not None:
+                converted.setdefault(name, key)
+                continue
+        else:
+            name = key
+            if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in model_names:
+                name = key[len(prefix) + 1:]
+            elif prefix and f"{prefix}.{key}" in model_names:
+                name = f"{prefix}.{key}"
+        names.setdefault(name, key)
+    return names, converted
+
+
+def materialize_stage(model: torch.nn.Module, stage: int, bounds: List[Tuple[int, int]], layers_path: str,
+                      model_path: Path, device: torch.device, dtype: torch.dtype) -> StageInfo:
+    """Keep this stage's layers (other layers become pass-throughs), the input embedding on the first stage,
+    the output embedding on the last, and the small modules around the layers (final norm, learned position
+    table) everywhere; read only those tensors from the checkpoint, onto `device`."""
+    layers = model.get_submodule(layers_path)
+    start, end = bounds[stage]
+    last = stage == len(bounds) - 1
+    index = checkpoint_index(model_path)
+    names, converted = checkpoint_names(model, index)  # before other stages' layers leave the model
+    tied = _tied_names(model)
+    # the whole model's size as from_pretrained holds it (tied parameters once)
+    model_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                      if not (name not in names and any(partner in names for partner in tied.get(name, []))))
+    for i in range(len(layers)):
+        if not start <= i < end:
+            layers[i] = _Skipped()  # the meta parameters of other stages' layers are dropped here
+    skip = []  # module prefixes whose tensors this stage leaves on meta
+    input_name = _module_of(model, model.get_input_embeddings())
+    output_name = _module_of(model, model.get_output_embeddings())
+    if stage != 0 and input_name:
+        skip.append(input_name + ".")
+    if not last and output_name:
+        skip.append(output_name + ".")
+
+    # every parameter and persistent buffer, with all the names it has (tied parameters have several)
+    slots: Dict[str, Tuple[torch.nn.Module, str, bool]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, tensor in itertools.chain(((a, t) for a, t in module._parameters.items()),
+                                            ((a, t) for a, t in module._buffers.items()
+                                             if a not in module._non_persistent_buffers_set)):
+            if tensor is None:
+                continue
+            name = f"{module_name}.{attr}" if module_name else attr
+            if any(name.startswith(prefix) for prefix in skip):
+                continue
+            slots[name] = (module, attr, attr in module._parameters)
+    wanted: Dict[str, str] = {}
+    missing = []
+    for name, (module, attr, is_param) in slots.items():
+        key = names.get(name)
+        for partner in tied.get(name, []):
+            key = key or names.get(partner)
+        if key is not None:
+            wanted[name] = key
+        elif is_param or getattr(module, attr).device.type == "meta":
+            missing.append(name)
+    if missing:
+        hint = ""
+        if any(name in converted for name in missing):
+            hint = (f" {type(model).__name__}'s checkpoint stores them in another layout (transformers converts it "
+                    "when loading the whole model); parallelType pp loads tensors one to one. Save the model with "
+                    "transformers 5 (save_pretrained) first, or serve it with parallelType tp or custom.")
+        raise PipelineError(f"{len(missing)} tensor(s) of stage {stage} are not in the checkpoint {model_path}: "
+                            f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}.{hint}")
+    stage_bytes = 0
+    # checkpoint name -> the materialized tensor / Parameter: names tied to one checkpoint tensor share one
+    # Parameter object, as in the single-process model
+    shared: Dict[str, torch.Tensor] = {}
+    parameters: Dict[str, torch.nn.Parameter] = {}
+    for name, tensor, mapped in read_tensors(wanted, index):
+        module, attr, is_param = slots[name]
+        key = wanted[name]
+        if key not in shared:
+            current = getattr(module, attr)  # the skeleton's dtype: `dtype`, or what the model keeps in fp32
+            target_dtype = current.dtype if tensor.is_floating_point() and current.is_floating_point() else tensor.dtype
+            shared[key] = tensor.to(device=device, dtype=target_dtype, copy=mapped)  # own memory, not the file's
+            stage_bytes += shared[key].numel() * shared[key].element_size()
+        del tensor
+        if is_param:
+            if key not in parameters:
+                parameters[key] = torch.nn.Parameter(shared[key], requires_grad=False)
+            module._parameters[attr] = parameters[key]
+        else:
+            module._buffers[attr] = shared[key]
+    if device.type == "cpu":
+        # safetensors hands out memory-mapped tensors, paged in on first use; read them now so the first request
+        # does not pay for it and the RSS logged after loading is what this stage holds
+        with torch.no_grad():
+            for tensor in shared.values():
+                if tensor.is_floating_point() and tensor.numel():
+                    tensor.sum()
+    del shared, parameters
+    for module in model.modules():  # non-persistent buffers (rotary inv_freq, ...) were built on CPU
+        for attr, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type != "meta" and buffer.device != device:
+                module._buffers[attr] = buffer.to(device)
+    release_memory()
+    return StageInfo(stage, len(bounds), layers_path, start, end, len(layers), stage_bytes, model_bytes)
+
+
+# --- one stage ----------------------------------------------------------------------------------------------------
+
+class PipelineStage:
+    """Runs this rank's layers through the model's own forward (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, info: StageInfo, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.info = info
+        self.device = device
+        self.dtype = dtype
+        self._extra = cache_kwargs(model)
+        self._inject: Optional[torch.Tensor] = None
+        layers = model.get_submodule(info.layers_path)
+        embeddings = model.get_input_embeddings()
+        self.embedding_dim = getattr(embeddings, "embedding_dim", None) or model.config.get_text_config().hidden_size
+        if not info.is_first:
+            layers[info.start].register_forward_pre_hook(self._inject_hidden, with_kwargs=True)
+        if not info.is_last:
+            layers[info.end - 1].register_forward_hook(self._stop_after)
+
+    def _inject_hidden(self, module, args, kwargs):
+        # what the model computed before this layer (embedding of a placeholder, position embeddings, the
+        # pass-through layers) is replaced by the previous stage's output
+        if args:
+            return (self._inject, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self._inject}
+
+    @staticmethod
+    def _stop_after(module, args, output):
+        raise _StageOutput(output[0] if isinstance(output, (tuple, list)) else output)
+
+    def new_cache(self) -> Any:
+        """A DynamicCache for this stage's layers. The other layers' slots alias a layer of this stage of the
+        same kind, so the model's mask code sees the right past length on every stage."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        layers = getattr(cache, "layers", None)
+        if isinstance(layers, list) and len(layers) == self.info.num_layers:
+            owned = range(self.info.start, self.info.end)
+            for i in range(len(layers)):
+                if i in owned:
+                    continue
+                same = [j for j in owned if type(layers[j]) is type(layers[i])
+                        and getattr(layers[j], "sliding_window", None) == getattr(layers[i], "sliding_window", None)]
+                if same:
+                    layers[i] = layers[same[0]]
+        return cache
+
+    @torch.inference_mode()
+    def run(self, inputs: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+            cache: Any) -> torch.Tensor:
+        """First stage: `inputs` are token ids; later stages: the previous stage's hidden states.
+        Returns this stage's hidden states, or on the last stage the last position's logits [B, V] (float32)."""
+        kwargs = dict(attention_mask=attention_mask.to(self.device), position_ids=position_ids.to(self.device),
+                      use_cache=True, **self._extra(cache))
+        if self.info.is_first:
+            kwargs["input_ids"] = inputs.to(self.device)
+        else:
+            self._inject = inputs.to(self.device)
+            rows, width = inputs.shape[:2]
+            kwargs["inputs_embeds"] = torch.zeros(rows, width, self.embedding_dim, dtype=inputs.dtype,
+                                                  device=self.device)
+        try:
+            out = self.model(**kwargs)
+        except _StageOutput as done:
+            return done.hidden
+        finally:
+            self._inject = None
+        return out.logits[:, -1, :].float()
+
+
+# --- transport ------------------------------------------------------------------------------------------------------
+
+class _Link:
+    """Point-to-point messages between stages: a header on a gloo group (CPU, long timeout), then the
+    payload on the default group (gloo on CPU, nccl on GPU)."""
+
+    def __init__(self, control, device: torch.device):
+        self.control = control
+        self.device = device
+        self.pending: List[Any] = []  # in-flight isends (their tensors stay referenced until done)
+
+    def send(self, dst: int, header: Sequence[int], *payload: torch.Tensor) -> None:
+        head = torch.tensor(list(header) + [0] * (HEADER - len(header)), dtype=torch.int64)
+        self.pending.append((dist.isend(head, dst, group=self.control), head))
+        for tensor in payload:
+            tensor = tensor.contiguous().to(self.device)
+            self.pending.append((dist.isend(tensor, dst), tensor))
+        self._reap()
+
+    def recv_header(self, src: int) -> List[int]:
+        head = torch.empty(HEADER, dtype=torch.int64)
+        dist.recv(head, src, group=self.control)
+        return head.tolist()
+
+    def recv(self, src: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.empty(tuple(shape), dtype=dtype, device=self.device)
+        dist.recv(tensor, src)
+        return tensor
+
+    def _reap(self) -> None:
+        self.pending = [(work, tensor) for work, tensor in self.pending if not work.is_completed()]
+
+    def flush(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending = []
+
+
+def _pack_ints(attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    return torch.cat([attention_mask.reshape(-1), position_ids.reshape(-1)]).to(torch.int64)
+
+
+def _unpack_ints(ints: torch.Tensor, rows: int, width: int, mask_width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    split = rows * mask_width
+    return ints[:split].view(rows, mask_width), ints[split:].view(rows, width)
+
+
+@dataclass
+class _BatchCache:
+    batch_id: int
+    caches: List[Any]  # stage 0's cache per micro-batch
+    rows: List[torch.Tensor]  # the batch rows of each micro-batch
+
+
+class PipelineDriver:
+    """Rank 0's StepModel: stage 0 here, the other stages on ranks 1..n-1, logits back from the last."""
+
+    samples_here = True
+
+    def __init__(self, stage: PipelineStage, ranks: Ranks, chunks: int, link: Optional[_Link]):
+        self.stage = stage
+        self.ranks = ranks
+        self.chunks = max(1, chunks)
+        self.link = link
+        self._batch_ids = itertools.count(1)
+        self._open: Optional[_BatchCache] = None
+        self._lock = threading.Lock()
+
+    @property
+    def world(self) -> int:
+        return self.ranks.world_size
+
+    def forward(self, input_ids, attention_mask, position_ids, cache):
+        if cache is None:
+            rows = list(torch.tensor_split(torch.arange(input_ids.shape[0]), min(self.chunks, input_ids.shape[0])))
+            cache = _BatchCache(next(self._batch_ids), [self.stage.new_cache() for _ in rows], rows)
+            self._open = cache
+            logger.info("[rank 0] pipeline batch %d: %d sequence(s) in %d micro-batch(es), prompt width %d",
+                        cache.batch_id, input_ids.shape[0], len(rows), input_ids.shape[1])
+        logits: List[Optional[torch.Tensor]] = [None] * len(cache.rows)
+        sent = 0
+        failure: Optional[BaseException] = None
+        try:
+            for micro, rows in enumerate(cache.rows):
+                ids, mask, positions = input_ids[rows], attention_mask[rows], position_ids[rows]
+                out = self.stage.run(ids, mask, positions, cache.caches[micro])
+                if self.world == 1:
+                    logits[micro] = out
+                    continue
+                # GPipe: the next micro-batch's stage 0 runs while stage 1 works on this one
+                self.link.send(1, [FORWARD, cache.batch_id, micro, len(rows), ids.shape[1], mask.shape[1],
+                                   DTYPE_CODES[out.dtype], out.shape[-1]], _pack_ints(mask, positions), out)
+                sent += 1
+        except BaseException as error:  # noqa: BLE001 - collect what is in flight before raising
+            failure = error
+        errors = []
+        for _ in range(sent):  # results arrive in micro-batch order
+            op, batch_id, micro, rows, _, _, _, vocab = self.link.recv_header(self.world - 1)
+            if op == RESULT:
+                logits[micro] = self.link.recv(self.world - 1, (rows, vocab), torch.float32).cpu()
+            else:
+                errors.append(micro)
+        if self.link is not None:
+            self.link.flush()
+        if failure is not None:
+            raise failure
+        if errors:
+            raise RuntimeError(f"pipeline stage failed on micro-batch(es) {errors}; see the model log of ranks "
+                               f"1..{self.world - 1}")
+        return torch.cat([part.cpu() for part in logits]), cache
+
+    def share_tokens(self, tokens):
+        return tokens  # only rank 0 runs the loop
+
+    def end(self, cache) -> None:
+        """Release the batch's caches here and on every stage."""
+        cache = cache or self._open
+        self._open = None
+        if cache is None:
+            return
+        cache.caches.clear()
+        if self.world > 1:
+            self.link.send(1, [END, cache.batch_id])
+            self.link.flush()
+
+    def stop(self) -> None:
+        """Tell the followers to leave their loops (the worker is shutting down)."""
+        with self._lock:
+            if self.world > 1 and self.link is not None:
+                self.link.send(1, [STOP])
+                self.link.flush()
+                self.link = None
+
+
+class PipelineFollower:
+    """Ranks 1..n-1: receive, run the stage, pass on, until STOP or until the process group goes away."""
+
+    samples_here = False
+
+    def __init__(self, stage: PipelineStage, ranks: Ranks, link: _Link):
+        self.stage = stage
+        self.ranks = ranks
+        self.link = link
+        self.caches: Dict[Tuple[int, int], Any] = {}
+        self.thread: Optional[threading.Thread] = None
+        self.steps = 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.ranks.rank == self.ranks.world_size - 1
+
+    def start(self) -> threading.Thread:
+        self.thread = threading.Thread(target=self.run, name=f"pp-follower-{self.ranks.rank}", daemon=True)
+        self.thread.start()
+        return self.thread
+
+    def run(self) -> None:
+        rank, prev, nxt = self.ranks.rank, self.ranks.rank - 1, self.ranks.rank + 1
+        if self.stage.device.type == "cuda":
+            torch.cuda.set_device(self.stage.device)  # the current device is per thread
+        logger.info("[rank %d] pipeline follower loop started (stage %d, layers %d..%d)", rank,
+                    self.stage.info.index, self.stage.info.start, self.stage.info.end - 1)
+        try:
+            while True:
+                header = self.link.recv_header(prev)  # blocks (no polling) until the previous stage sends
+                op, batch_id, micro, rows, width, mask_width, dtype_code, hidden = header
+                if op == STOP:
+                    if not self.is_last:
+                        self.link.send(nxt, header)
+                    self.link.flush()
+                    logger.info("[rank %d] pipeline follower loop stopped", rank)
+                    return
+                if op == END:
+                    for key in [key for key in self.caches if key[0] == batch_id]:
+                        del self.caches[key]
+                    if not self.is_last:
+                        self.link.send(nxt, header)
+                    self.link.flush()
+                    continue
+                out = None
+                if op == FORWARD:
+                    ints = self.link.recv(prev, (rows * (mask_width + width),), torch.int64)
+                    inputs = self.link.recv(prev, (rows, width, hidden), DTYPES[dtype_code])
+                    try:
+                        mask, positions = _unpack_ints(ints, rows, width, mask_width)
+                        cache = self.caches.get((batch_id, micro))
+                        if cache is None:
+                            cache = self.caches[(batch_id, micro)] = self.stage.new_cache()
+                        out = self.stage.run(inputs, mask, positions, cache)
+                        self.steps += 1
+                    except Exception:  # noqa: BLE001 - report downstream, stay in step
+                        logger.exception("[rank %d] stage %d failed on batch %d micro-batch %d", rank,
+                                         self.stage.info.index, batch_id, micro)
+                        out = None
+                if self.is_last:
+                    if out is None:
+                        self.link.send(0, [ERROR, batch_id, micro, rows])
+                    else:
+                        self.link.send(0, [RESULT, batch_id, micro, rows, 0, 0, 0, out.shape[-1]], out.float())
+                elif out is None:
+                    self.link.send(nxt, [ERROR, batch_id, micro, rows])
+                else:
+                    self.link.send(nxt, [FORWARD, batch_id, micro, rows, width, mask_width, DTYPE_CODES[out.dtype],
+                                         out.shape[-1]], ints, out)
+        except Exception as error:  # noqa: BLE001 - the process group was destroyed or a peer exited
+            logger.warning("[rank %d] pipeline follower loop ended: %s", rank, error)
+
+    # StepModel surface, so that a follower is never mistaken for a driver
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"rank {self.ranks.rank} is a pipeline follower; only rank 0 runs generation")
+
+    def share_tokens(self, tokens):
+        return tokens
+
+    def end(self, cache) -> None:
+        pass
+
+
+# --- entry point ------------------------------------------------------------------------------------------------------
+
+def load(config, layout, ranks: Ranks, model_path: Path, device: torch.device, dtype: torch.dtype,
+         progress: Progress):
+    """Build this rank's stage and return a PipelineDriver (rank 0) or a PipelineFollower (the others,
+    whose loop the handler starts)."""
+    pippy = config.pippy
+    stages = ranks.world_size
+    # collective: every rank creates it, first thing, in the same order (its long timeout also covers ranks
+    # that take a while to load their stage)
+    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if stages > 1 else None
+    failure: Optional[Exception] = None
+    try:
+        model = build_meta_model(model_path, dtype, config.handler.trust_remote_code)
+        layers_path, layers = find_layer_list(model)
+        bounds = stage_bounds(len(layers), stages, layers_path, pippy.split_points if pippy else None)
+        before = peak_rss_mb()  # imports done, skeleton on meta: what follows is this stage's weights
+        info = materialize_stage(model, ranks.rank, bounds, layers_path, model_path, device, dtype)
+        stage = PipelineStage(model, info, device, dtype)
+    except Exception as error:  # noqa: BLE001 - agree with the other ranks first, then raise
+        failure = error
+    if control is not None:
+        # a rank that failed alone (e.g. a tensor missing from its part of the checkpoint) must not leave the
+        # others waiting for it later: every rank learns whether any rank failed
+        flag = torch.tensor([0 if failure is None else 1], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
+        if flag.item() and failure is None:
+            failure = PipelineError("another pipeline rank failed to load its stage; its model log says why")
+    if failure is not None:
+        raise failure
+    progress(f"pipeline stage {info.index + 1}/{info.count} of {type(model).__name__}: {layers_path}.{info.start}"
+             f"..{info.end - 1}{' + input embedding' if info.is_first else ''}{' + LM head' if info.is_last else ''}; "
+             f"weights {info.stage_bytes / 2**20:.1f} MiB of the model's {info.model_bytes / 2**20:.1f} MiB "
+             f"(model / world size = {info.model_bytes / stages / 2**20:.1f} MiB); peak RSS {peak_rss_mb():.0f} MiB, "
+             f"{peak_rss_mb() - before:+.0f} MiB over the {before:.0f} MiB before reading weights")
+    link = _Link(control, device) if control is not None else None
+    if ranks.rank == 0:
+        return PipelineDriver(stage, ranks, pippy.chunks if pippy else 1, link)
+    return PipelineFollower(stage, ranks, link)

@@ -32,7 +32,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -273,10 +273,12 @@ def checkpoint_names(model: torch.nn.Module, index: Dict[str, Path]) -> Tuple[Di
 
 
 def materialize_stage(model: torch.nn.Module, stage: int, bounds: List[Tuple[int, int]], layers_path: str,
-                      model_path: Path, device: torch.device, dtype: torch.dtype) -> StageInfo:
+                      model_path: Path, device: torch.device, dtype: torch.dtype,
+                      shard: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None) -> StageInfo:
     """Keep this stage's layers (other layers become pass-throughs), the input embedding on the first stage,
     the output embedding on the last, and the small modules around the layers (final norm, learned position
-    table) everywhere; read only those tensors from the checkpoint, onto `device`."""
+    table) everywhere; read only those tensors from the checkpoint, onto `device`. `shard(name, tensor)`, when
+    given, turns each tensor into what this rank keeps of it as soon as it is read (pptp: a DTensor shard)."""
     layers = model.get_submodule(layers_path)
     start, end = bounds[stage]
     last = stage == len(bounds) - 1
@@ -339,6 +341,8 @@ def materialize_stage(model: torch.nn.Module, stage: int, bounds: List[Tuple[int
             current = getattr(module, attr)  # the skeleton's dtype: `dtype`, or what the model keeps in fp32
             target_dtype = current.dtype if tensor.is_floating_point() and current.is_floating_point() else tensor.dtype
             shared[key] = tensor.to(device=device, dtype=target_dtype, copy=mapped)  # own memory, not the file's
+            if shard is not None:
+                shared[key] = shard(name, shared[key])
             stage_bytes += shared[key].numel() * shared[key].element_size()
         del tensor
         if is_param:

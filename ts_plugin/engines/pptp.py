@@ -13,7 +13,7 @@ sends the logits to rank 0, which samples; the tokens are broadcast to all ranks
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,31 @@ def tensor_parallel_plan(model: torch.nn.Module, layers_path: str, start: int, e
                           "(config.base_model_tp_plan); parallelType pptp supports models that have one "
                           "(Llama, Mistral, Qwen2, ...). Use parallelType pp or tp.")
     return {f"{layers_path}.{i}.{suffix}": style() for i in range(start, end) for suffix, style in layer_entries.items()}
+
+
+def _shard_as_read(plan: Dict[str, object], tp_mesh) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """Keep only this rank's chunk of each planned Linear weight as it is read, so a rank never holds its
+    whole stage: column-wise layers split weight and bias along dim 0, row-wise ones the weight along dim 1
+    (the bias is added after the reduction, so it stays whole). Chunks follow DTensor's Shard (torch.chunk)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    rank, size = tp_mesh.get_local_rank(), tp_mesh.size()
+
+    def shard(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        module, _, attr = name.rpartition(".")
+        style = plan.get(module)
+        if style is None:
+            return tensor
+        dim = 0 if isinstance(style, ColwiseParallel) else (1 if attr == "weight" else None)
+        if dim is None:
+            return DTensor.from_local(tensor, tp_mesh, [Replicate()], run_check=False)
+        chunks = torch.chunk(tensor, size, dim=dim)
+        if len(chunks) != size:
+            raise EngineError(f"{name} {tuple(tensor.shape)} cannot be split in {size} along dim {dim}")
+        return DTensor.from_local(chunks[rank].clone(), tp_mesh, [Shard(dim)], run_check=False)
+
+    return shard
 
 
 class TensorParallelStage:
@@ -110,8 +135,9 @@ def load(config: ModelConfig, layout: ParallelLayout, ranks: Ranks, model_path: 
         bounds = stage_bounds(len(layers), layout.pp_size, layers_path, config.pippy.split_points)
         plan = tensor_parallel_plan(model, layers_path, *bounds[stage_index])
         before = peak_rss_mb()
-        info = materialize_stage(model, stage_index, bounds, layers_path, model_path, device, dtype)
-        parallelize_module(model, mesh["tp"], plan)
+        info = materialize_stage(model, stage_index, bounds, layers_path, model_path, device, dtype,
+                                 shard=_shard_as_read(plan, mesh["tp"]))
+        parallelize_module(model, mesh["tp"], plan)  # the weights are DTensors already: this adds the layouts
         release_memory()
         stage = PipelineStage(model, info, device, dtype)
     except Exception as error:  # noqa: BLE001 - agree with the other ranks first, then raise

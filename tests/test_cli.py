@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-GOOD = "minWorkers: 1\nmaxWorkers: 1\nparallelType: tp\ntorchrun:\n  nproc-per-node: 2\n"
+GOOD = ("minWorkers: 1\nmaxWorkers: 1\nparallelType: tp\ntorchrun:\n  nproc-per-node: 2\n"
+        "  rdzv-endpoint: localhost:29501\n")  # a rendezvous of its own: no TSP212
 WARN = "minWorkers: 0\n"
 BAD = "parallelType: tp\nparallelLevel: 2\n"
 DS = GOOD + "deepspeed:\n  config: ds-config.json\n"
@@ -140,7 +141,7 @@ def test_extra_files_are_the_archive_contents(configs):
     missing = ts_plugin("validate", "--format", "json", "--extra-files", "other.json", "ds.yaml", cwd=configs)
     assert missing.returncode == 1
     [finding] = json.loads(missing.stdout)["files"][0]["findings"]
-    assert (finding["code"], finding["key"], finding["line"], finding["column"]) == ("TSP603", "deepspeed.config", 7, 3)
+    assert (finding["code"], finding["key"], finding["line"], finding["column"]) == ("TSP603", "deepspeed.config", 8, 3)
     present = ts_plugin("validate", "--extra-files", "other.json,ds-config.json", "ds.yaml", cwd=configs)
     assert (present.returncode, present.stdout) == (0, "")
 

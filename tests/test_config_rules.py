@@ -13,6 +13,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 TP2 = "parallelType: tp\ntorchrun:\n  nproc-per-node: 2\n"  # a valid tp config, 3 lines
 PPTP4 = "parallelType: pptp\ntorchrun:\n  nproc-per-node: 4\n"
+OWN_RDZV = "  rdzv-endpoint: localhost:29501\n"  # a torchrun line: a rendezvous of the model's own (no TSP212)
 
 
 # --- contexts that need files: a function of a folder holding the JSON files below ------------------
@@ -111,6 +112,11 @@ TRIPS = [
                  "batchSize", (4, 1), None, id="211"),
     pytest.param("TSP210", "parallelType: pp\n", "parallelType", (1, 1), None, id="210-pp"),
     pytest.param("TSP210", TP2.replace("2", "1"), "torchrun", (2, 1), None, id="210-tp-nproc1"),
+    pytest.param("TSP212", TP2, "torchrun", (2, 1), None, id="212-unset"),
+    pytest.param("TSP212", TP2 + "  rdzv-endpoint: localhost:29400\n", "torchrun.rdzv-endpoint", (4, 3), None,
+                 id="212-default-port"),
+    pytest.param("TSP212", "parallelType: pp\ntorchrun:\n  nproc-per-node: 2\n  rdzv-endpoint: 127.0.0.1\n",
+                 "torchrun.rdzv-endpoint", (4, 3), None, id="212-no-port"),
     pytest.param("TSP301", "deviceIds: [0, 0]\n", "deviceIds[1]", (1, 16), None, id="301"),
     pytest.param("TSP301", "deviceIds:\n  - 1\n  - 2\n  - 1\n", "deviceIds[2]", (4, 5), None, id="301-block"),
     pytest.param("TSP302", "deviceIds: [0, -1]\n", "deviceIds[1]", (1, 16), None, id="302"),
@@ -195,6 +201,11 @@ NEAR = [
     pytest.param("TSP208", PPTP4 + "pippy:\n  pp_size: 2\n", None, id="208"),
     pytest.param("TSP209", PPTP4 + "pippy:\n  pp_size: 4\n", None, id="209"),
     pytest.param("TSP210", TP2, None, id="210"),
+    pytest.param("TSP212", TP2 + OWN_RDZV, None, id="212"),
+    pytest.param("TSP212", "parallelType: pptp\ntorchrun:\n  nproc-per-node: 4\n  rdzv-endpoint: '[::1]:29502'\n"
+                 "pippy:\n  pp_size: 2\n", None, id="212-ipv6"),
+    pytest.param("TSP212", "parallelType: custom\nparallelLevel: 2\nasyncCommunication: true\n", None,
+                 id="212-custom-no-torchrun"),
     pytest.param("TSP211", "parallelType: custom\nparallelLevel: 2\nasyncCommunication: true\nbatchSize: 1\n", None,
                  id="211"),
     pytest.param("TSP301", "deviceIds: [0, 1]\n", None, id="301"),
@@ -315,8 +326,9 @@ def test_documented_torchrun_examples_pass(title, tmp_path):
     assert "torchrun:" in text
     report = validate_text(text)
     assert report.errors == [], report.text()
-    # the only thing that may be said: /path/to/model does not exist on this host
-    assert {f.code for f in report.findings} <= {"TSP606"}
+    # the only things that may be said: /path/to/model does not exist on this host, and the documented
+    # torchrun section leaves the host-wide default rendezvous (TSP212)
+    assert {f.code for f in report.findings} <= {"TSP606", "TSP212"}
     # also as a file next to which ds-config.json does not exist (archive contents unknown)
     path = tmp_path / "model-config.yaml"
     path.write_text(text, encoding="utf-8")
@@ -336,7 +348,7 @@ def test_documented_parallel_level_example_is_rejected():
     report = validate_text(text)
     assert [(f.code, f.key, f.line, f.column) for f in report.findings] == [("TSP202", "parallelLevel", 5, 1)]
     assert "torchrun: {nproc-per-node: 4}" in report.findings[0].hint
-    fixed = text.replace("parallelLevel: 4 ", "torchrun: {nproc-per-node: 4}")
+    fixed = text.replace("parallelLevel: 4 ", "torchrun: {nproc-per-node: 4, rdzv-endpoint: localhost:29501}")
     assert validate_text(fixed).findings == []
 
 
@@ -354,6 +366,7 @@ deviceType: gpu
 deviceIds: *ids
 torchrun: &tr
   nproc-per-node: 2
+  rdzv-endpoint: localhost:29501
 deepspeed:
   tensor_parallel: {tp_size: 2}
 handler:
@@ -384,7 +397,7 @@ def test_unknown_sections_that_are_not_near_misses_pass(section):
 
 
 def test_unknown_keys_inside_free_form_sections_pass():
-    text = (TP2 + "deepspeed:\n  injection_policy: {LlamaDecoderLayer: [o_proj]}\n  my_option: 1\n"
+    text = (TP2 + OWN_RDZV + "deepspeed:\n  injection_policy: {LlamaDecoderLayer: [o_proj]}\n  my_option: 1\n"
             "handler:\n  model_path: model\n  my_prompt_template: '{x}'\n")
     assert validate_text(text).findings == []
 
@@ -392,7 +405,7 @@ def test_unknown_keys_inside_free_form_sections_pass():
 @pytest.mark.parametrize("model_path", ["model", "models/llama-7b", "./weights"])
 def test_relative_model_path_need_not_exist(model_path, tmp_path):
     path = tmp_path / "model-config.yaml"
-    path.write_text(f"{TP2}handler:\n  model_path: {model_path}\n", encoding="utf-8")
+    path.write_text(f"{TP2}{OWN_RDZV}handler:\n  model_path: {model_path}\n", encoding="utf-8")
     assert validate_file(path).findings == []
     assert validate_file(path, ValidationContext(archive_files={})).findings == []
 
@@ -412,15 +425,15 @@ def test_findings_are_sorted_by_position():
 
 def test_validate_file_looks_beside_the_config(files_dir):
     path = files_dir / "model-config.yaml"
-    path.write_text(TP2 + "deepspeed:\n  config: ds-tp4.json\n", encoding="utf-8")
+    path.write_text(TP2 + OWN_RDZV + "deepspeed:\n  config: ds-tp4.json\n", encoding="utf-8")
     assert [f.code for f in validate_file(path).findings] == ["TSP605"]
-    path.write_text(TP2 + "deepspeed:\n  config: ds-tp2.json\n", encoding="utf-8")
+    path.write_text(TP2 + OWN_RDZV + "deepspeed:\n  config: ds-tp2.json\n", encoding="utf-8")
     assert validate_file(path).findings == []
 
 
 def test_model_dir_context_reports_missing_files(tmp_path):
     (tmp_path / "ds-config.json").write_text('{"tensor_parallel": {"tp_size": 2}}', encoding="utf-8")
-    text = TP2 + "deepspeed:\n  config: ds-config.json\n  checkpoint: checkpoints.json\n"
+    text = TP2 + OWN_RDZV + "deepspeed:\n  config: ds-config.json\n  checkpoint: checkpoints.json\n"
     report = validate_text(text, context=ValidationContext(model_dir=tmp_path))
     assert [(f.code, f.key) for f in report.findings] == [("TSP603", "deepspeed.checkpoint")]
 
@@ -441,6 +454,12 @@ GOLDEN = [
         "model-config.yaml:2:1: error TSP201 [parallelLevel] parallelLevel 2 and torchrun.nproc-per-node 2 are both "
         "set; they are mutually exclusive\n"
         "    hint: remove `parallelLevel` and keep `torchrun: {nproc-per-node: 2}`\n"
+        "model-config.yaml:3:1: warning TSP212 [torchrun] torchrun.rdzv-endpoint is not set, so this model's "
+        "torchrun shares the c10d store on port 29400 with every torchrun on the host; whichever started first "
+        "hosts it, and when that worker restarts (a rank dies, the model is unloaded) every other model sharing "
+        "it restarts too\n"
+        "    hint: give each model its own: `torchrun: {rdzv-endpoint: localhost:<port>}` with a free port that no "
+        "other model or server on this host uses\n"
         "model-config.yaml:5:16: error TSP301 [deviceIds[1]] GPU 0 appears twice in deviceIds [0, 0]\n"
         "    hint: list each GPU once\n"
         "model-config.yaml:6:1: warning TSP402 [minWorkers] minWorkers 0 becomes 1 in the frontend\n"
@@ -483,7 +502,7 @@ def test_near_miss_snake_case_value_is_not_used():
 def test_ignored_torchrun_key_does_not_count_as_nproc():
     # `nproc_per_node` is ignored by the frontend: the section sets 1 process, beside parallelLevel 2
     report = validate_text("parallelType: tp\nparallelLevel: 2\ntorchrun:\n  nproc_per_node: 2\n")
-    assert sorted(f.code for f in report.findings) == ["TSP113", "TSP203", "TSP210"]
+    assert sorted(f.code for f in report.findings) == ["TSP113", "TSP203", "TSP210", "TSP212"]
     assert report.layout.world_size == 1
 
 

@@ -1,10 +1,14 @@
 """Rank information from torchrun, the process group, and agreement between ranks."""
 from __future__ import annotations
 
+import ctypes
 import datetime
 import logging
 import os
+import signal
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -28,6 +32,48 @@ class Ranks:
         """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (a plain worker is rank 0 of 1)."""
         return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+class StaleRankError(RuntimeError):
+    """This rank's torchrun agent is gone: TorchServe has already replaced it."""
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_TORCHRUN_MARKS = (b"torchrun", b"torch.distributed.run", b"torch/distributed/run.py")
+
+
+def bind_to_launcher(ranks: Ranks) -> None:
+    """Under torchrun: die with the torchrun agent, and refuse to load in a rank whose agent is already gone.
+
+    When a rank dies, the frontend SIGKILLs that worker's torchrun and starts a new one, while torchrun itself
+    may just have restarted the group (TorchServe passes --max-restarts 1). Those restarted ranks are orphans
+    (torchrun starts ranks in sessions of their own) and bind the same socket names as the new ranks; if the
+    frontend connects to one, its LOAD would wait in init_process_group on a dead store for the whole
+    process-group timeout, and a rank left over after its agent was killed keeps the model in memory. So: a
+    loaded rank gets PR_SET_PDEATHSIG (SIGKILL when the agent dies), and a rank whose agent is gone at LOAD
+    fails at once, which makes the frontend start over right away.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        logger.warning("could not set PR_SET_PDEATHSIG; this rank may outlive its torchrun agent")
+    parent = os.getppid()
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    orphaned = parent == 1  # the agent died before prctl, so no signal will ever come
+    if not orphaned and restart > 0:
+        # a rank from torchrun's own restart is fine under a live agent (a rank died before the frontend connected);
+        # under anything else (a subreaper adopted it) it is an orphan of a killed agent
+        try:
+            cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
+            orphaned = not any(mark in cmdline for mark in _TORCHRUN_MARKS)
+        except OSError:
+            orphaned = True
+    if orphaned:
+        raise StaleRankError(
+            f"rank {ranks.rank} (torchrun restart #{restart}) has lost the torchrun agent that started it (now a child "
+            f"of pid {parent}); TorchServe has replaced that torchrun, so this rank refuses to load")
 
 
 def pick_device(ranks: Ranks, device_type: Optional[str]) -> torch.device:

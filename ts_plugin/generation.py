@@ -116,6 +116,7 @@ def choose_tokens(logits: torch.Tensor, sequences: Sequence[_Sequence]) -> torch
         if not seq.sampling:
             chosen[row] = int(torch.argmax(scores))
             continue
+        penalized = scores
         scores = scores / p.temperature
         if p.top_k > 0:
             kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
@@ -126,6 +127,11 @@ def choose_tokens(logits: torch.Tensor, sequences: Sequence[_Sequence]) -> torch
             drop = cumulative - torch.softmax(ordered, dim=-1) >= p.top_p  # keep the token that crosses top_p
             scores[order[drop]] = float("-inf")
         probs = torch.softmax(scores, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            # a temperature or penalty near 0 (allowed: > 0) overflows float32 to inf, and multinomial would raise
+            # on the driver only; that distribution's limit is its argmax (temperature keeps the order)
+            chosen[row] = int(torch.argmax(penalized))
+            continue
         chosen[row] = int(torch.multinomial(probs, 1, generator=seq.generator))
     return chosen
 
@@ -151,8 +157,20 @@ def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], par
     try:
         while True:
             logits, cache = model.forward(input_ids, attention_mask, position_ids, cache)
-            tokens = choose_tokens(logits, sequences) if model.samples_here else torch.zeros(len(sequences), dtype=torch.long)
+            failure: Optional[Exception] = None
+            tokens = torch.zeros(len(sequences), dtype=torch.long)
+            if model.samples_here:
+                try:
+                    tokens = choose_tokens(logits, sequences)
+                except Exception as error:  # noqa: BLE001 - re-raised below, after the peers were told
+                    # the other ranks already wait in share_tokens: send them -1 so that they fail this batch too
+                    # instead of waiting for tokens that never come (and pairing later collectives wrongly)
+                    failure, tokens = error, torch.full((len(sequences),), -1, dtype=torch.long)
             tokens = model.share_tokens(tokens)
+            if failure is not None:
+                raise failure
+            if bool((tokens < 0).any()):
+                raise RuntimeError("the driver rank failed while choosing the next tokens; see its log")
             now = time.perf_counter()
             for row, seq in enumerate(sequences):
                 if seq.finish_reason is None:

@@ -52,6 +52,8 @@ PPTP_NO_PP_SIZE = _rule("TSP208", "error", "pptp without pippy.pp_size")
 PPTP_PP_SIZE_DIVIDES = _rule("TSP209", "error", "pippy.pp_size does not divide the world size")
 ASYNC_BATCHING = _rule("TSP211", "error", "asyncCommunication with batchSize > 1 (the frontend's async batcher crashes)")
 SINGLE_RANK = _rule("TSP210", "warning", "a pp/tp/pptp worker with a single rank")
+SHARED_RENDEZVOUS = _rule("TSP212", "warning", "torchrun on the host-wide default rendezvous localhost:29400 "
+                          "(one model's restart restarts the others)")
 DEVICE_IDS_DUPLICATE = _rule("TSP301", "error", "deviceIds lists a GPU twice")
 DEVICE_IDS_NEGATIVE = _rule("TSP302", "error", "a negative GPU id in deviceIds")
 DEVICE_IDS_TOO_FEW = _rule("TSP303", "error", "deviceIds shorter than the GPUs one worker needs")
@@ -365,10 +367,38 @@ def _check_parallel(config: ModelConfig, layout: ParallelLayout, out: _Collector
             out.add(PPTP_PP_SIZE_DIVIDES, ("pippy", "pp_size"),
                     f"pippy.pp_size {pp_size} does not divide the world size {layout.world_size}",
                     f"use a divisor of {layout.world_size} for pp_size, or change nproc-per-node")
+    if torchrun is not None and ptype in TORCHRUN_PARALLEL_TYPES and _default_rendezvous(torchrun):
+        # Seen with TorchServe 0.12: the first torchrun on the host hosts the c10d store on 29400 and every later
+        # one connects to it. When a rank of the hosting model dies, the frontend kills that torchrun and with it
+        # the store; the agents of every other torchrun model lose it and tear their ranks down too.
+        shown = f"`{torchrun.rdzv_endpoint}`" if torchrun.rdzv_endpoint else "not set"
+        out.add(SHARED_RENDEZVOUS, ("torchrun", "rdzv-endpoint") if torchrun.rdzv_endpoint else ("torchrun",),
+                f"torchrun.rdzv-endpoint is {shown}, so this model's torchrun shares the c10d store on port "
+                f"{DEFAULT_RDZV_PORT} with every torchrun on the host; whichever started first hosts it, and when "
+                "that worker restarts (a rank dies, the model is unloaded) every other model sharing it restarts too",
+                "give each model its own: `torchrun: {rdzv-endpoint: localhost:<port>}` with a free port that no "
+                "other model or server on this host uses")
     if layout.world_size == 1 and ptype in ("pp", "tp"):
         out.add(SINGLE_RANK, ("torchrun",) if torchrun else ("parallelType",),
                 f"parallelType {ptype} with a single rank does no parallelism",
                 "set `torchrun: {nproc-per-node: N}` with N > 1, or drop parallelType")
+
+
+DEFAULT_RDZV_PORT = 29400  # torchrun's c10d default (torch.distributed.elastic.rendezvous)
+
+
+def _default_rendezvous(torchrun: TorchrunConfig) -> bool:
+    """No rdzv-endpoint (torchrun's default localhost:29400), or one on port 29400 (also the default port when
+    the endpoint has none)."""
+    if torchrun.rdzv_backend != "c10d":
+        return False
+    endpoint = (torchrun.rdzv_endpoint or "").strip()
+    if not endpoint:
+        return True
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or "]" in port:  # "host" or "[::1]": no port
+        return True
+    return port.strip() == str(DEFAULT_RDZV_PORT)
 
 
 def _check_devices(config: ModelConfig, layout: ParallelLayout, out: _Collector, context: ValidationContext) -> None:

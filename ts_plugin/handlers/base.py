@@ -67,11 +67,13 @@ class LLMHandler:
     def initialize(self, context: Any) -> None:
         import torch
 
-        from ..distributed import Ranks, init_process_group, pick_device
+        from ..distributed import Ranks, bind_to_launcher, init_process_group, pick_device
 
         self.context = context
         self.model_dir = Path(context.system_properties.get("model_dir", "."))
         self.ranks = Ranks.from_env()
+        # first: a rank orphaned by a torchrun restart must not load (see bind_to_launcher)
+        bind_to_launcher(self.ranks)
         gpus = torch.cuda.device_count() if "CUDA_VISIBLE_DEVICES" not in os.environ else None
         report = check_worker_config(context, self.model_dir, gpus)
         for finding in report.findings:

@@ -14,13 +14,18 @@ PROMPTS = ["hello world how are", "the quick brown fox jumps over the lazy dog .
 
 
 def write_config(path: Path, base: Path, **overrides) -> Path:
-    """An example config with some keys replaced (nested dicts merge)."""
+    """An example config with some keys replaced (nested dicts merge). A torchrun model gets a free
+    rendezvous port of its own, so models and test runs never share one (see rule TSP212)."""
+    from torchserve_harness import free_ports
+
     config = yaml.safe_load(base.read_text())
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
             config[key] = {**config[key], **value}
         else:
             config[key] = value
+    if isinstance(config.get("torchrun"), dict) and "rdzv-endpoint" not in overrides.get("torchrun", {}):
+        config["torchrun"]["rdzv-endpoint"] = f"localhost:{free_ports(1)[0]}"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 

@@ -9,7 +9,9 @@ import pytest
 
 from ts_plugin.config import RULES, ValidationContext, validate_file, validate_text
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# a copy of shared/parallel-type-config.txt (TorchServe's documented examples), kept with the tests so that
+# they do not depend on where shared/ lies beside a clone
+DOCUMENTED = Path(__file__).resolve().parent / "data" / "parallel-type-config.txt"
 
 TP2 = "parallelType: tp\ntorchrun:\n  nproc-per-node: 2\n"  # a valid tp config, 3 lines
 PPTP4 = "parallelType: pptp\ntorchrun:\n  nproc-per-node: 4\n"
@@ -308,7 +310,7 @@ def test_message_and_hint(text, code, in_message, in_hint):
 
 def _documented_example(title: str) -> str:
     """The YAML block that follows `title` in TorchServe's parallelType page."""
-    doc = (SHARED / "parallel-type-config.txt").read_text(encoding="utf-8")
+    doc = DOCUMENTED.read_text(encoding="utf-8")
     after = doc.split(title, 1)[1].lstrip("\n")
     block = after.split("\n\n", 1)[0] + "\n"
     assert "minWorkers: 1\n" in block, block

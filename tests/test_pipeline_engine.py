@@ -249,7 +249,10 @@ LOAD_FAILURE_SCRIPT = textwrap.dedent(r'''
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
     (out_dir / f"load{handler.ranks.rank}.txt").write_text(message)
-    dist.destroy_process_group()
+    # leave without C++ teardown: destroying the gloo group while the peer is already gone can abort
+    # ("terminate called without an active exception") on a loaded machine, which is not what is tested here
+    import os
+    os._exit(0)
 ''')
 
 

@@ -58,8 +58,6 @@ def reference_text(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
 
 
 def stream_text(chunks: List[bytes]) -> str:
-    import json
-
     return "".join(event["token"]["text"] for event in stream_events(chunks))
 
 

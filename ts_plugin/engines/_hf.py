@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 

@@ -52,8 +52,9 @@ class LLMHandler:
     Response: `{"generated_text": "...", "details": {"prompt_tokens", "completion_tokens", "finish_reason"}}`.
     """
 
-    #: whether every rank receives PREDICT (tp, pptp) or only rank 0 (pp)
-    every_rank_handles = True
+    #: the parallelType an engine handler serves, and its name in messages (None: any)
+    parallel_type: Optional[str] = None
+    engine_name = "base"
 
     def __init__(self):
         self.initialized = False
@@ -101,6 +102,9 @@ class LLMHandler:
 
     def check_layout(self) -> None:
         """Compare the derived layout with what torchrun actually started."""
+        if self.parallel_type is not None and self.layout.parallel_type != self.parallel_type:
+            raise ConfigError(f"the {self.engine_name} handler serves parallelType {self.parallel_type}, "
+                              f"not {self.layout.parallel_type or 'none'}")
         if self.layout.uses_torchrun and self.layout.world_size != self.ranks.world_size:
             raise ConfigError(f"the config asks for {self.layout.world_size} ranks but torchrun started "
                               f"{self.ranks.world_size} (WORLD_SIZE)")

@@ -30,7 +30,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional
 
-from .base import ConfigError, LLMHandler
+from .base import LLMHandler
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +38,14 @@ logger = logging.getLogger(__name__)
 class DeviceMapHandler(LLMHandler):
     """One process, the model spread over its GPUs, CPU and disk by an Accelerate device map."""
 
+    parallel_type = "custom"
+    engine_name = "Accelerate"
+
     def __init__(self):
         super().__init__()
         self.device_map: Optional[Dict[str, Any]] = None
         self._batch_lock = threading.Lock()
         self._executor: Optional[ThreadPoolExecutor] = None
-
-    def check_layout(self) -> None:
-        super().check_layout()
-        if self.layout.parallel_type != "custom":
-            raise ConfigError("the Accelerate handler serves parallelType custom, "
-                              f"not {self.layout.parallel_type or 'none'}")
 
     @property
     def asynchronous(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional
 
-from .base import ConfigError, LLMHandler
+from .base import LLMHandler
 
 logger = logging.getLogger(__name__)
 
@@ -13,12 +13,8 @@ class PipelineHandler(LLMHandler):
     """Pipeline parallelism: each rank holds a stage. TorchServe sends PREDICT to rank 0 only, which runs the
     generation loop and drives the other ranks; they run a follower loop started at the end of `initialize`."""
 
-    every_rank_handles = False
-
-    def check_layout(self) -> None:
-        super().check_layout()
-        if self.layout.parallel_type != "pp":
-            raise ConfigError(f"the pipeline handler serves parallelType pp, not {self.layout.parallel_type or 'none'}")
+    parallel_type = "pp"  # PREDICT reaches rank 0 only; it drives the other stages
+    engine_name = "pipeline"
 
     def process_group_timeout(self) -> Optional[float]:
         pippy = self.config.pippy

@@ -1,16 +1,14 @@
 """parallelType pptp: the base handler with pipeline stages that are each tensor-parallel."""
 from __future__ import annotations
 
-from .base import ConfigError, LLMHandler
+from .base import LLMHandler
 
 
 class PipelineTensorParallelHandler(LLMHandler):
     """pp_size stages x tp_size ranks each; TorchServe sends every batch to every rank (unlike pp)."""
 
-    def check_layout(self) -> None:
-        super().check_layout()
-        if self.layout.parallel_type != "pptp":
-            raise ConfigError(f"the pptp handler serves parallelType pptp, not {self.layout.parallel_type or 'none'}")
+    parallel_type = "pptp"
+    engine_name = "pptp"
 
     def load_model(self):
         from ..engines import pptp as engine

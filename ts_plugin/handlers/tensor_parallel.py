@@ -1,16 +1,14 @@
 """parallelType tp: the base handler with the DeepSpeed engine."""
 from __future__ import annotations
 
-from .base import ConfigError, LLMHandler
+from .base import LLMHandler
 
 
 class DeepSpeedHandler(LLMHandler):
     """Tensor parallelism with DeepSpeed inference: every rank gets every batch and computes its shard."""
 
-    def check_layout(self) -> None:
-        super().check_layout()
-        if self.layout.parallel_type != "tp":
-            raise ConfigError(f"the DeepSpeed handler serves parallelType tp, not {self.layout.parallel_type or 'none'}")
+    parallel_type = "tp"
+    engine_name = "DeepSpeed"
 
     def load_model(self):
         from ..engines import deepspeed as engine

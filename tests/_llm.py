@@ -57,6 +57,19 @@ def reference_text(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def greedy_bodies(lengths: List[int]) -> List[dict]:
+    """One request per PROMPTS entry, each with its own max_new_tokens."""
+    return [{"inputs": p, "parameters": {"max_new_tokens": n}} for p, n in zip(PROMPTS, lengths)]
+
+
+def predict_concurrently(ts, name: str, bodies: list) -> list:
+    """Send `bodies` at once (so TorchServe can batch them); the responses in the same order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda body: ts.predict(name, body), bodies))
+
+
 def stream_text(chunks: List[bytes]) -> str:
     return "".join(event["token"]["text"] for event in stream_events(chunks))
 

@@ -8,12 +8,10 @@ One server, three archives of one tiny random-weight Llama:
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import yaml
 
-from _llm import PROMPTS, archive, reference_text, stream_events, stream_text
+from _llm import PROMPTS, archive, greedy_bodies, predict_concurrently, reference_text, stream_events, stream_text
 from torchserve_harness import TorchServe, java_available
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
@@ -53,9 +51,7 @@ def server(tmp_path_factory):
 def test_concurrent_greedy_requests_equal_single_process_generate(server, name):
     ts, model_dir, _ = server
     lengths = [24, 7, 15]
-    bodies = [{"inputs": p, "parameters": {"max_new_tokens": n}} for p, n in zip(PROMPTS, lengths)]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(lambda b: ts.predict(name, b), bodies))
+    responses = predict_concurrently(ts, name, greedy_bodies(lengths))
     for prompt, n, response in zip(PROMPTS, lengths, responses):
         assert response.status_code == 200, response.text
         answer = response.json()
@@ -92,8 +88,7 @@ def test_async_mode_bad_requests_get_4xx_without_failing_the_others(server):
     ts, model_dir, _ = server
     good = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 10}}
     bodies = [good, b"{not json", {"inputs": "hi", "parameters": {"max_new_tokens": 500}}, good]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(lambda b: ts.predict("acc-async", b), bodies))
+    responses = predict_concurrently(ts, "acc-async", bodies)
     assert [r.status_code for r in responses] == [200, 400, 400, 200], [r.text for r in responses]
     assert "invalid JSON" in responses[1].text and "at most 24" in responses[2].text
     expected = reference_text(model_dir, PROMPTS[1], 10)

@@ -4,11 +4,11 @@ for the whole file, serving each architecture with pippy.chunks 1 and 2."""
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from _llm import PROMPTS, REPO, archive, reference_text, stream_events, stream_text, write_config
+from _llm import (PROMPTS, REPO, archive, greedy_bodies, predict_concurrently,
+                  reference_text, stream_events, stream_text, write_config)
 from test_pipeline_engine import legacy_bin_checkpoint
 from torchserve_harness import TorchServe, free_ports, java_available
 
@@ -55,9 +55,7 @@ def arch_of(name: str) -> str:
 def test_concurrent_requests_match_single_process_generate(server, name):
     ts, folders = server
     lengths = [24, 7, 15]
-    bodies = [{"inputs": p, "parameters": {"max_new_tokens": n}} for p, n in zip(PROMPTS, lengths)]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(lambda body: ts.predict(name, body), bodies))
+    responses = predict_concurrently(ts, name, greedy_bodies(lengths))
     for prompt, n, response in zip(PROMPTS, lengths, responses):
         assert response.status_code == 200, response.text
         answer = response.json()
@@ -87,8 +85,7 @@ def test_bad_request_in_a_batch_leaves_the_others_correct(server):
     bodies = [{"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 10}}, b"{not json",
               {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 500}},  # over handler.max_new_tokens
               {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 6}}]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(lambda body: ts.predict("llama-pp-c2", body), bodies))
+    responses = predict_concurrently(ts, "llama-pp-c2", bodies)
     assert [r.status_code for r in responses] == [200, 400, 400, 200], [r.text for r in responses]
     assert responses[0].json()["generated_text"] == reference_text(folders["llama"], PROMPTS[1], 10)
     assert responses[3].json()["generated_text"] == reference_text(folders["llama"], PROMPTS[2], 6)

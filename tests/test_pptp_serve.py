@@ -1,11 +1,9 @@
 """parallelType pptp through the real TorchServe: torchrun with 4 ranks = 2 stages x 2 tensor-parallel ranks."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
-from _llm import PROMPTS, REPO, archive, reference_text, stream_text, write_config
+from _llm import PROMPTS, REPO, archive, greedy_bodies, predict_concurrently, reference_text, stream_text, write_config
 from torchserve_harness import TorchServe, java_available
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
@@ -30,9 +28,7 @@ def server(tmp_path_factory):
 def test_concurrent_prompts_match_single_process_generate(server):
     ts, model_dir = server
     lengths = [20, 6, 13]
-    bodies = [{"inputs": p, "parameters": {"max_new_tokens": n}} for p, n in zip(PROMPTS, lengths)]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(lambda b: ts.predict("llama-pptp", b), bodies))
+    responses = predict_concurrently(ts, "llama-pptp", greedy_bodies(lengths))
     for prompt, n, response in zip(PROMPTS, lengths, responses):
         assert response.status_code == 200, response.text
         assert response.json()["generated_text"] == reference_text(model_dir, prompt, n)

@@ -1,11 +1,10 @@
 """parallelType tp through the real TorchServe, torchrun with 2 ranks, DeepSpeed AutoTP on CPU."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
-from _llm import PROMPTS, REPO, archive, reference_text, stream_events, stream_text, write_config
+from _llm import (PROMPTS, REPO, archive, greedy_bodies, predict_concurrently,
+                  reference_text, stream_events, stream_text, write_config)
 from torchserve_harness import TorchServe, java_available
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
@@ -39,9 +38,7 @@ def server(tmp_path_factory):
 def test_concurrent_requests_match_single_process_generate(server, arch):
     ts, models = server
     lengths = [24, 7, 15]
-    bodies = [{"inputs": p, "parameters": {"max_new_tokens": n}} for p, n in zip(PROMPTS, lengths)]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(lambda b: ts.predict(f"{arch}-tp", b), bodies))
+    responses = predict_concurrently(ts, f"{arch}-tp", greedy_bodies(lengths))
     for prompt, n, response in zip(PROMPTS, lengths, responses):
         assert response.status_code == 200, response.text
         answer = response.json()

@@ -226,7 +226,7 @@ def test_pipeline_matches_single_process_generate(tmp_path, models, arch):
     assert log.count("pippy.rpc_timeout 2 s is used as the process-group timeout") == 1
     assert log.count("pippy.num_worker_threads 64 is accepted and ignored") == len(cases)
     assert "pipeline stage 1/2" in log and "pipeline stage 2/2" in log and "peak RSS" in log
-    assert "3 sequence(s) in 2 micro-batch(es)" in log and "1 sequence(s) in 1 micro-batch(es)" in log
+    assert "3 sequence(s) in 2 group(s) of rows" in log and "1 sequence(s) in 1 group(s) of rows" in log
     assert "model.layers.0..0 + input embedding" in log if arch == "llama" else "transformer.h.0..0" in log
 
 

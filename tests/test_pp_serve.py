@@ -65,7 +65,7 @@ def test_concurrent_requests_match_single_process_generate(server, name):
     # they reached the handler as one batch (batchSize 4, maxBatchDelay 200 ms), split into `chunks` micro-batches
     chunks = int(name[-1])
     log = (ts.log_dir / "model_log.log").read_text(encoding="utf-8", errors="replace")
-    assert any(f"{name}_" in line and f"3 sequence(s) in {chunks} micro-batch(es)" in line
+    assert any(f"{name}_" in line and f"3 sequence(s) in {chunks} group(s) of rows" in line
                for line in log.splitlines()), ts.log_tail()
 
 

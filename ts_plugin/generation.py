@@ -2,12 +2,16 @@
 
 An engine supplies a `StepModel`: one forward step over the batch, returning the last position's
 logits, plus `share_tokens` to give every rank the tokens chosen on the driver. The loop here is
-the same on every rank that runs it, so ranks stay in step.
+the same on every rank that runs it, so ranks stay in step. A StepModel may also have
+`row_groups(rows) -> [range, ...]`: then each group of rows runs its own loop in a thread, concurrently
+(the pipeline engine keeps one group per stage in flight).
 """
 from __future__ import annotations
 
 import inspect
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple
 
@@ -138,7 +142,30 @@ def choose_tokens(logits: torch.Tensor, sequences: Sequence[_Sequence]) -> torch
 
 def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], params: Sequence[SamplingParams],
              default_seed: int, eos_ids: Sequence[int], on_text: Optional[StreamCallback] = None) -> List[SequenceResult]:
-    """Generate for a batch of tokenized prompts (left-padded together), until each sequence stops."""
+    """Generate for a batch of tokenized prompts until each sequence stops: one left-padded batch, or one per
+    `model.row_groups` group, concurrently. A row without a seed samples with `default_seed + its row`."""
+    groups = model.row_groups(len(prompts)) if hasattr(model, "row_groups") else [range(len(prompts))]
+    if len(groups) == 1:
+        return _generate_batch(model, tokenizer, prompts, params, default_seed, eos_ids, on_text)
+    stream_lock = threading.Lock()  # one intermediate response at a time on the worker's socket
+
+    def run(rows: range) -> List[SequenceResult]:
+        callback = None
+        if on_text is not None:
+            def callback(row: int, text: str, finished: bool) -> None:
+                with stream_lock:
+                    on_text(rows[row], text, finished)
+        return _generate_batch(model, tokenizer, [prompts[i] for i in rows], [params[i] for i in rows],
+                               default_seed + rows.start, eos_ids, callback)
+
+    with ThreadPoolExecutor(len(groups), thread_name_prefix="generate-rows") as pool:
+        futures = [pool.submit(run, rows) for rows in groups]
+    # leaving the pool waited for every group, so a failed group's error is raised with no loop still running
+    return [result for future in futures for result in future.result()]
+
+
+def _generate_batch(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], params: Sequence[SamplingParams],
+                    default_seed: int, eos_ids: Sequence[int], on_text: Optional[StreamCallback]) -> List[SequenceResult]:
     start = time.perf_counter()
     sequences = []
     for index, (ids, p) in enumerate(zip(prompts, params)):

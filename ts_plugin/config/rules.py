@@ -65,6 +65,8 @@ WORKERS_MIN_ZERO = _rule("TSP402", "warning", "minWorkers 0 (the frontend makes 
 SECTION_CONFLICT = _rule("TSP501", "error", "a section or key that contradicts the parallelType")
 CHUNKS_OVER_BATCH = _rule("TSP502", "warning", "pippy.chunks larger than batchSize (some micro-batches stay empty)")
 MAX_MEMORY_KEY = _rule("TSP503", "error", "handler.max_memory key that is not a GPU id, cpu or disk")
+CHUNKS_OVER_STAGES = _rule("TSP504", "warning", "pp with pippy.chunks larger than the pipeline stages (at most one "
+                           "micro-batch per stage is in flight)")
 PATH_ABSOLUTE = _rule("TSP601", "error", "an absolute path where a file inside the archive is expected")
 PATH_ESCAPES = _rule("TSP602", "error", "a path that leaves the model folder")
 FILE_MISSING = _rule("TSP603", "error", "a referenced file is not among the archive's files")
@@ -463,6 +465,12 @@ def _check_sections(config: ModelConfig, layout: ParallelLayout, out: _Collector
         out.add(CHUNKS_OVER_BATCH, ("pippy", "chunks"),
                 f"pippy.chunks {config.pippy.chunks} > batchSize {config.batch_size}: a batch never fills all micro-batches",
                 f"raise batchSize to at least {config.pippy.chunks}, or lower chunks")
+    if config.pippy is not None and ptype == "pp" and config.pippy.chunks > layout.pp_size:
+        out.add(CHUNKS_OVER_STAGES, ("pippy", "chunks"),
+                f"pippy.chunks {config.pippy.chunks} > {layout.pp_size} pipeline stages: a batch is split into "
+                f"{layout.pp_size} micro-batches, one per stage (more could not all be in flight, and each would "
+                "read the stage's weights once more per token)",
+                f"set `chunks: {layout.pp_size}`")
     for key in config.handler.max_memory or {}:
         valid = (isinstance(key, int) and key >= 0) or key in ("cpu", "disk") or (isinstance(key, str) and key.isdigit())
         if not valid:

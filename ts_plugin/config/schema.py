@@ -50,7 +50,8 @@ class TorchrunConfig(_Section):
 class PippyConfig(_Section):
     """`pippy:` - pipeline parallelism (parallelType pp and pptp)."""
 
-    chunks: int = Field(1, ge=1, description="Micro-batches per batch (GPipe).")
+    chunks: int = Field(1, ge=1, description="Micro-batches per batch (pp: at most one per stage), generated "
+                                              "concurrently so that the stages overlap across decode steps.")
     input_names: List[str] = Field(default_factory=lambda: ["input_ids"], description="Model inputs fed to stage 0.")
     model_type: Literal["HF"] = Field("HF", description="Only HuggingFace causal LMs are supported.")
     split_points: Optional[List[str]] = Field(

@@ -21,7 +21,10 @@ or learned position embeddings and the layer calling convention are the model's 
 architecture. Layers of other stages are replaced by pass-through modules; a forward pre-hook on the
 stage's first layer injects the hidden states received from the previous stage, and a forward hook on
 its last layer ends the forward early on all but the last stage. Every stage keeps its own
-`DynamicCache` per micro-batch, so a decode step moves one token's hidden state through the pipeline.
+`DynamicCache` per group of rows, so a decode step moves one token's hidden state through the pipeline.
+
+`pippy.chunks` splits a batch into groups of rows that are generated concurrently, each group's steps
+following the others' through the stages (see `PipelineDriver`).
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ LAYER_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neo
 
 # message op codes (header[0])
 FORWARD, END, STOP, ERROR, RESULT = 1, 2, 3, 4, 5
-HEADER = 8  # [op, batch id, micro-batch, rows, new tokens, mask width, dtype code, hidden/vocab size]
+HEADER = 7  # [op, batch id, rows, new tokens, mask width, dtype code, hidden/vocab size]
 DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 #: headers wait on a gloo group of their own with this timeout: an idle follower blocks in a receive for as
@@ -443,20 +446,23 @@ class PipelineStage:
 
 class _Link:
     """Point-to-point messages between stages: a header on a gloo group (CPU, long timeout), then the
-    payload on the default group (gloo on CPU, nccl on GPU)."""
+    payload on the default group (gloo on CPU, nccl on GPU). Sends are serialized: a header and its payload
+    must reach the next stage without another thread's message in between."""
 
     def __init__(self, control, device: torch.device):
         self.control = control
         self.device = device
         self.pending: List[Any] = []  # in-flight isends (their tensors stay referenced until done)
+        self._lock = threading.Lock()
 
     def send(self, dst: int, header: Sequence[int], *payload: torch.Tensor) -> None:
         head = torch.tensor(list(header) + [0] * (HEADER - len(header)), dtype=torch.int64)
-        self.pending.append((dist.isend(head, dst, group=self.control), head))
-        for tensor in payload:
-            tensor = tensor.contiguous().to(self.device)
-            self.pending.append((dist.isend(tensor, dst), tensor))
-        self._reap()
+        with self._lock:
+            self.pending.append((dist.isend(head, dst, group=self.control), head))
+            for tensor in payload:
+                tensor = tensor.contiguous().to(self.device)
+                self.pending.append((dist.isend(tensor, dst), tensor))
+            self.pending = [(work, tensor) for work, tensor in self.pending if not work.is_completed()]
 
     def recv_header(self, src: int) -> List[int]:
         head = torch.empty(HEADER, dtype=torch.int64)
@@ -468,13 +474,11 @@ class _Link:
         dist.recv(tensor, src)
         return tensor
 
-    def _reap(self) -> None:
-        self.pending = [(work, tensor) for work, tensor in self.pending if not work.is_completed()]
-
     def flush(self) -> None:
-        for work, _ in self.pending:
-            work.wait()
-        self.pending = []
+        with self._lock:
+            for work, _ in self.pending:
+                work.wait()
+            self.pending = []
 
 
 def _pack_ints(attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -487,14 +491,24 @@ def _unpack_ints(ints: torch.Tensor, rows: int, width: int, mask_width: int) -> 
 
 
 @dataclass
-class _BatchCache:
+class _Batch:
     batch_id: int
-    caches: List[Any]  # stage 0's cache per micro-batch
-    rows: List[torch.Tensor]  # the batch rows of each micro-batch
+    cache: Any  # stage 0's KV cache of these rows
 
 
 class PipelineDriver:
-    """Rank 0's StepModel: stage 0 here, the other stages on ranks 1..n-1, logits back from the last."""
+    """Rank 0's StepModel: stage 0 here, the other stages on ranks 1..n-1, logits back from the last.
+
+    A batch is split into `row_groups`: `pippy.chunks` groups of rows, at most one per stage, and
+    `generation.generate` runs each group's loop in a thread of its own. While stage 1 runs one group's step,
+    stage 0 runs another group's, across decode steps, so every stage stays busy; a schedule that overlaps
+    micro-batches within one step drains the pipeline at every token, since the next step needs this step's
+    token. More groups than stages cannot all be in flight: they would only make every stage read its weights
+    once more per token, which is what a decode step costs on a memory-bound device.
+
+    The group threads take turns on stage 0 (a lock). Every stage works first in, first out, so results come
+    back in the order the hidden states were sent, and each thread receives in its turn.
+    """
 
     samples_here = True
 
@@ -504,69 +518,80 @@ class PipelineDriver:
         self.chunks = max(1, chunks)
         self.link = link
         self._batch_ids = itertools.count(1)
-        self._open: Optional[_BatchCache] = None
-        self._lock = threading.Lock()
+        self._stage_lock = threading.Lock()
+        self._turns = threading.Condition()
+        self._sent = 0  # hidden states sent down the pipeline, numbered in order
+        self._received = 0  # results taken back
 
     @property
     def world(self) -> int:
         return self.ranks.world_size
 
+    def row_groups(self, rows: int) -> List[range]:
+        """Contiguous row ranges generated concurrently: min(chunks, stages, rows) groups, sizes within one."""
+        count = max(1, min(self.chunks, self.world, rows))
+        base, extra = divmod(rows, count)
+        starts = list(itertools.accumulate((base + (group < extra) for group in range(count)), initial=0))
+        logger.info("[rank 0] pipeline: %d sequence(s) in %d group(s) of rows, interleaved through %d stage(s)",
+                    rows, count, self.world)
+        return [range(start, end) for start, end in zip(starts, starts[1:])]
+
     def forward(self, input_ids, attention_mask, position_ids, cache):
-        if cache is None:
-            rows = list(torch.tensor_split(torch.arange(input_ids.shape[0]), min(self.chunks, input_ids.shape[0])))
-            cache = _BatchCache(next(self._batch_ids), [self.stage.new_cache() for _ in rows], rows)
-            self._open = cache
-            logger.info("[rank 0] pipeline batch %d: %d sequence(s) in %d micro-batch(es), prompt width %d",
-                        cache.batch_id, input_ids.shape[0], len(rows), input_ids.shape[1])
-        logits: List[Optional[torch.Tensor]] = [None] * len(cache.rows)
-        sent = 0
-        failure: Optional[BaseException] = None
+        opened = cache is None
+        if opened:
+            cache = _Batch(next(self._batch_ids), self.stage.new_cache())
         try:
-            for micro, rows in enumerate(cache.rows):
-                ids, mask, positions = input_ids[rows], attention_mask[rows], position_ids[rows]
-                out = self.stage.run(ids, mask, positions, cache.caches[micro])
+            with self._stage_lock:
+                out = self.stage.run(input_ids, attention_mask, position_ids, cache.cache)
                 if self.world == 1:
-                    logits[micro] = out
-                    continue
-                # GPipe: the next micro-batch's stage 0 runs while stage 1 works on this one
-                self.link.send(1, [FORWARD, cache.batch_id, micro, len(rows), ids.shape[1], mask.shape[1],
-                                   DTYPE_CODES[out.dtype], out.shape[-1]], _pack_ints(mask, positions), out)
-                sent += 1
-        except BaseException as error:  # noqa: BLE001 - collect what is in flight before raising
-            failure = error
-        errors = []
-        for _ in range(sent):  # results arrive in micro-batch order
-            op, batch_id, micro, rows, _, _, _, vocab = self.link.recv_header(self.world - 1)
-            if op == RESULT:
-                logits[micro] = self.link.recv(self.world - 1, (rows, vocab), torch.float32).cpu()
-            else:
-                errors.append(micro)
-        if self.link is not None:
-            self.link.flush()
-        if failure is not None:
-            raise failure
-        if errors:
-            raise RuntimeError(f"pipeline stage failed on micro-batch(es) {errors}; see the model log of ranks "
-                               f"1..{self.world - 1}")
-        return torch.cat([part.cpu() for part in logits]), cache
+                    return out, cache
+                self.link.send(1, [FORWARD, cache.batch_id, input_ids.shape[0], input_ids.shape[1],
+                                   attention_mask.shape[1], DTYPE_CODES[out.dtype], out.shape[-1]],
+                               _pack_ints(attention_mask, position_ids), out)
+                ticket = self._sent
+                self._sent += 1
+            return self._receive(ticket, cache.batch_id), cache
+        except BaseException:
+            if opened:  # generate() never got this batch's cache to end it; the stages may hold one
+                self.end(cache)
+            raise
+
+    def _receive(self, ticket: int, batch_id: int) -> torch.Tensor:
+        last = self.world - 1
+        with self._turns:
+            self._turns.wait_for(lambda: self._received == ticket)
+        try:
+            op, got, rows, _, _, _, vocab = self.link.recv_header(last)
+            logits = self.link.recv(last, (rows, vocab), torch.float32).cpu() if op == RESULT else None
+        finally:
+            with self._turns:
+                self._received += 1
+                self._turns.notify_all()
+        if got != batch_id:
+            raise RuntimeError(f"pipeline out of step: rank 0 expected the result of batch {batch_id}, got {got}")
+        if logits is None:
+            raise RuntimeError(f"pipeline stage failed on batch {batch_id}; see the model log of ranks "
+                               f"1..{last}")
+        return logits
 
     def share_tokens(self, tokens):
         return tokens  # only rank 0 runs the loop
 
     def end(self, cache) -> None:
         """Release the batch's caches here and on every stage."""
-        cache = cache or self._open
-        self._open = None
         if cache is None:
             return
-        cache.caches.clear()
-        if self.world > 1:
-            self.link.send(1, [END, cache.batch_id])
-            self.link.flush()
+        cache.cache = None
+        if self.world > 1 and self.link is not None:
+            try:
+                self.link.send(1, [END, cache.batch_id])
+            except Exception:  # noqa: BLE001 - a broken pipeline has no caches left to release
+                logger.warning("[rank 0] could not release batch %d on the other stages", cache.batch_id,
+                               exc_info=True)
 
     def stop(self) -> None:
         """Tell the followers to leave their loops (the worker is shutting down)."""
-        with self._lock:
+        with self._stage_lock:
             if self.world > 1 and self.link is not None:
                 self.link.send(1, [STOP])
                 self.link.flush()
@@ -582,7 +607,7 @@ class PipelineFollower:
         self.stage = stage
         self.ranks = ranks
         self.link = link
-        self.caches: Dict[Tuple[int, int], Any] = {}
+        self.caches: Dict[int, Any] = {}  # batch id -> this stage's KV cache
         self.thread: Optional[threading.Thread] = None
         self.steps = 0
 
@@ -604,7 +629,7 @@ class PipelineFollower:
         try:
             while True:
                 header = self.link.recv_header(prev)  # blocks (no polling) until the previous stage sends
-                op, batch_id, micro, rows, width, mask_width, dtype_code, hidden = header
+                op, batch_id, rows, width, mask_width, dtype_code, hidden = header
                 if op == STOP:
                     if not self.is_last:
                         self.link.send(nxt, header)
@@ -612,11 +637,9 @@ class PipelineFollower:
                     logger.info("[rank %d] pipeline follower loop stopped", rank)
                     return
                 if op == END:
-                    for key in [key for key in self.caches if key[0] == batch_id]:
-                        del self.caches[key]
+                    self.caches.pop(batch_id, None)
                     if not self.is_last:
                         self.link.send(nxt, header)
-                    self.link.flush()
                     continue
                 out = None
                 if op == FORWARD:
@@ -624,24 +647,24 @@ class PipelineFollower:
                     inputs = self.link.recv(prev, (rows, width, hidden), DTYPES[dtype_code])
                     try:
                         mask, positions = _unpack_ints(ints, rows, width, mask_width)
-                        cache = self.caches.get((batch_id, micro))
+                        cache = self.caches.get(batch_id)
                         if cache is None:
-                            cache = self.caches[(batch_id, micro)] = self.stage.new_cache()
+                            cache = self.caches[batch_id] = self.stage.new_cache()
                         out = self.stage.run(inputs, mask, positions, cache)
                         self.steps += 1
                     except Exception:  # noqa: BLE001 - report downstream, stay in step
-                        logger.exception("[rank %d] stage %d failed on batch %d micro-batch %d", rank,
-                                         self.stage.info.index, batch_id, micro)
+                        logger.exception("[rank %d] stage %d failed on batch %d", rank, self.stage.info.index,
+                                         batch_id)
                         out = None
                 if self.is_last:
                     if out is None:
-                        self.link.send(0, [ERROR, batch_id, micro, rows])
+                        self.link.send(0, [ERROR, batch_id, rows])
                     else:
-                        self.link.send(0, [RESULT, batch_id, micro, rows, 0, 0, 0, out.shape[-1]], out.float())
+                        self.link.send(0, [RESULT, batch_id, rows, 0, 0, 0, out.shape[-1]], out.float())
                 elif out is None:
-                    self.link.send(nxt, [ERROR, batch_id, micro, rows])
+                    self.link.send(nxt, [ERROR, batch_id, rows])
                 else:
-                    self.link.send(nxt, [FORWARD, batch_id, micro, rows, width, mask_width, DTYPE_CODES[out.dtype],
+                    self.link.send(nxt, [FORWARD, batch_id, rows, width, mask_width, DTYPE_CODES[out.dtype],
                                          out.shape[-1]], ints, out)
         except Exception as error:  # noqa: BLE001 - the process group was destroyed or a peer exited
             logger.warning("[rank %d] pipeline follower loop ended: %s", rank, error)
@@ -655,7 +678,6 @@ class PipelineFollower:
 
     def end(self, cache) -> None:
         pass
-
 
 # --- entry point ------------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,92 @@
+"""generation.generate with a StepModel that splits a batch into row groups (the pipeline engine): every group
+runs its own loop concurrently, and the answers are those of the batch generated whole."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from ts_plugin.generation import generate
+from ts_plugin.handlers._requests import SamplingParams
+
+VOCAB = 32
+
+
+class _Tokenizer:
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+class _Counting:
+    """Logits that depend only on each row's own tokens, so padding and grouping cannot change the answer."""
+
+    samples_here = True
+
+    def __init__(self, groups=None, meet_timeout: float = 0.0):
+        self.groups = groups
+        self.steps_by_thread = {}
+        self.ended = 0
+        self._meet = threading.Barrier(len(groups), timeout=meet_timeout) if groups and meet_timeout else None
+
+    def forward(self, input_ids, attention_mask, position_ids, cache):
+        if self._meet is not None and cache is None:
+            self._meet.wait()  # every group's first step must run at the same time, or this times out
+        name = threading.current_thread().name
+        self.steps_by_thread[name] = self.steps_by_thread.get(name, 0) + 1
+        history = input_ids if cache is None else torch.cat([cache, input_ids], dim=1)
+        real = history * attention_mask  # left padding differs between groups; the real tokens do not
+        favourite = (real.sum(-1) * 7 + attention_mask.sum(-1)) % (VOCAB - 2) + 2
+        logits = torch.linspace(0, 1, VOCAB).repeat(input_ids.shape[0], 1)  # a spread for the sampled rows
+        logits[torch.arange(input_ids.shape[0]), favourite] += 2.0
+        logits[:, :2] = -1e9  # pad and eos: every row runs to its max_new_tokens
+        return logits, history
+
+    def share_tokens(self, tokens):
+        return tokens
+
+    def end(self, cache):
+        self.ended += 1
+
+
+class _Grouped(_Counting):
+    def row_groups(self, rows):
+        return self.groups
+
+
+PROMPTS = [[3, 4, 5], [6], [7, 8], [9, 10, 11, 12], [13, 14]]
+PARAMS = [SamplingParams(5), SamplingParams(3, do_sample=True), SamplingParams(6, temperature=3.0, top_k=16),
+          SamplingParams(4, do_sample=True, seed=11), SamplingParams(6, temperature=3.0)]
+
+
+def test_groups_give_the_answers_of_the_whole_batch_in_row_order():
+    whole = generate(_Counting(), _Tokenizer(), PROMPTS, PARAMS, 100, [1])
+    streamed = []
+    model = _Grouped([range(0, 2), range(2, 4), range(4, 5)], meet_timeout=30)
+    grouped = generate(model, _Tokenizer(), PROMPTS, PARAMS, 100,
+                       [1], on_text=lambda row, text, finished: streamed.append((row, text, finished)))
+    # the same tokens per row: unseeded sampled rows keep `default_seed + row` of the whole batch
+    assert [r.token_ids for r in grouped] == [r.token_ids for r in whole]
+    assert [r.finish_reason for r in grouped] == [r.finish_reason for r in whole]
+    assert [len(r.token_ids) for r in grouped] == [p.max_new_tokens for p in PARAMS]
+    # each group ran in a thread of its own and ended its batch
+    assert len(model.steps_by_thread) == 3 and model.ended == 3
+    # streamed text arrives under the batch's row numbers
+    for row, result in enumerate(whole):
+        assert "".join(text for r, text, _ in streamed if r == row) == result.text
+        assert [finished for r, _, finished in streamed if r == row][-1] is True
+
+
+def test_a_failing_group_fails_the_batch_after_the_others_finished():
+    class Failing(_Grouped):
+        def forward(self, input_ids, attention_mask, position_ids, cache):
+            if input_ids.shape[0] == 1 and cache is not None:
+                raise RuntimeError("stage failed")
+            return super().forward(input_ids, attention_mask, position_ids, cache)
+
+    model = Failing([range(0, 4), range(4, 5)])
+    with pytest.raises(RuntimeError, match="stage failed"):
+        generate(model, _Tokenizer(), PROMPTS, PARAMS, 0, [1])
+    assert model.ended == 2  # the other group ran to its end; no loop is left running

@@ -537,6 +537,8 @@ class PipelineDriver:
         return [range(start, end) for start, end in zip(starts, starts[1:])]
 
     def forward(self, input_ids, attention_mask, position_ids, cache):
+        if self.stage.device.type == "cuda":
+            torch.cuda.set_device(self.stage.device)  # the current device is per thread (generate's group threads)
         opened = cache is None
         if opened:
             cache = _Batch(next(self._batch_ids), self.stage.new_cache())

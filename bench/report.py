@@ -471,7 +471,7 @@ def _evidence(results: Dict[str, Any]) -> List[str]:
     tp_memory = d.get("tp_rank_memory")
     if tp_memory:
         lines += ["### Memory of a tp rank (figure 5)", "",
-                  "The in-process tp 2 ranks after figures 2-4, MiB: peak (VmHWM, reached while sharding), now "
+                  "The in-process tp 2 ranks after figures 2-4, MiB: peak (VmHWM, reached while loading), now "
                   "(VmRSS) = anonymous + file-backed (shared libraries; before the engine change also the "
                   "memory-mapped checkpoint):", "",
                   "| rank | peak | now | anonymous | file-backed |", "| --- | --- | --- | --- | --- |"]
@@ -549,16 +549,27 @@ def _causes(results: Dict[str, Any], by_label: Dict[str, Row]) -> List[str]:
         if decode:
             latency = (f" One all-reduce of a decode step costs {decode['gloo allreduce']:.0f} us through gloo's "
                        f"allreduce and {decode['engine all-reduce']:.0f} us through the engine's.")
+        single_prof = next((p for k, p in profiles.items() if k.startswith("single")), None)
+        bound = ""
+        if tp_prof and single_prof:
+            matmul = "matrix multiply / attention kernels"
+            tp_matmul = tp_prof["categories"].get(matmul, 0)
+            single_rest = single_prof["wall_ms"] - single_prof["categories"].get(matmul, 0)
+            bound = (f" The profiles bound it: a tp 2 rank's matrix multiplies alone take {tp_matmul:.0f} ms (half "
+                     f"the weights on one thread, both ranks reading memory at once) against the single process's "
+                     f"{single_prof['categories'].get(matmul, 0):.0f} ms on two threads, and every rank also runs "
+                     f"the whole model's Python and small ops (the single process's {single_rest:.0f} ms). With "
+                     f"free communication and no wrapper overhead tp 2 would reach "
+                     f"{single_prof['wall_ms'] / (tp_matmul + single_rest):.2f}x on this host; the rank's own "
+                     "Python and small ops (DeepSpeed's layer wrappers included) take "
+                     f"{tp_prof['wall_ms'] - tp_matmul - comm_ms:.0f} ms.")
         lines += [f"### 3. Tensor-parallel efficiency ({row.fmt(row.median)}, min {row.fmt(row.low)}, max "
                   f"{row.fmt(row.high)})", "",
-                  "Decoding one sequence reads every weight once per token. tp 2 halves what each rank reads (the "
-                  "profile: each rank's matrix multiplies take about half the single process's), but AutoTP "
-                  f"all-reduces twice per decoder layer and once for the LM head: {2 * results['model']['layers'] + 1} "
-                  "round trips between the two processes per token, plus the broadcast of the chosen token."
-                  + latency + f" Communication and waiting for the other rank take {_pct(comm_share)} of a tp 2 "
-                  "rank's decode time in the profile. " + change + " What remains is mostly waiting for the slower "
-                  "rank at every all-reduce: anything else that runs on this 2-core host during a request delays one "
-                  "rank and stalls both, while the single process's second thread is barely used at batch 1.", ""]
+                  "Decoding one sequence reads every weight once per token. tp 2 halves what each rank reads, but "
+                  f"AutoTP all-reduces twice per decoder layer and once for the LM head: "
+                  f"{2 * results['model']['layers'] + 1} round trips between the two processes per token, plus the "
+                  "broadcast of the chosen token." + latency + f" Communication and waiting for the other rank take "
+                  f"{_pct(comm_share)} of a tp 2 rank's decode time in the profile. " + change + bound, ""]
     row = by_label.get("4. Pipeline overlap pp 2")
     if row is not None and row.status == "MISS":
         count += 1
@@ -585,14 +596,10 @@ def _causes(results: Dict[str, Any], by_label: Dict[str, Row]) -> List[str]:
             lines += [f"### 5. Memory, {KIND_LABEL[kind]} {phase} ({row.fmt(row.median)})", ""]
             if kind == "tp" and phase == "at load":
                 lines.append(
-                    "DeepSpeed AutoTP shards a model that is already in the process: each rank runs `from_pretrained` "
-                    "of the whole checkpoint (memory-mapped) and AutoTP reads every weight to cut out its slice, so "
-                    "at the peak a rank holds the pages of the whole checkpoint plus the copies of its slices: about "
-                    "the whole model + its shard over the imports. Serving is at its share (the engine now drops the "
-                    "checkpoint mapping after sharding: see below). Reaching the share at load needs a loader that "
-                    "builds the layers sharded on the meta device and reads only each rank's slice "
-                    "(`safe_open(...).get_slice`), as the pp engine does for its stages: a new tp loader, not a "
-                    "small fix, so not done here.")
+                    "The engine reads only each rank's slices where it can; where it cannot, every rank loads the "
+                    "whole checkpoint and AutoTP slices it, so the peak is about the whole model + its shard over "
+                    "the imports. The tp ranks' model log says which path was taken ('loading the whole model on "
+                    "every rank: <why>').")
             else:
                 lines.append("The largest rank's peak exceeds its share; see the per-rank table above.")
             lines.append("")
@@ -630,7 +637,18 @@ def _changes() -> List[str]:
         "millisecond on this host, the same bytes through a Unix socket tens of microseconds (latency table), and "
         "the all-reduces were about half of a tp 2 decode step (profile, middle column). Row 3b measures "
         "DeepSpeed's path in the same run (the benchmark switches it per request).",
-        "- **memory after sharding**: parameters AutoTP left whole (embeddings, norms) were still views of the "
+        "- **loading only this rank's slices**: every rank used to run `from_pretrained` of the whole checkpoint "
+        "and let AutoTP cut its slices out, so at the peak a rank held the whole model's pages plus its shard "
+        "(measured 1.84x of its share at load on this model). Now AutoTP shards a meta-device skeleton, and each "
+        "parameter is filled with this rank's block of its checkpoint tensor, read with "
+        "`safe_open(...).get_slice`; which block each rank holds comes from DeepSpeed's own affine map "
+        "(`collect_autotp_universal_checkpoint_info`), and a layout that is not one dense block of the parameter's "
+        "shape, a fused layer, or a `.bin` checkpoint falls back to the whole-model path. Each file is opened per "
+        "tensor and the block copied, so only one tensor's pages of the mapping are resident beside the shard "
+        "(row 5 tp at load). tests/test_tp_sliced_load.py checks Llama (GQA, tied and untied), Qwen2 with uneven "
+        "splits and OPT token for token against HF `generate` and the whole-model path.",
+        "- **memory after sharding** (the whole-model path): parameters AutoTP left whole (embeddings, norms) were "
+        "still views of the "
         "memory-mapped checkpoint, which kept every file mapped with all the pages AutoTP had read while slicing "
         "resident (measured before the change on this model: 1306 MiB RSS per rank after loading, 542 MiB of it "
         "mapped .safetensors pages, beside a 390 MiB shard). They are now copied tensor by tensor, which drops the "

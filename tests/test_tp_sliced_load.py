@@ -8,13 +8,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from test_pipeline_engine import free_port, legacy_bin_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -58,12 +58,6 @@ CONFIG = {"minWorkers": 1, "maxWorkers": 1, "responseTimeout": 120, "deviceType"
           "handler": {"max_new_tokens": 16, "max_length": 128}}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def save_model(path: Path, family: str, shards: int = 2, **overrides) -> Path:
     """A random-weight model of `family` (GQA where it has it) with the local tokenizer, as sharded safetensors."""
     import torch
@@ -85,22 +79,6 @@ def save_model(path: Path, family: str, shards: int = 2, **overrides) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     shard_kb = model.num_parameters() * 4 // shards // 1024 + 1
     model.save_pretrained(str(path), max_shard_size=f"{shard_kb}KB")
-    return path
-
-
-def as_bin_checkpoint(source: Path, path: Path) -> Path:
-    """The same weights as one pytorch_model.bin (the whole-model path reads it)."""
-    import torch
-    from safetensors.torch import load_file
-
-    shutil.copytree(source, path)
-    state = {}
-    for file in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(file)))
-        file.unlink()
-    for index in path.glob("*.index.json"):
-        index.unlink()
-    torch.save(state, path / "pytorch_model.bin")
     return path
 
 
@@ -141,7 +119,7 @@ def runs(tmp_path_factory):
     cases = ["llama-50mb"]
     for case, (family, overrides) in MODELS.items():
         save_model(root / case, family, **overrides)
-        as_bin_checkpoint(root / case, root / f"{case}-bin")
+        legacy_bin_checkpoint(Path(shutil.copytree(root / case, root / f"{case}-bin")))
         cases += [case, f"{case}-bin"]
     shutil.copytree(root / "llama", root / "llama-policy")
     cases.append("llama-policy")

@@ -681,6 +681,7 @@ class PipelineFollower:
     def end(self, cache) -> None:
         pass
 
+
 # --- entry point ------------------------------------------------------------------------------------------------------
 
 def load(config, layout, ranks: Ranks, model_path: Path, device: torch.device, dtype: torch.dtype,

@@ -16,6 +16,7 @@ every rank executes it, and rank 0 writes `J/res-NNNN.json`. `J/ready.json` says
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -215,13 +216,17 @@ class Job:
 
     def generate(self, command: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         if command.get("allreduce") == "gloo":
-            # tp: this request with DeepSpeed's own inference all-reduce (gloo's allreduce), every rank alike
+            # tp: this request as DeepSpeed ships it: its own layer forwards and inference all-reduce (gloo's
+            # allreduce), every rank alike
             import deepspeed.comm.comm as ds_comm
+
+            from ts_plugin.engines.deepspeed import deepspeed_layer_forwards
 
             patched = ds_comm.cdb.inference_all_reduce
             ds_comm.cdb.inference_all_reduce = getattr(patched, "__wrapped__", patched)
             try:
-                return self._maybe_profiled(command)
+                with deepspeed_layer_forwards(self.handler.model.model):
+                    return self._maybe_profiled(command)
             finally:
                 ds_comm.cdb.inference_all_reduce = patched
         return self._maybe_profiled(command)
@@ -297,13 +302,38 @@ class Job:
         if profile:
             from torch.profiler import ProfilerActivity, profile as torch_profile
 
-            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof, self._labelled_pair_link():
                 started = time.perf_counter()
                 out = self._generate(command)
                 wall = time.perf_counter() - started
             out["profile"] = op_summary(prof, wall)
             return out
         return self._generate(command)
+
+    @contextlib.contextmanager
+    def _labelled_pair_link(self):
+        """tp: the engine's socket all-reduce is no torch op; name it in the profile as communication."""
+        pair = None
+        if self.args.kind == "handler" and self.args.parallel == "tp":
+            import deepspeed.comm.comm as ds_comm
+
+            pair = getattr(getattr(ds_comm.cdb, "inference_all_reduce", None), "ts_plugin_pair", None)
+        if pair is None:
+            yield
+            return
+        from torch.profiler import record_function
+
+        exchange = pair.all_reduce
+
+        def all_reduce(tensor):
+            with record_function("ts_plugin::all_reduce"):
+                return exchange(tensor)
+
+        pair.all_reduce = all_reduce
+        try:
+            yield
+        finally:
+            del pair.all_reduce
 
     def _generate(self, command: Dict[str, Any]) -> Dict[str, Any]:
         prompts, max_new = command["prompts"], command["max_new_tokens"]

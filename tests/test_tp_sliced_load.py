@@ -28,6 +28,9 @@ SCRIPT = textwrap.dedent(r'''
     from pathlib import Path
     from types import SimpleNamespace
 
+    import torch
+
+    from ts_plugin.engines.deepspeed import deepspeed_layer_forwards
     from ts_plugin.handlers.tensor_parallel import DeepSpeedHandler
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -48,7 +51,14 @@ SCRIPT = textwrap.dedent(r'''
         rows = [{"body": json.dumps({"inputs": p, "parameters": {"max_new_tokens": max_new}}).encode()}
                 for p in prompts]
         answers = handler.inference(handler.preprocess(rows))
-        results[case] = {"token_ids": [answer.token_ids for answer in answers], "log": list(lines)}
+        # the engine's lean layer forwards against DeepSpeed's own, on the same shard: the same bits
+        module, ids = handler.model.model, torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+        with torch.inference_mode():
+            lean_logits = module(input_ids=ids).logits
+            with deepspeed_layer_forwards(module) as switched:
+                stock_logits = module(input_ids=ids).logits
+        results[case] = {"token_ids": [answer.token_ids for answer in answers], "log": list(lines),
+                         "lean_layers": switched, "lean_is_stock": torch.equal(lean_logits, stock_logits)}
     (out_dir / f"rank{handler.ranks.rank}.json").write_text(json.dumps(results))
     os._exit(0)  # no gloo teardown race at exit
 ''')
@@ -154,6 +164,22 @@ def test_sliced_load_matches_generate_and_the_whole_model_path(runs, case):
         assert new["token_ids"] == expected
         assert old["token_ids"] == expected
     assert ranks[0][case]["token_ids"] == ranks[1][case]["token_ids"]
+
+
+@pytest.mark.parametrize("case", ["llama-50mb", "llama", "llama-tied", "qwen2", "opt", "opt-bin", "llama-policy"])
+def test_lean_layer_forwards_compute_what_deepspeeds_do(runs, case):
+    """Every AutoTP linear layer (7 per Llama/Qwen2 decoder layer, 6 per OPT layer, and the LM head) runs the lean
+    forward, and the logits are bitwise DeepSpeed's own. (llama-50mb and qwen2 split the LM head's input between the
+    ranks; with hidden 64 DeepSpeed's grain of 64 leaves it all on rank 0.)"""
+    _, ranks = runs
+    for rank in ranks:
+        result = rank[case]
+        layers = 4 if case == "llama-50mb" else 3
+        expected = layers * (6 if case.startswith("opt") else 7) + 1
+        assert result["lean_layers"] == expected, result["log"]
+        assert any(f"{expected} tensor-parallel linear layers run the lean CPU forward" in line
+                   for line in result["log"])
+        assert result["lean_is_stock"]
 
 
 def test_injection_policy_is_read_slice_by_slice(runs):

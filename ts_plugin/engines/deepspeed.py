@@ -1,13 +1,15 @@
 """parallelType tp: DeepSpeed inference (AutoTP by default) over the worker's ranks."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import json
 import math
 import os
 import struct
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -69,12 +71,15 @@ def load(config: ModelConfig, layout: ParallelLayout, ranks: Ranks, model_path: 
     module = _load_slices(config, layout, settings, model_path, device, dtype, progress)
     if module is None:
         module = _load_whole(config, layout, settings, model_path, device, dtype, progress)
+    share = _broadcast_from_driver if ranks.world_size > 1 else None
     if device.type == "cpu" and ranks.world_size == 2:
-        _use_pair_all_reduce(float(config.response_timeout), progress)
+        pair = _use_pair_all_reduce(float(config.response_timeout), progress)
+        if pair is not None:
+            progress(f"{_use_lean_forwards(module, pair)} tensor-parallel linear layers run the lean CPU forward")
+            share = pair.broadcast
     release_memory()
     progress(f"shard ready (peak RSS {peak_rss_mb():.0f} MiB)")
-    return HFStepModel(module, device, share=_broadcast_from_driver if ranks.world_size > 1 else None,
-                       samples_here=ranks.is_driver)
+    return HFStepModel(module, device, share=share, samples_here=ranks.is_driver)
 
 
 def _init_inference(model: torch.nn.Module, settings: Dict[str, Any]):
@@ -387,6 +392,23 @@ class _RankPair:
             raise RuntimeError(f"all-reduce with the other tensor-parallel rank failed: {self.broken}") from error
         return tensor.add_(other)
 
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `tensor` (CPU, the same shape and dtype on both ranks) on both ranks."""
+        if self.broken:
+            raise RuntimeError(f"the tensor-parallel link between the ranks failed earlier ({self.broken}); "
+                               "this worker must be restarted")
+        tensor = tensor.contiguous()
+        view = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+        try:
+            if self.first:
+                self.conn.sendall(view)
+            else:
+                self._receive(view)
+        except OSError as error:
+            self.broken = f"{type(error).__name__}: {error}"
+            raise RuntimeError(f"broadcast to the other tensor-parallel rank failed: {self.broken}") from error
+        return tensor
+
     def _receive(self, view: memoryview) -> None:
         got = 0
         while got < len(view):
@@ -396,8 +418,9 @@ class _RankPair:
             got += count
 
 
-def _use_pair_all_reduce(timeout_s: float, progress: Progress) -> None:
-    """On CPU with 2 ranks, all-reduce through a socket between the ranks instead of gloo's allreduce.
+def _use_pair_all_reduce(timeout_s: float, progress: Progress) -> Optional[_RankPair]:
+    """On CPU with 2 ranks, all-reduce through a socket between the ranks instead of gloo's allreduce; returns the
+    socket link (None where the ranks fall back to gloo send/recv).
 
     AutoTP all-reduces twice per decoder layer and once for the LM head, on a few KiB per decode step. On a
     2-core host one gloo allreduce of 4 KiB took ~0.8 ms (a gloo isend/irecv exchange ~0.5 ms: each message is
@@ -409,8 +432,10 @@ def _use_pair_all_reduce(timeout_s: float, progress: Progress) -> None:
 
     backend = getattr(ds_comm, "cdb", None)
     original = getattr(backend, "inference_all_reduce", None)
-    if original is None or getattr(original, "_ts_plugin_pair", False):
-        return
+    if original is None:
+        return None
+    if hasattr(original, "ts_plugin_pair"):  # a model loaded before in this process set it up
+        return original.ts_plugin_pair
     pair: Optional[_RankPair] = None
     try:
         pair = _RankPair(timeout_s)
@@ -434,5 +459,75 @@ def _use_pair_all_reduce(timeout_s: float, progress: Progress) -> None:
         return tensor.add_(other)
 
     inference_all_reduce.__wrapped__ = original
-    inference_all_reduce._ts_plugin_pair = True
+    inference_all_reduce.ts_plugin_pair = pair
     backend.inference_all_reduce = inference_all_reduce
+    return pair
+
+
+class _LeanForward(functools.partial):
+    """A layer's forward set by `_use_lean_forwards` (so that `deepspeed_layer_forwards` knows it)."""
+
+
+def _use_lean_forwards(module: torch.nn.Module, pair: _RankPair) -> int:
+    """Give DeepSpeed's AutoTP linear layers a plain inference forward that all-reduces over `pair`; returns how
+    many layers got one.
+
+    DeepSpeed's forwards wrap every call in autograd Functions (ColumnParallel, RowParallel) and deepspeed.comm's
+    timed wrappers, and multiply by a transposed view; on a 2-core host that Python cost per layer, paid twice per
+    decoder layer by each rank, was a large part of a tp 2 decode step. The lean forward is the same arithmetic
+    (F.linear without bias is matmul with weight.t(); the bias is added after the all-reduce, as DeepSpeed does).
+    Layers of other classes, subclasses, and layers set up for gathering, overlap or compiled collectives keep
+    DeepSpeed's forward.
+    """
+    import torch.nn.functional as F
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, LmHeadLinearAllreduce
+
+    def column(layer, input):
+        output = F.linear(input, layer.weight)
+        return output if layer.bias is None else output.add_(layer.bias)
+
+    def row(layer, input):
+        output = pair.all_reduce(F.linear(input, layer.weight))
+        return output if layer.bias is None else output.add_(layer.bias)
+
+    def head(layer, input):  # the head's weight holds this rank's columns: multiply them by its slice of input
+        start = sum(layer._partition_sizes[:layer.tp_index])
+        return row(layer, input[..., start:start + layer._partition_sizes[layer.tp_index]])
+
+    lean = 0
+    for layer in module.modules():
+        kind = type(layer)
+        if (kind not in (LinearLayer, LinearAllreduce, LmHeadLinearAllreduce) or layer.is_training_mode()
+                or getattr(layer, "defer_collectives_to_compiler", True)):
+            continue
+        if kind is LinearLayer:
+            if layer.gather_output or LinearLayer.tp_overlap_comm:
+                continue
+            layer.forward = _LeanForward(column, layer)
+        elif kind is LinearAllreduce:
+            layer.forward = _LeanForward(row, layer)
+        elif hasattr(layer, "_partition_sizes") and hasattr(layer, "tp_index"):
+            layer.forward = _LeanForward(head, layer)
+        else:
+            continue
+        lean += 1
+    return lean
+
+
+@contextlib.contextmanager
+def deepspeed_layer_forwards(module: torch.nn.Module) -> Iterator[int]:
+    """Within the block, `module`'s layers run DeepSpeed's own forwards instead of the lean ones (for comparing
+    the two); yields how many layers were switched.
+
+    Example::
+
+        with deepspeed_layer_forwards(step_model.model):
+            logits_as_shipped = step_model.model(input_ids=ids).logits
+    """
+    lean = {layer: layer.__dict__.pop("forward") for layer in module.modules()
+            if isinstance(layer.__dict__.get("forward"), _LeanForward)}
+    try:
+        yield len(lean)
+    finally:
+        for layer, forward in lean.items():
+            layer.forward = forward

@@ -405,7 +405,7 @@ class Bench:
             texts.add(result["texts"][0])
 
         def tp_gloo_request():
-            # diagnostic: the same, with DeepSpeed's own all-reduce (gloo's) instead of the engine's exchange
+            # diagnostic: the same with DeepSpeed's own layer forwards and all-reduce (gloo's) instead of the engine's
             result = tp.call(op="generate", prompts=[self.latency_prompt], max_new_tokens=n, allreduce="gloo")
             samples["tp_gloo_decode_tps"].append(decode_rate(result))
 
@@ -442,14 +442,15 @@ class Bench:
         self.results["details"]["ts_metrics"] = ts_metric_lines(self.ts.log_dir, since, "bench-tp")
 
     def profiles(self) -> None:
-        """torch.profiler of one decode request on tp rank 0 (both all-reduces) and in the single process,
+        """torch.profiler of one decode request on tp rank 0 (both paths) and in the single process,
         and gloo all-reduce vs exchange latency on the tp ranks: the evidence for figure 3."""
         log("profiles")
         n = self.plan.latency_new_tokens
         prof = {}
         self.results["details"]["profiles_foreign_cores"] = []
-        for label, driver, extra in (("tp2 rank 0 (engine all-reduce)", self.tp, {}),
-                                     ("tp2 rank 0 (DeepSpeed/gloo all-reduce)", self.tp, {"allreduce": "gloo"}),
+        for label, driver, extra in (("tp2 rank 0 (the engine's forwards and all-reduce)", self.tp, {}),
+                                     ("tp2 rank 0 (DeepSpeed's forwards, gloo all-reduce)", self.tp,
+                                      {"allreduce": "gloo"}),
                                      ("single process, 2 threads", self.single, {})):
             with ForeignCpu() as load:
                 result = driver.call(op="generate", prompts=[self.latency_prompt], max_new_tokens=n, profile=True,

@@ -645,10 +645,10 @@ def _changes() -> List[str]:
         "single process's. On CPU with the socket link those layers now run `F.linear` (the same kernel as "
         "`matmul` with `weight.t()`), the socket all-reduce, then the bias, as DeepSpeed does: "
         "tests/test_tp_sliced_load.py checks the logits bitwise against DeepSpeed's own forwards on Llama, Qwen2 "
-        "(uneven LM head split) and OPT (biases). Measured before the full run, interleaved on this host: "
-        "0.93x of the single process against 0.79x with DeepSpeed's forwards (socket all-reduce in both). Row 3b "
-        "measures DeepSpeed's own "
-        "forwards and all-reduce in the same run (the benchmark switches both per request).",
+        "(uneven LM head split) and OPT (biases). Measured outside the benchmark on a quiet machine, 6 "
+        "interleaved requests each: 0.93x of the single process against 0.79x with DeepSpeed's forwards (socket "
+        "all-reduce in both); a second such run (8 requests) gave 0.85x. Row 3b measures DeepSpeed's own forwards and "
+        "all-reduce in the same run (the benchmark switches both per request).",
         "- **loading only this rank's slices**: every rank used to run `from_pretrained` of the whole checkpoint "
         "and let AutoTP cut its slices out, so at the peak a rank held the whole model's pages plus its shard "
         "(measured 1.84x of its share at load on this model). Now AutoTP shards a meta-device skeleton, and each "

@@ -120,7 +120,8 @@ def build_rows(results: Dict[str, Any]) -> List[Row]:
                     "decode tokens/s, tp 2 (1 thread per rank) / one process with 2 threads"))
     rows.append(Row("3b. tp 2 as DeepSpeed ships it (before the engine fixes)", "(diagnostic)",
                     ratios(pairs.get("tp_gloo_decode_tps", []), pairs.get("single_decode_tps", [])), "x",
-                    what="as 3, with DeepSpeed's own layer forwards and inference all-reduce (gloo allreduce)", info=True))
+                    what="as 3, with DeepSpeed's own layer forwards and inference all-reduce (gloo allreduce)",
+                    info=True))
     rows.append(Row("4. Pipeline overlap pp 2", ">= 1.30x",
                     ratios(pairs.get("pp_c4_tps", []), pairs.get("pp_c1_tps", [])), "x", ">=", 1.30,
                     "throughput on a batch of 4 prompts, pippy.chunks 4 / chunks 1"))
@@ -418,7 +419,8 @@ def _evidence(results: Dict[str, Any]) -> List[str]:
         busy = d.get("profiles_foreign_cores") or []
         lines += ["### Tensor parallelism (figure 3)", "",
                   "torch.profiler on one decode request (self CPU time per category; \"communication\" includes "
-                  "DeepSpeed's RowParallel, which waits inside for its all-reduce, and the engine's `ts_plugin::all_reduce`)"
+                  "DeepSpeed's RowParallel, which waits inside for its all-reduce, and the engine's "
+                  "`ts_plugin::all_reduce`)"
                   + (f"; other jobs used {', '.join(f'{c:.2f}' for c in busy)} cores during these three"
                      if busy else "")
                   + ":", "",
@@ -647,8 +649,8 @@ def _changes() -> List[str]:
         "tests/test_tp_sliced_load.py checks the logits bitwise against DeepSpeed's own forwards on Llama, Qwen2 "
         "(uneven LM head split) and OPT (biases). Measured outside the benchmark on a quiet machine, 6 "
         "interleaved requests each: 0.93x of the single process against 0.79x with DeepSpeed's forwards (socket "
-        "all-reduce in both); a second such run (8 requests) gave 0.85x. Row 3b measures DeepSpeed's own forwards and "
-        "all-reduce in the same run (the benchmark switches both per request).",
+        "all-reduce in both); a second such run (8 requests) gave 0.85x. Row 3b measures DeepSpeed's own forwards "
+        "and all-reduce in the same run (the benchmark switches both per request).",
         "- **loading only this rank's slices**: every rank used to run `from_pretrained` of the whole checkpoint "
         "and let AutoTP cut its slices out, so at the peak a rank held the whole model's pages plus its shard "
         "(measured 1.84x of its share at load on this model). Now AutoTP shards a meta-device skeleton, and each "

@@ -488,9 +488,8 @@ def _use_lean_forwards(module: torch.nn.Module, pair: _RankPair) -> int:
         output = pair.all_reduce(F.linear(input, layer.weight))
         return output if layer.bias is None else output.add_(layer.bias)
 
-    def head(layer, input):  # the head's weight holds this rank's columns: multiply them by its slice of input
-        start = sum(layer._partition_sizes[:layer.tp_index])
-        return row(layer, input[..., start:start + layer._partition_sizes[layer.tp_index]])
+    def head(layer, columns, input):  # the head's weight holds this rank's columns: multiply them by its slice
+        return row(layer, input[..., columns])
 
     lean = 0
     for layer in module.modules():
@@ -505,7 +504,9 @@ def _use_lean_forwards(module: torch.nn.Module, pair: _RankPair) -> int:
         elif kind is LinearAllreduce:
             layer.forward = _LeanForward(row, layer)
         elif hasattr(layer, "_partition_sizes") and hasattr(layer, "tp_index"):
-            layer.forward = _LeanForward(head, layer)
+            sizes = layer._partition_sizes  # frozen when DeepSpeed cut the weight
+            start = sum(sizes[:layer.tp_index])
+            layer.forward = _LeanForward(head, layer, slice(start, start + sizes[layer.tp_index]))
         else:
             continue
         lean += 1

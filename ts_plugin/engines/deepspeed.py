@@ -7,7 +7,9 @@ import itertools
 import json
 import math
 import os
+import select
 import struct
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -324,19 +326,38 @@ def _own_memory(module: torch.nn.Module) -> None:
                     child._buffers[name] = buffer.clone()
 
 
+_NOTHING = memoryview(b"")
+
+
 def _bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+
+
+# A rank asleep in poll() woke ~0.1 ms after the other's bytes came (2-vCPU VM), at times only after milliseconds (put
+# on the other rank's busy CPU); a decode step waits 37 times. Like an OpenMP thread, spin a little before sleeping.
+_SPIN_S = 0.002
+
+
+def _spin_seconds() -> float:
+    """How long a rank busy-waits for the other rank's bytes before it sleeps in poll(): 0 under OpenMP's
+    OMP_WAIT_POLICY=PASSIVE, or where the ranks have fewer CPUs than ranks (a spinning rank would take the other's).
+    """
+    if os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
+        return 0.0
+    return _SPIN_S if len(os.sched_getaffinity(0)) >= dist.get_world_size() else 0.0
 
 
 class _RankPair:
     """A Unix stream socket between the two ranks of a worker on one host, to all-reduce over.
 
     Rank 0 listens on an abstract socket name the kernel picks (autobind), sends the name to rank 1 over the
-    process group, and accepts only the connection whose SO_PEERCRED pid is rank 1's. Sends and receives time out
-    after the process group's timeout; a peer that exits closes the socket, and the waiting rank fails at once.
+    process group, and accepts only the connection whose SO_PEERCRED pid is rank 1's. The socket is non-blocking:
+    each exchange sends and receives at once, busy-waits up to `spin_s` when neither moves, then sleeps in poll().
+    It times out after `timeout_s` (the process group's timeout); a peer that exits closes the socket, and the
+    waiting rank fails at once.
     """
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, spin_s: float):
         import socket
 
         self.first = dist.get_rank() == 0
@@ -371,47 +392,69 @@ class _RankPair:
         finally:
             if server is not None:
                 server.close()
-        conn.settimeout(timeout_s)
+        conn.setblocking(False)  # _exchange sends and receives at once, and waits in poll()
         self.conn = conn
+        self.timeout_s = timeout_s
+        self.spin_s = spin_s
         self.broken: Optional[str] = None
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` (CPU, contiguous) with the other rank's, in place. Rank 0 sends first, rank 1 receives
-        first, so no size can fill both sockets at once; a + b is the same IEEE sum on both ranks."""
+        """Sum `tensor` (CPU, contiguous) with the other rank's, in place; a + b is the same IEEE sum on both
+        ranks."""
         other = torch.empty_like(tensor)
-        self._exchange("all-reduce with", _bytes(tensor), _bytes(other), send_first=self.first)
+        self._exchange("all-reduce with", _bytes(tensor), _bytes(other))
         return tensor.add_(other)
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rank 0's `tensor` (CPU, the same shape and dtype on both ranks) on both ranks."""
         tensor = tensor.contiguous()
         view = _bytes(tensor)
-        self._exchange("broadcast to", view if self.first else None, None if self.first else view)
+        self._exchange("broadcast to", view if self.first else _NOTHING, _NOTHING if self.first else view)
         return tensor
 
-    def _exchange(self, what: str, send: Optional[memoryview], receive: Optional[memoryview],
-                  send_first: bool = True) -> None:
+    def _exchange(self, what: str, send: memoryview, receive: memoryview) -> None:
+        """Send and receive at the same time (non-blocking), so no size can leave both ranks stuck in a send."""
         if self.broken:
             raise RuntimeError(f"the tensor-parallel link between the ranks failed earlier ({self.broken}); "
                                "this worker must be restarted")
+        sent = got = 0
+        idle_since = None
         try:
-            if send is not None and send_first:
-                self.conn.sendall(send)
-            if receive is not None:
-                self._receive(receive)
-            if send is not None and not send_first:
-                self.conn.sendall(send)
+            while sent < len(send) or got < len(receive):
+                moved = False
+                if sent < len(send):
+                    try:
+                        sent += self.conn.send(send[sent:])
+                        moved = True
+                    except BlockingIOError:
+                        pass
+                if got < len(receive):
+                    try:
+                        count = self.conn.recv_into(receive[got:])
+                    except BlockingIOError:
+                        count = None
+                    if count == 0:
+                        raise ConnectionResetError("the other tensor-parallel rank closed the connection")
+                    if count:
+                        got += count
+                        moved = True
+                if moved:
+                    idle_since = None
+                    continue
+                now = time.monotonic()
+                idle_since = idle_since or now
+                if now - idle_since >= self.spin_s:
+                    self._wait(readable=got < len(receive), writable=sent < len(send))
         except OSError as error:  # timeout, or the other rank is gone: the stream is out of step from here on
             self.broken = f"{type(error).__name__}: {error}"
             raise RuntimeError(f"{what} the other tensor-parallel rank failed: {self.broken}") from error
 
-    def _receive(self, view: memoryview) -> None:
-        got = 0
-        while got < len(view):
-            count = self.conn.recv_into(view[got:])
-            if not count:
-                raise ConnectionResetError("the other tensor-parallel rank closed the connection")
-            got += count
+    def _wait(self, readable: bool, writable: bool) -> None:
+        events = (select.POLLIN if readable else 0) | (select.POLLOUT if writable else 0)
+        poller = select.poll()
+        poller.register(self.conn, events)
+        if not poller.poll(self.timeout_s * 1000):
+            raise TimeoutError(f"nothing from the other rank in {self.timeout_s:g} s")
 
 
 def _use_pair_all_reduce(timeout_s: float, progress: Progress) -> Optional[_RankPair]:
@@ -434,7 +477,7 @@ def _use_pair_all_reduce(timeout_s: float, progress: Progress) -> Optional[_Rank
         return original.ts_plugin_pair
     pair: Optional[_RankPair] = None
     try:
-        pair = _RankPair(timeout_s)
+        pair = _RankPair(timeout_s, _spin_seconds())
     except OSError as error:  # no AF_UNIX, a timeout, a refused connection
         progress(f"all-reduce over a Unix socket unavailable ({error}); using gloo send/recv")
     if any_rank_failed(pair is None, torch.device("cpu")) and pair is not None:  # both ranks take the same path

@@ -542,8 +542,9 @@ def _causes(results: Dict[str, Any], by_label: Dict[str, Row]) -> List[str]:
         comm = d.get("comm_bench", {})
         decode = next((v for k, v in comm.items() if k.startswith("decode")), {})
         if gloo is not None and gloo.median < row.median:
-            change = (f"The engine's socket all-reduce and lean layer forwards raised the ratio from "
-                      f"{gloo.fmt(gloo.median)} (row 3b: DeepSpeed's own forwards and gloo's allreduce, same run) to "
+            change = (f"The engine's socket all-reduce, its busy-wait and the lean layer forwards raised the ratio "
+                      f"from {gloo.fmt(gloo.median)} (row 3b: DeepSpeed's own forwards and gloo's allreduce, same "
+                      f"run) to "
                       f"{row.fmt(row.median)}.")
         else:
             change = (f"In this run the engine's path did not beat DeepSpeed's own (row 3b: "
@@ -631,8 +632,9 @@ def _changes() -> List[str]:
         "`ts_plugin/engines/deepspeed.py` (parallelType tp), on CPU only:",
         "",
         "- **all-reduce**: with 2 ranks, DeepSpeed's inference all-reduce (gloo's ring allreduce) is replaced by an "
-        "exchange over a Unix socket between the two ranks (rank 0 listens on a kernel-chosen abstract name, accepts "
-        "only rank 1's pid, sends first; rank 1 receives first, so no tensor size can deadlock), then an add: a + b "
+        "exchange over a Unix socket between the two ranks (rank 0 listens on a kernel-chosen abstract name and "
+        "accepts only rank 1's pid; the socket is non-blocking and each rank sends and receives at once, so no "
+        "tensor size can deadlock), then an add: a + b "
         "is the same IEEE sum on both ranks, so they stay bitwise identical, as with gloo. Timeouts are the process "
         "group's; a rank that exits closes the socket and the other fails at once. Other world sizes, reductions "
         "and devices keep DeepSpeed's path, and if the socket cannot be set up both ranks use a gloo isend/irecv "
@@ -651,6 +653,13 @@ def _changes() -> List[str]:
         "interleaved requests each: 0.93x of the single process against 0.79x with DeepSpeed's forwards (socket "
         "all-reduce in both); a second such run (8 requests) gave 0.85x. Row 3b measures DeepSpeed's own forwards "
         "and all-reduce in the same run (the benchmark switches both per request).",
+        "- **waiting for the other rank**: a trace of every exchange (both ranks, monotonic clock) showed a rank "
+        "asleep in the socket's receive woken a median 0.07-0.1 ms after the other rank's bytes came, and at times "
+        "only milliseconds later (p99 2 ms; as if woken on the other rank's busy CPU), 37 times per token; the rank "
+        "that came late then waited for the sleeper's answer. Now a rank busy-waits up to 2 ms before it sleeps in "
+        "poll(), as an OpenMP worker thread does (`OMP_WAIT_POLICY=PASSIVE`, or fewer CPUs than ranks, turn it "
+        "off): the later rank's exchange took a median 29 us (p99 72 us). Outside the benchmark, 8 interleaved "
+        "requests each: 0.94x of the single process with the spin, 0.86x without (and 0.93x spinning up to 20 ms).",
         "- **loading only this rank's slices**: every rank used to run `from_pretrained` of the whole checkpoint "
         "and let AutoTP cut its slices out, so at the peak a rank held the whole model's pages plus its shard "
         "(measured 1.84x of its share at load on this model). Now AutoTP shards a meta-device skeleton, and each "

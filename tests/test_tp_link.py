@@ -78,3 +78,14 @@ def test_a_silent_rank_times_out_and_the_link_stays_failed(ranks):
     assert "all-reduce with the other tensor-parallel rank failed" in errors[0] and "1 s" in errors[0]
     assert "failed earlier" in errors[1] and "must be restarted" in errors[1]
     assert 0.9 <= ranks[0]["timeout"]["seconds"] < 10
+
+
+@pytest.mark.parametrize("policy, cpus, spins", [("", {0, 1}, True), ("PASSIVE", {0, 1}, False),
+                                                 ("active", {0, 1}, True), ("", {0}, False)])
+def test_the_busy_wait_follows_omp_wait_policy_and_the_cpus(monkeypatch, policy, cpus, spins):
+    import ts_plugin.engines.deepspeed as engine
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: cpus)
+    monkeypatch.setattr(engine.dist, "get_world_size", lambda group=None: 2)
+    assert engine._spin_seconds() == (engine._SPIN_S if spins else 0.0)

@@ -333,8 +333,8 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
 
 
-# A rank asleep in poll() woke ~0.1 ms after the other's bytes came (2-vCPU VM), at times only after milliseconds (put
-# on the other rank's busy CPU); a decode step waits 37 times. Like an OpenMP thread, spin a little before sleeping.
+# A rank asleep in poll() woke ~0.1 ms after the other's bytes came (2-vCPU VM), at times only after milliseconds (as
+# if woken on the other rank's busy CPU); a decode step waits 37 times. Like an OpenMP thread, spin before sleeping.
 _SPIN_S = 0.002
 
 

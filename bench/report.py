@@ -544,8 +544,7 @@ def _causes(results: Dict[str, Any], by_label: Dict[str, Row]) -> List[str]:
         if gloo is not None and gloo.median < row.median:
             change = (f"The engine's socket all-reduce, its busy-wait and the lean layer forwards raised the ratio "
                       f"from {gloo.fmt(gloo.median)} (row 3b: DeepSpeed's own forwards and gloo's allreduce, same "
-                      f"run) to "
-                      f"{row.fmt(row.median)}.")
+                      f"run) to {row.fmt(row.median)}.")
         else:
             change = (f"In this run the engine's path did not beat DeepSpeed's own (row 3b: "
                       f"{gloo.fmt(gloo.median) if gloo else 'n/a'}); see the latency table above.")

@@ -30,9 +30,9 @@ SCRIPT = textwrap.dedent(r'''
         pair = _RankPair(timeout_s=20, spin_s=spin_s)
         sums = []
         for size in (1, 1024, 3 * 2**20 + 7):  # the last: 12 MiB each way
-            mine = torch.arange(size, dtype=torch.float32) * (rank + 1) + 0.1 * rank
-            expected = torch.arange(size, dtype=torch.float32) * 1 + torch.arange(size, dtype=torch.float32) * 2 + 0.1
-            sums.append(torch.equal(pair.all_reduce(mine), expected))
+            parts = [torch.arange(size, dtype=torch.float32) * (r + 1) + 0.1 * r for r in (0, 1)]
+            expected = parts[0] + parts[1]
+            sums.append(torch.equal(pair.all_reduce(parts[rank].clone()), expected))
         tokens = torch.tensor([[7, 8, 9]]) if rank == 0 else torch.zeros(1, 3, dtype=torch.int64)
         out[f"spin {spin_s}"] = {"sums": sums, "broadcast": pair.broadcast(tokens).tolist()}
         pair.conn.close()

@@ -120,7 +120,7 @@ class Job:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-        from ts_plugin.generation import HFStepModel
+        from ts_plugin.engines.base import HFStepModel
 
         self.model = AutoModelForCausalLM.from_pretrained(self.args.model_dir, dtype=torch.float32).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.model_dir)
@@ -145,7 +145,7 @@ class Job:
 
     def _time_stage_runs(self) -> None:
         """pp: record (rows, tokens, seconds) of every stage.run on this rank, for the overlap analysis."""
-        stage = getattr(getattr(self.handler, "model", None), "stage", None)
+        stage = getattr(self.handler.model or self.handler.follower, "stage", None)
         if stage is None or not hasattr(stage, "run"):
             return
         run = stage.run
@@ -339,7 +339,7 @@ class Job:
         prompts, max_new = command["prompts"], command["max_new_tokens"]
         if self.args.kind == "single":
             from ts_plugin.generation import generate
-            from ts_plugin.handlers._requests import SamplingParams
+            from ts_plugin.requests import SamplingParams
 
             ids = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
             started = time.perf_counter()

@@ -46,7 +46,7 @@ from .procs import (REPO, BenchError, Driver, ForeignCpu, RssSampler, bare_rss, 
 from .spy import profile_request
 
 KINDS = ("pp", "tp", "pptp", "custom")
-HANDLER_FILES = {"tp": "deepspeed_handler.py", "pp": "pippy_handler.py", "pptp": "pptp_handler.py",
+HANDLER_FILES = {"tp": "deepspeed_handler.py", "pp": "pipeline_handler.py", "pptp": "pptp_handler.py",
                  "custom": "accelerate_handler.py"}
 WORLD = {"pp": 2, "tp": 2, "pptp": 4, "custom": 1}
 #: registration order in each start-up round; tp last, so that the last round's tp stays up for figures 2-3

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional
 CATEGORIES = (
     ("RowParallel", "all-reduce (incl. waiting for the other rank)"),
     ("inference_all_reduce", "all-reduce (incl. waiting for the other rank)"),
-    ("_broadcast_from_driver", "token broadcast"),
+    ("broadcast_tokens", "token broadcast"),
     ("scaled_dot_product", "attention"),
     ("sdpa_attention", "attention"),
     ("LinearLayer.forward", "linear layers (matmul)"),

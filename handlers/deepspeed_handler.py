@@ -1,6 +1,6 @@
 """--handler for parallelType tp (DeepSpeed tensor parallelism)."""
-from ts_plugin.handlers.tensor_parallel import DeepSpeedHandler
+from ts_plugin.handlers import DeepSpeedHandler as _DeepSpeedHandler
 
 
-class TensorParallelHandler(DeepSpeedHandler):
+class DeepSpeedHandler(_DeepSpeedHandler):
     pass

@@ -1,5 +1,5 @@
-"""--handler for parallelType pp (pipeline parallelism over torch.distributed point-to-point)."""
-from ts_plugin.handlers.pipeline import PipelineHandler
+"""--handler for parallelType pp under its old file name; handlers/pipeline_handler.py is the same handler."""
+from ts_plugin.handlers import PipelineHandler
 
 
 class PippyHandler(PipelineHandler):

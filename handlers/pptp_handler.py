@@ -1,6 +1,6 @@
 """--handler for parallelType pptp (pipeline stages, each tensor-parallel)."""
-from ts_plugin.handlers.pipeline_tensor_parallel import PipelineTensorParallelHandler
+from ts_plugin.handlers import PPTPHandler as _PPTPHandler
 
 
-class PPTPHandler(PipelineTensorParallelHandler):
+class PPTPHandler(_PPTPHandler):
     pass

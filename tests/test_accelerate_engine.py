@@ -18,8 +18,11 @@ from _llm import PROMPTS, REPO, reference_text
 
 sys.path.insert(0, str(REPO / "handlers"))
 
-from ts_plugin.config import ModelConfig  # noqa: E402
+from ts_plugin.config import ModelConfig, ParallelLayout  # noqa: E402
+from ts_plugin.distributed import Ranks  # noqa: E402
+from ts_plugin.engines import LoadContext  # noqa: E402
 from ts_plugin.engines import accelerate as engine  # noqa: E402
+from ts_plugin.engines._checkpoint import build_meta_model  # noqa: E402
 from ts_plugin.handlers.base import ConfigError  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -39,8 +42,9 @@ def model_bytes(llama) -> int:
 
 def load(model_dir: Path, messages=None, **handler) -> engine.DispatchedModel:
     config = ModelConfig.model_validate({"parallelType": "custom", "handler": handler})
-    return engine.load(config, model_dir, model_dir, CPU, torch.float32,
-                       (messages.append if messages is not None else lambda _: None))
+    context = LoadContext(config, ParallelLayout.of(config), Ranks(0, 1, 0), model_dir, model_dir, CPU, torch.float32,
+                          messages.append if messages is not None else lambda _: None)
+    return engine.load(context)
 
 
 def reference_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -172,7 +176,7 @@ def test_explicit_device_map_is_used_as_given(llama):
 
 
 def test_no_split_module_classes_inferred_from_the_model_and_checked(llama, model_bytes):
-    model = engine.empty_model(llama, torch.float32)
+    model = build_meta_model(llama, torch.float32)
     assert engine.no_split_classes(model, None) == ["LlamaDecoderLayer"]
     with pytest.raises(engine.EngineError, match="LlamaDecoderLayr"):
         engine.no_split_classes(model, ["LlamaDecoderLayr"])
@@ -183,7 +187,7 @@ def test_no_split_module_classes_inferred_from_the_model_and_checked(llama, mode
 
 
 def test_device_map_description_groups_consecutive_modules(llama):
-    model = engine.empty_model(llama, torch.float32)
+    model = build_meta_model(llama, torch.float32)
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.layers.2": 1,
                   "model.layers.3": "disk", "model.norm": "disk", "model.rotary_emb": "disk", "lm_head": "disk"}
     assert engine.describe_device_map(model, device_map) == (
@@ -239,7 +243,7 @@ def test_handler_greedy_output_equals_generate_and_bad_rows_get_4xx(llama, model
     handler = make_handler(llama, handler={"max_new_tokens": 24, "max_memory": {"cpu": model_bytes * 6 // 10},
                                            "offload_folder": "offload"})
     try:
-        assert "disk" in handler.device_map.values()
+        assert "disk" in handler.model.device_map.values()
         bodies = [{"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 20}}, b"{not json",
                   {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 9}}]
         answers, statuses = ask(handler, bodies)
@@ -327,8 +331,10 @@ _PEAK = r"""
 import json, sys, gc
 from pathlib import Path
 import torch
-from ts_plugin.config import ModelConfig
-from ts_plugin.engines import accelerate as engine
+from ts_plugin.config import ModelConfig, ParallelLayout
+from ts_plugin.distributed import Ranks
+from ts_plugin.engines import LoadContext, accelerate as engine
+from ts_plugin.engines._checkpoint import build_meta_model
 
 def status():
     values = {}
@@ -339,14 +345,15 @@ def status():
     return values
 
 path, cpu = Path(sys.argv[1]), int(sys.argv[2])
-engine.empty_model(path, torch.float32)  # the modeling code's imports belong to the baseline
+build_meta_model(path, torch.float32)  # the modeling code's imports belong to the baseline
 gc.collect()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset VmHWM (the peak) to the current RSS
 base = status()["VmRSS"]
 handler = {"max_memory": {"cpu": cpu}, "offload_folder": "offload"}
 config = ModelConfig.model_validate({"parallelType": "custom", "handler": handler})
-step = engine.load(config, path, path, torch.device("cpu"), torch.float32, lambda _: None)
+step = engine.load(LoadContext(config, ParallelLayout.of(config), Ranks(0, 1, 0), path, path, torch.device("cpu"),
+                               torch.float32, lambda _: None))
 sizes = engine.bytes_per_device(step.model, step.device_map, torch.float32)
 step.close()
 print(json.dumps({"peak_over_baseline": status()["VmHWM"] - base, "cpu_part": sizes.get("cpu", 0)}))

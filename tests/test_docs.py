@@ -25,10 +25,27 @@ def test_examples_validate_cleanly(example):
     assert report.findings == [], report.text()
 
 
-def test_every_parallel_type_has_an_example_and_a_handler():
-    assert {p.parent.name for p in EXAMPLES} == {"tp", "pp", "pptp", "custom"}
-    for handler in ("deepspeed_handler.py", "pippy_handler.py", "pptp_handler.py", "accelerate_handler.py"):
-        assert (REPO / "handlers" / handler).is_file()
+def test_every_parallel_type_has_an_example_and_a_handler_named_after_its_engine():
+    """parallelType -> engine module -> handlers/<engine>_handler.py, whose one class serves that parallelType."""
+    import importlib.util
+    import inspect
+
+    from ts_plugin.engines import ENGINES
+
+    assert {p.parent.name for p in EXAMPLES} == set(ENGINES) == {"tp", "pp", "pptp", "custom"}
+    for parallel_type, engine in ENGINES.items():
+        assert callable(importlib.import_module(f"ts_plugin.engines.{engine}").load)
+        old_names = ["pippy_handler.py"] if parallel_type == "pp" else []
+        for file in [f"{engine}_handler.py", *old_names]:
+            spec = importlib.util.spec_from_file_location(file[:-3], REPO / "handlers" / file)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            # TorchServe's loader takes the one class defined in the file itself
+            classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+            assert len(classes) == 1, file
+            assert classes[0].parallel_type == parallel_type, file
+            if file not in old_names:
+                assert classes[0].__name__.lower() == f"{engine}handler", file
 
 
 def test_invalid_example_is_refused():

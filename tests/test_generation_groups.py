@@ -7,8 +7,9 @@ import threading
 import pytest
 import torch
 
+from ts_plugin.engines.base import StepModel
 from ts_plugin.generation import generate
-from ts_plugin.handlers._requests import SamplingParams
+from ts_plugin.requests import SamplingParams
 
 VOCAB = 32
 
@@ -20,7 +21,7 @@ class _Tokenizer:
         return " ".join(map(str, ids))
 
 
-class _Counting:
+class _Counting(StepModel):
     """Logits that depend only on each row's own tokens, so padding and grouping cannot change the answer."""
 
     samples_here = True

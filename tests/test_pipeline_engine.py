@@ -68,7 +68,7 @@ SCRIPT = textwrap.dedent(r'''
         handler.initialize(ctx)
         rank = handler.ranks.rank
         if rank != 0:
-            follower = handler.model
+            follower = handler.follower
             # fault injection for the test: this stage fails on prompts of 40+ tokens
             run = follower.stage.run
 
@@ -306,7 +306,8 @@ def test_even_split_and_split_points():
 @pytest.mark.parametrize("arch, path", [("llama", "model.layers"), ("gpt2", "transformer.h"),
                                         ("opt", "model.decoder.layers")])
 def test_layer_list_is_found(tmp_path, arch, path):
-    from ts_plugin.engines.pipeline import build_meta_model, find_layer_list
+    from ts_plugin.engines._checkpoint import build_meta_model
+    from ts_plugin.engines.pipeline import find_layer_list
     from ts_plugin.tiny_model import make_tiny_model
 
     import torch
@@ -336,10 +337,11 @@ def test_encoder_decoder_model_is_refused(tmp_path):
     import torch
     from transformers import T5Config
 
-    from ts_plugin.engines.pipeline import PipelineError, build_meta_model
+    from ts_plugin.engines._checkpoint import build_meta_model
+    from ts_plugin.engines.base import EngineError
 
     T5Config(d_model=16, d_ff=32, num_layers=2, num_heads=2, vocab_size=64).save_pretrained(tmp_path)
-    with pytest.raises(PipelineError, match="T5Config is an encoder-decoder"):
+    with pytest.raises(EngineError, match="T5Config is an encoder-decoder"):
         build_meta_model(tmp_path, torch.float32)
 
 
@@ -350,10 +352,11 @@ def test_other_families_split_in_process(tmp_path, family, stages):
     import transformers
     from transformers import AutoTokenizer
 
-    from ts_plugin.engines.pipeline import (PipelineStage, build_meta_model, find_layer_list, materialize_stage,
-                                            stage_bounds)
+    from ts_plugin.engines._checkpoint import build_meta_model
+    from ts_plugin.engines.base import StepModel
+    from ts_plugin.engines.pipeline import PipelineStage, find_layer_list, materialize_stage, stage_bounds
     from ts_plugin.generation import generate
-    from ts_plugin.handlers._requests import SamplingParams
+    from ts_plugin.requests import SamplingParams
     from ts_plugin.tiny_model import make_tiny_model, make_tokenizer
 
     if family == "opt":
@@ -374,7 +377,7 @@ def test_other_families_split_in_process(tmp_path, family, stages):
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
 
-    class Chain:
+    class Chain(StepModel):
         samples_here = True
 
         def __init__(self, parts):
@@ -388,9 +391,6 @@ def test_other_families_split_in_process(tmp_path, family, stages):
 
         def share_tokens(self, tokens):
             return tokens
-
-        def end(self, cache):
-            pass
 
     parts = []
     for index in range(stages):

@@ -16,7 +16,7 @@ def test_llama_stage_plan_covers_only_its_layers(models):
     import torch
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    from ts_plugin.engines.pipeline import build_meta_model
+    from ts_plugin.engines._checkpoint import build_meta_model
     from ts_plugin.engines.pptp import tensor_parallel_plan
 
     model = build_meta_model(models["llama"], torch.float32)
@@ -31,8 +31,8 @@ def test_llama_stage_plan_covers_only_its_layers(models):
 def test_model_without_a_plan_is_refused_by_name(models):
     import torch
 
-    from ts_plugin.engines._hf import EngineError
-    from ts_plugin.engines.pipeline import build_meta_model
+    from ts_plugin.engines.base import EngineError
+    from ts_plugin.engines._checkpoint import build_meta_model
     from ts_plugin.engines.pptp import tensor_parallel_plan
 
     model = build_meta_model(models["gpt2"], torch.float32)

@@ -35,6 +35,7 @@ import yaml
 
 from _llm import PROMPTS, REPO, archive, reference_text, stream_text
 from torchserve_harness import TorchServe, free_ports, java_available
+from ts_plugin.engines.base import StepModel
 
 needs_java = pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")
 
@@ -179,7 +180,7 @@ class _Tokenizer:
         return " ".join(map(str, ids))
 
 
-class _StepModel:
+class _StepModel(StepModel):
     def __init__(self, samples_here: bool, shared: Optional[int] = None):
         self.samples_here = samples_here
         self.shared_in: List[List[int]] = []
@@ -201,7 +202,7 @@ class _StepModel:
 
 def test_a_sampling_failure_on_the_driver_reaches_the_other_ranks(monkeypatch):
     from ts_plugin import generation
-    from ts_plugin.handlers._requests import SamplingParams
+    from ts_plugin.requests import SamplingParams
 
     def boom(logits, sequences):
         raise ValueError("sampling failed")
@@ -224,7 +225,7 @@ def test_an_extreme_but_allowed_temperature_or_penalty_samples_the_limit(params)
     import torch
 
     from ts_plugin.generation import _Sequence, choose_tokens
-    from ts_plugin.handlers._requests import SamplingParams
+    from ts_plugin.requests import SamplingParams
 
     torch.manual_seed(0)
     logits = torch.randn(3, 64) * 4
@@ -257,7 +258,7 @@ def _configs(endpoints: List[int]) -> Dict[str, dict]:
     }
 
 
-HANDLERS = {"tp": "deepspeed_handler.py", "pp": "pippy_handler.py", "custom": "accelerate_handler.py"}
+HANDLERS = {"tp": "deepspeed_handler.py", "pp": "pipeline_handler.py", "custom": "accelerate_handler.py"}
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 # parallelType -> handler file; the config is examples/<parallelType>/model-config.yaml
-MODELS = {"tp": "deepspeed_handler.py", "pp": "pippy_handler.py", "pptp": "pptp_handler.py",
+MODELS = {"tp": "deepspeed_handler.py", "pp": "pipeline_handler.py", "pptp": "pptp_handler.py",
           "custom": "accelerate_handler.py"}
 PROMPT = "the quick brown fox"
 

@@ -94,10 +94,27 @@ def init_process_group(ranks: Ranks, device: torch.device, timeout_s: Optional[f
     logger.info("rank %d/%d: process group ready (%s)", ranks.rank, ranks.world_size, backend)
 
 
-def any_rank_failed(failed: bool, device: torch.device) -> bool:
+def collective_device(group=None) -> torch.device:
+    """Where a group's collectives take tensors: the current CUDA device for nccl, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank_failed(failed: bool, group=None) -> bool:
     """All-reduce an error flag, so every rank takes the same branch after a local failure."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return failed
-    flag = torch.tensor([1 if failed else 0], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    flag = torch.tensor([1 if failed else 0], dtype=torch.int64, device=collective_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item())
+
+
+def broadcast_tokens(tokens: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
+    """Rank `src`'s tokens on every rank of the group (returned on the CPU, where the loop keeps them): one small
+    collective per step keeps every rank on the driver's tokens, whatever float noise says."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return tokens
+    buffer = tokens.to(collective_device(group))
+    dist.broadcast(buffer, src=src, group=group)
+    return buffer.cpu()

@@ -1,75 +1,23 @@
 """Batched token generation with a KV cache, shared by every engine.
 
-An engine supplies a `StepModel`: one forward step over the batch, returning the last position's
-logits, plus `share_tokens` to give every rank the tokens chosen on the driver. The loop here is
-the same on every rank that runs it, so ranks stay in step. A StepModel may also have
-`row_groups(rows) -> [range, ...]`: then each group of rows runs its own loop in a thread, concurrently
-(the pipeline engine keeps one group per stage in flight).
+An engine supplies a `StepModel` (ts_plugin.engines.base): one forward step over the batch, returning the
+last position's logits, plus `share_tokens` to give every rank the tokens chosen on the driver. The loop here
+is the same on every rank that runs it, so ranks stay in step. Where `row_groups(rows)` gives several groups,
+each group of rows runs its own loop in a thread, concurrently (the pipeline engine keeps one group per stage
+in flight).
 """
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
-from .handlers._requests import SamplingParams, stop_index
-
-
-class StepModel(Protocol):
-    #: True where the chosen tokens are computed (the others receive them through share_tokens)
-    samples_here: bool
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                cache: Any) -> Tuple[Optional[torch.Tensor], Any]:
-        """Run one step; return (logits of the last position [batch, vocab] or None, the new cache)."""
-
-    def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Return the driver's tokens on every rank that runs the loop."""
-
-    def end(self, cache: Any) -> None:
-        """Release the batch's cache (and tell follower ranks the batch is over)."""
-
-
-class HFStepModel:
-    """A HuggingFace causal LM on one device (or tensor-parallel, where every rank runs the same step)."""
-
-    def __init__(self, model: torch.nn.Module, device: torch.device, share: Optional[Callable] = None,
-                 samples_here: bool = True):
-        self.model = model
-        self.device = device
-        self._share = share
-        self.samples_here = samples_here
-        self._extra = cache_kwargs(model)
-
-    @torch.inference_mode()
-    def forward(self, input_ids, attention_mask, position_ids, cache):
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                         position_ids=position_ids.to(self.device), use_cache=True, **self._extra(cache))
-        return out.logits[:, -1, :].float(), output_cache(out)
-
-    def share_tokens(self, tokens):
-        return self._share(tokens) if self._share else tokens
-
-    def end(self, cache):
-        pass
-
-
-def cache_kwargs(model: torch.nn.Module) -> Callable[[Any], dict]:
-    """transformers 5 names the KV cache argument `cache`, 4.x `past_key_values`; only the last
-    position's logits are needed where the model supports `logits_to_keep`."""
-    parameters = inspect.signature(model.forward).parameters
-    name = "cache" if "cache" in parameters else "past_key_values"
-    fixed = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-    return lambda cache: {name: cache, **fixed}
-
-
-def output_cache(output: Any) -> Any:
-    return output["cache"] if "cache" in output else output.get("past_key_values")
+from .engines.base import StepModel
+from .requests import SamplingParams, stop_index
 
 
 @dataclass
@@ -144,7 +92,7 @@ def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], par
              default_seed: int, eos_ids: Sequence[int], on_text: Optional[StreamCallback] = None) -> List[SequenceResult]:
     """Generate for a batch of tokenized prompts until each sequence stops: one left-padded batch, or one per
     `model.row_groups` group, concurrently. A row without a seed samples with `default_seed + its row`."""
-    groups = model.row_groups(len(prompts)) if hasattr(model, "row_groups") else [range(len(prompts))]
+    groups = model.row_groups(len(prompts))
     if len(groups) == 1:
         return _generate_batch(model, tokenizer, prompts, params, default_seed, eos_ids, on_text)
     stream_lock = threading.Lock()  # one intermediate response at a time on the worker's socket
@@ -188,7 +136,7 @@ def _generate_batch(model: StepModel, tokenizer: Any, prompts: Sequence[List[int
             tokens = torch.zeros(len(sequences), dtype=torch.long)
             if model.samples_here:
                 try:
-                    tokens = choose_tokens(logits, sequences)
+                    tokens = choose_tokens(logits.cpu(), sequences)  # each row's generator is a CPU one
                 except Exception as error:  # noqa: BLE001 - re-raised below, after the peers were told
                     # the other ranks already wait in share_tokens: send them -1 so that they fail this batch too
                     # instead of waiting for tokens that never come (and pairing later collectives wrongly)

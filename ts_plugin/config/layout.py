@@ -13,6 +13,8 @@ class ParallelLayout:
     gpus_per_worker: int
     pp_size: int
     tp_size: int
+    #: how long a collective waits for a peer: pippy.rpc_timeout for pp (its legacy meaning), else responseTimeout
+    process_group_timeout_s: float
 
     @property
     def uses_torchrun(self) -> bool:
@@ -39,4 +41,5 @@ class ParallelLayout:
         else:
             pp = 1
         tp = world // pp if pp and world % pp == 0 else 1
-        return cls(ptype, world, gpus, pp, tp)
+        rpc_timeout = config.pippy.rpc_timeout if ptype == "pp" and config.pippy else None
+        return cls(ptype, world, gpus, pp, tp, float(rpc_timeout or config.response_timeout))

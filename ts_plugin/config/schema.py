@@ -5,7 +5,7 @@ and the README's configuration reference all derive from these models.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -14,8 +14,9 @@ DeviceType = Literal["cpu", "gpu"]
 DeviceMapStrategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 DTypeName = Literal["float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"]
 
-PARALLEL_TYPES = ("pp", "tp", "pptp", "custom")
-TORCHRUN_PARALLEL_TYPES = ("pp", "tp", "pptp")
+PARALLEL_TYPES = get_args(ParallelType)
+TORCHRUN_PARALLEL_TYPES = tuple(t for t in PARALLEL_TYPES if t != "custom")  # custom runs one process
+DEVICE_MAP_STRATEGIES = get_args(DeviceMapStrategy)
 
 # The frontend compares these case-insensitively (ModelConfig.java setParallelMode/setDeviceType).
 def _lowercase(value: Any) -> Any:
@@ -172,7 +173,7 @@ SECTIONS: Dict[tuple, type] = {
 def json_schema() -> Dict[str, Any]:
     """A JSON Schema of model-config.yaml for editors (yaml-language-server)."""
     schema = ModelConfig.model_json_schema(by_alias=True)
-    for key, choices in (("parallelType", PARALLEL_TYPES), ("deviceType", ("cpu", "gpu"))):
+    for key, choices in (("parallelType", PARALLEL_TYPES), ("deviceType", get_args(DeviceType))):
         # the frontend compares case-insensitively; JSON Schema has no flag for it, so spell it out
         pattern = "^(" + "|".join("".join(f"[{c.lower()}{c.upper()}]" for c in choice) for choice in choices) + ")$"
         schema["properties"][key] = {"anyOf": [{"type": "string", "pattern": pattern}, {"type": "null"}],

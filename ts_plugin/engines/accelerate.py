@@ -1,6 +1,6 @@
 """parallelType custom: one process fills the worker's devices with HuggingFace Accelerate big-model inference.
 
-The model is built from its HF config under `accelerate.init_empty_weights` (parameters on the meta device,
+The model is built from its HF config with parameters on the meta device (`_checkpoint.build_meta_model`,
 buffers real), the device map is computed with Accelerate's own `get_balanced_memory` /
 `infer_auto_device_map` (or taken as given when the config names a module -> device dict), and the
 checkpoint is loaded shard by shard with `load_checkpoint_in_model` + `dispatch_model` (what
@@ -26,13 +26,12 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..config import ModelConfig
+from ..config.schema import DEVICE_MAP_STRATEGIES as STRATEGIES
 from ..config.schema import HandlerConfig
-from ..generation import HFStepModel
-from ._hf import EngineError, Progress, load_causal_lm, peak_rss_mb, release_memory
+from ._checkpoint import build_meta_model, load_causal_lm, peak_rss_mb, release_memory
+from .base import EngineError, HFStepModel, LoadContext, Progress
 
 
-STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 Device = Union[int, str]
 DeviceMap = Dict[str, Device]
 
@@ -172,35 +171,6 @@ def _remove_stale(folder: Path, pattern: "re.Pattern[str]") -> None:
 
 
 # --- the model -----------------------------------------------------------------------------------
-
-def empty_model(model_path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The model from its HF config with parameters on the meta device (no memory); buffers are real."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    hf_config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.tie_weights()
-    check_buffers(model)
-    return model.eval()
-
-
-def check_buffers(model: torch.nn.Module) -> None:
-    """Non-persistent buffers (rotary inv_freq, ...) are not in checkpoints: they must have been computed
-    for real at construction, or the model would run on garbage."""
-    on_meta = []
-    for module_name, module in model.named_modules():
-        for name in getattr(module, "_non_persistent_buffers_set", ()):
-            buffer = module._buffers.get(name)
-            if buffer is not None and buffer.is_meta:
-                on_meta.append(f"{module_name}.{name}" if module_name else name)
-    if on_meta:
-        raise EngineError(f"{type(model).__name__} builds non-persistent buffers on the meta device "
-                          f"({', '.join(on_meta[:5])}); they are not in the checkpoint, so the empty-weights path "
-                          "cannot load this model. Set handler.low_cpu_mem_usage: false to load it with "
-                          "from_pretrained.")
-
 
 def device_of(name: str, device_map: DeviceMap) -> Optional[Device]:
     """The device the map gives to a parameter or module name (the longest matching prefix)."""
@@ -358,22 +328,22 @@ def _mib(size: float) -> str:
 
 # --- loading -------------------------------------------------------------------------------------
 
-def load(config: ModelConfig, model_path: Path, model_dir: Path, device: torch.device, dtype: torch.dtype,
-         progress: Progress) -> DispatchedModel:
+def load(context: LoadContext) -> DispatchedModel:
     """Build, place and load the model; return a step model with `device_map` and `offload_dir`."""
     from accelerate import dispatch_model
     from accelerate.utils import load_checkpoint_in_model
 
-    handler = config.handler
+    handler, model_path, dtype, progress = context.config.handler, context.model_path, context.dtype, context.progress
+    device = context.device
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    offload_root = resolve_offload_folder(handler.offload_folder, model_dir)
+    offload_root = resolve_offload_folder(handler.offload_folder, context.model_dir)
     files = checkpoint_files(model_path)
     shard = max(f.stat().st_size for f in files)
     progress(f"accelerate: {len(files)} checkpoint file(s), {_mib(sum(f.stat().st_size for f in files))}, "
              f"largest {_mib(shard)}; {gpus} GPU(s) visible (peak RSS {peak_rss_mb():.0f} MiB)")
 
     if handler.low_cpu_mem_usage:
-        model = empty_model(model_path, dtype, handler.trust_remote_code)
+        model = build_meta_model(model_path, dtype, handler.trust_remote_code)
     else:  # the whole model in host memory first (for models whose code the empty-weights path cannot build)
         model = load_causal_lm(model_path, dtype, handler.trust_remote_code)
     device_map = compute_device_map(model, handler, dtype, gpus, progress)

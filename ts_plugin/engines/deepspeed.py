@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig, ParallelLayout
-from ..distributed import Ranks, any_rank_failed
-from ..generation import HFStepModel
-from ._hf import EngineError, Progress, load_causal_lm, peak_rss_mb, release_memory
+from ..distributed import any_rank_failed, broadcast_tokens
+from ._checkpoint import (build_meta_model, checkpoint_index, checkpoint_key, checkpoint_names, load_causal_lm,
+                          peak_rss_mb, read_tensors, release_memory, tied_names)
+from .base import EngineError, HFStepModel, LoadContext, Progress
 
 
 def inference_config(config: ModelConfig, layout: ParallelLayout, model_dir: Path, device: torch.device,
@@ -60,22 +61,23 @@ def _injection_policy(model: torch.nn.Module, policy: Dict[str, Any]) -> Dict[ty
     return resolved
 
 
-def load(config: ModelConfig, layout: ParallelLayout, ranks: Ranks, model_path: Path, model_dir: Path,
-         device: torch.device, dtype: torch.dtype, progress: Progress) -> HFStepModel:
+def load(context: LoadContext) -> HFStepModel:
     """Shard the model with DeepSpeed on every rank; returns this rank's step model. Each rank reads only its own
     slices of the checkpoint where `_load_slices` can, else the whole model (`_load_whole`)."""
     import deepspeed
 
-    settings = inference_config(config, layout, model_dir, device, dtype)
+    config, layout, ranks, device, dtype = context.config, context.layout, context.ranks, context.device, context.dtype
+    progress = context.progress
+    settings = inference_config(config, layout, context.model_dir, device, dtype)
     if device.type == "cpu":
         # DeepSpeed's JIT shared-memory allreduce crashes on CPU hosts (see README); gloo's is used instead.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    module = _load_slices(config, layout, settings, model_path, device, dtype, progress)
+    module = _load_slices(config, layout, settings, context.model_path, device, dtype, progress)
     if module is None:
-        module = _load_whole(config, layout, settings, model_path, device, dtype, progress)
-    share = _broadcast_from_driver if ranks.world_size > 1 else None
+        module = _load_whole(config, layout, settings, context.model_path, device, dtype, progress)
+    share = broadcast_tokens if ranks.world_size > 1 else None
     if device.type == "cpu" and ranks.world_size == 2:
-        pair = _use_pair_all_reduce(float(config.response_timeout), progress)
+        pair = _use_pair_all_reduce(layout.process_group_timeout_s, progress)
         if pair is not None:
             progress(f"{_use_lean_forwards(module, pair)} tensor-parallel linear layers run the lean CPU forward")
             share = pair.broadcast
@@ -130,7 +132,7 @@ def _load_slices(config: ModelConfig, layout: ParallelLayout, settings: Dict[str
         model, keys, index = _skeleton(model_path, dtype, config.handler.trust_remote_code)
     except Exception as error:  # noqa: BLE001 - any surprise falls back to the whole-model path
         reason = _why(error)
-    if not _every_rank_can(reason, device, progress):  # before DeepSpeed's collectives
+    if not _every_rank_can(reason, progress):  # before DeepSpeed's collectives
         return None
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     before = peak_rss_mb()
@@ -147,7 +149,7 @@ def _load_slices(config: ModelConfig, layout: ParallelLayout, settings: Dict[str
         raise
     except Exception as error:  # noqa: BLE001 - see above
         reason = _why(error)
-    if not _every_rank_can(reason, device, progress):
+    if not _every_rank_can(reason, progress):
         return None
     progress(f"read {held / 2**20:.1f} MiB of the model's {total / 2**20:.1f} MiB (model / tp_size = "
              f"{total / layout.tp_size / 2**20:.1f} MiB); peak RSS {peak_rss_mb():.0f} MiB, "
@@ -159,8 +161,8 @@ def _why(error: Exception) -> str:
     return str(error) if isinstance(error, _NotSliced) else f"{type(error).__name__}: {error}"
 
 
-def _every_rank_can(reason: Optional[str], device: torch.device, progress: Progress) -> bool:
-    if any_rank_failed(reason is not None, device):
+def _every_rank_can(reason: Optional[str], progress: Progress) -> bool:
+    if any_rank_failed(reason is not None):
         progress(f"loading the whole model on every rank: "
                  f"{reason or 'another rank cannot read its slices (its log says why)'}")
         return False
@@ -169,27 +171,21 @@ def _every_rank_can(reason: Optional[str], device: torch.device, progress: Progr
 
 def _skeleton(model_path: Path, dtype: torch.dtype, trust_remote_code: bool):
     """The model on the meta device, and the checkpoint tensor behind each parameter and persistent buffer."""
-    from .pipeline import build_meta_model, checkpoint_index, checkpoint_names
-
     index = checkpoint_index(model_path)
     if any(file.suffix != ".safetensors" for file in index.values()):
         raise _NotSliced("the checkpoint is not safetensors (.bin files are read whole)")
     model = build_meta_model(model_path, dtype, trust_remote_code)
-    model.tie_weights()  # as from_pretrained does (from_config leaves e.g. a tied lm_head a tensor of its own)
     names, converted = checkpoint_names(model, index)
     if converted:
         raise _NotSliced(f"transformers converts {', '.join(sorted(converted)[:3])} ... from another layout "
                          "when it loads the whole model")
-    # tied parameters (one object, several names): a name the checkpoint lacks reads its partner's tensor
-    tied: Dict[int, list] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(parameter), []).append(name)
+    tied = tied_names(model)
     keys: Dict[str, str] = {}
-    for group in tied.values():
-        key = next((names[name] for name in group if name in names), None)
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        key = checkpoint_key(name, names, tied)
         if key is None:
-            raise _NotSliced(f"{group[0]} is not in the checkpoint (from_pretrained initializes it)")
-        keys.update({name: names.get(name, key) for name in group})
+            raise _NotSliced(f"{name} is not in the checkpoint (from_pretrained initializes it)")
+        keys[name] = key
     for module_name, module in model.named_modules():
         for attr in module._buffers:
             name = f"{module_name}.{attr}" if module_name else attr
@@ -208,12 +204,11 @@ def _fill_from_checkpoint(module: torch.nn.Module, rank: int, keys: Dict[str, st
     from deepspeed.checkpoint.constants import AFFINE_MAP, AFFINE_MAP_PARAMS
     from deepspeed.module_inject.layers import (LinearAllreduce, LinearLayer, LmHeadLinearAllreduce,
                                                 TensorParallel_Layer, collect_autotp_universal_checkpoint_info)
-    from safetensors import safe_open
 
     # DeepSpeed's own description of which part of the full tensor each rank holds (universal checkpoint)
     layouts = collect_autotp_universal_checkpoint_info(module).get(AFFINE_MAP, {}).get(AFFINE_MAP_PARAMS, {})
     places: Dict[int, list] = {}  # tensor id -> [(module, attr, is parameter)] where it is registered
-    reads = []  # (file, tensor id, name, checkpoint key, full shape, index of the block)
+    reads: Dict[str, tuple] = {}  # name -> (tensor id, full shape, index of the block)
     restores = []  # (tensor id, name) of buffers that keep their value from before DeepSpeed
     for module_name, child in module.named_modules(remove_duplicate=False):
         sharded = isinstance(child, TensorParallel_Layer)
@@ -230,7 +225,7 @@ def _fill_from_checkpoint(module: torch.nn.Module, rank: int, keys: Dict[str, st
                 if name in keys:
                     full, block = _rank_block(layouts.get(f"^{re.escape(name)}$"), rank, tuple(tensor.shape), name,
                                               sharded)
-                    reads.append((index[keys[name]], id(tensor), name, keys[name], full, block))
+                    reads[name] = (id(tensor), full, block)
                 elif not is_param and name in buffers:
                     restores.append((id(tensor), name))
                 else:
@@ -240,9 +235,7 @@ def _fill_from_checkpoint(module: torch.nn.Module, rank: int, keys: Dict[str, st
     def fill(tensor_id: int, value: torch.Tensor) -> int:
         child, attr, is_param = places[tensor_id][0]
         current = (child._parameters if is_param else child._buffers)[attr]
-        # a copy: safetensors hands out views of its file mapping, which would keep the whole tensor resident
-        value = value.to(device=device, dtype=current.dtype if value.is_floating_point() else value.dtype,
-                         memory_format=torch.contiguous_format, copy=True)
+        value = value.to(device=device, dtype=current.dtype if value.is_floating_point() else value.dtype)
         if is_param:
             value = torch.nn.Parameter(value, requires_grad=False)
         for child, attr, is_param in places[tensor_id]:
@@ -252,20 +245,20 @@ def _fill_from_checkpoint(module: torch.nn.Module, rank: int, keys: Dict[str, st
     for tensor_id, name in restores:
         fill(tensor_id, buffers[name])
     held = 0
-    for file, tensor_id, name, key, full, block in reads:
-        # the file is mapped per tensor: closing it unmaps the pages this read touched (a column block touches
-        # every page of its tensor), so at most one tensor's pages are resident beside the shard
-        with safe_open(str(file), framework="pt", device="cpu") as reader:
-            stored = tuple(reader.get_slice(key).get_shape())
-            if stored != full:
-                raise _NotSliced(f"{key} is {stored} in the checkpoint but {full} in the model")
-            value = reader.get_tensor(key) if block is None else reader.get_slice(key)[block]
-            child, attr, _ = places[tensor_id][0]
-            expected = tuple(getattr(child, attr).shape)
-            if tuple(value.shape) != expected:
-                raise _NotSliced(f"{name} is {expected} on rank {rank} but its slice is {tuple(value.shape)}")
-            held += fill(tensor_id, value)
-            del value  # the last view of the mapping: closing the file unmaps it
+
+    def block_of(name: str, stored: tuple):
+        _, full, block = reads[name]
+        if stored != full:
+            raise _NotSliced(f"{keys[name]} is {stored} in the checkpoint but {full} in the model")
+        return block
+
+    for name, value in read_tensors({name: keys[name] for name in reads}, index, block_of):
+        tensor_id = reads[name][0]
+        child, attr, _ = places[tensor_id][0]
+        expected = tuple(getattr(child, attr).shape)
+        if tuple(value.shape) != expected:
+            raise _NotSliced(f"{name} is {expected} on rank {rank} but its slice is {tuple(value.shape)}")
+        held += fill(tensor_id, value)
     return held
 
 
@@ -298,14 +291,6 @@ def _rank_block(layout: Optional[Dict[str, Any]], rank: int, shape: tuple, name:
     if any(first + size > dim for first, size, dim in zip(start, shape, full)):
         raise _NotSliced(f"rank {rank}'s block of {name} lies outside its {full} tensor: {piece}")
     return full, None if shape == full else tuple(slice(first, first + size) for first, size in zip(start, shape))
-
-
-def _broadcast_from_driver(tokens: torch.Tensor) -> torch.Tensor:
-    # one small collective per step keeps every rank on rank 0's tokens, whatever float noise says
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    buffer = tokens.to(device)
-    dist.broadcast(buffer, src=0)
-    return buffer.cpu()
 
 
 def _own_memory(module: torch.nn.Module) -> None:
@@ -480,7 +465,7 @@ def _use_pair_all_reduce(timeout_s: float, progress: Progress) -> Optional[_Rank
         pair = _RankPair(timeout_s, _spin_seconds())
     except OSError as error:  # no AF_UNIX, a timeout, a refused connection
         progress(f"all-reduce over a Unix socket unavailable ({error}); using gloo send/recv")
-    if any_rank_failed(pair is None, torch.device("cpu")) and pair is not None:  # both ranks take the same path
+    if any_rank_failed(pair is None) and pair is not None:  # both ranks take the same path
         pair.conn.close()
         pair = None
 

@@ -30,19 +30,19 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import json
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..distributed import Ranks
-from ..generation import cache_kwargs
-from ._hf import Progress, peak_rss_mb, release_memory
+from ..distributed import Ranks, any_rank_failed
+from ._checkpoint import (build_meta_model, checkpoint_index, checkpoint_key, checkpoint_names, peak_rss_mb,
+                          read_tensors, release_memory, tied_names)
+from .base import EngineError, Follower, LoadContext, StepModel, cache_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
-class PipelineError(RuntimeError):
+class PipelineError(EngineError):
     """The pipeline engine cannot serve this model with this config; the message says what to change."""
 
 
@@ -131,72 +131,6 @@ class _StageOutput(Exception):
 
 # --- loading only this stage's tensors ---------------------------------------------------------------------
 
-def build_meta_model(model_path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The model skeleton with parameters on the meta device (buffers such as rotary inv_freq are real)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
-    if getattr(config, "is_encoder_decoder", False):
-        raise PipelineError(f"parallelType pp serves decoder-only causal LMs; {type(config).__name__} is an "
-                            "encoder-decoder model")
-    try:
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    except ValueError as error:
-        raise PipelineError(f"parallelType pp serves HuggingFace causal LMs; {type(config).__name__} has no "
-                            f"causal-LM class: {error}") from error
-    return model.eval()
-
-
-def checkpoint_index(model_path: Path) -> Dict[str, Path]:
-    """Tensor name -> file, for safetensors or .bin checkpoints, single or sharded (with an index)."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = model_path / index_name
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            return {name: model_path / file for name, file in weight_map.items()}
-    files = sorted(model_path.glob("*.safetensors"))
-    if files:
-        from safetensors import safe_open
-
-        names: Dict[str, Path] = {}
-        for file in files:
-            with safe_open(str(file), framework="pt") as reader:
-                names.update({name: file for name in reader.keys()})
-        return names
-    files = sorted(model_path.glob("pytorch_model*.bin"))
-    if files:
-        names = {}
-        for file in files:
-            state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
-            names.update({name: file for name in state})
-            del state
-        return names
-    raise PipelineError(f"no checkpoint in {model_path}: expected *.safetensors or pytorch_model*.bin "
-                        "(single or sharded with an index)")
-
-
-def read_tensors(wanted: Dict[str, str], index: Dict[str, Path]) -> Iterable[Tuple[str, torch.Tensor, bool]]:
-    """(model name, tensor, memory-mapped) for each model name -> checkpoint name in `wanted`, reading one
-    file at a time and only the tensors asked for."""
-    by_file: Dict[Path, List[Tuple[str, str]]] = {}
-    for name, key in wanted.items():
-        by_file.setdefault(index[key], []).append((name, key))
-    for file, pairs in sorted(by_file.items()):
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt", device="cpu") as reader:
-                for name, key in pairs:
-                    yield name, reader.get_tensor(key), False
-        else:
-            state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
-            for name, key in pairs:
-                yield name, state[key], True
-            del state
-
-
 @dataclass
 class StageInfo:
     index: int
@@ -217,6 +151,18 @@ class StageInfo:
         return self.index == self.count - 1
 
 
+class Slicer:
+    """What a rank keeps of each tensor of its stage (pptp: its tensor-parallel chunk)."""
+
+    def block(self, name: str, shape: Tuple[int, ...]) -> Optional[Tuple[slice, ...]]:
+        """The block of the full `shape`-d tensor `name` to read (None: all of it)."""
+        return None
+
+    def wrap(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor the model holds for what was read."""
+        return tensor
+
+
 def _module_of(model: torch.nn.Module, module: Optional[torch.nn.Module]) -> Optional[str]:
     if module is None:
         return None
@@ -226,68 +172,19 @@ def _module_of(model: torch.nn.Module, module: Optional[torch.nn.Module]) -> Opt
     return None
 
 
-def _tied_names(model: torch.nn.Module) -> Dict[str, List[str]]:
-    """Parameter name -> the names tied to it (both directions), as transformers ties them at load."""
-    try:
-        mapping = model.get_expanded_tied_weights_keys(all_submodels=True)
-    except (AttributeError, TypeError, ValueError):
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        mapping = getattr(model, "_tied_weights_keys", None) if getattr(text, "tie_word_embeddings", False) else None
-        mapping = dict(mapping) if isinstance(mapping, dict) else {}
-    tied: Dict[str, List[str]] = {}
-    for target, source in mapping.items():
-        tied.setdefault(target, []).append(source)
-        tied.setdefault(source, []).append(target)
-    return tied
-
-
-def checkpoint_names(model: torch.nn.Module, index: Dict[str, Path]) -> Tuple[Dict[str, str], Dict[str, str]]:
-    """Model tensor name -> checkpoint name, renamed the way from_pretrained renames (transformers' conversion
-    mapping: legacy names, base-model prefix added or stripped, per-model renames such as GPT-NeoX's
-    embed_out -> lm_head). Also returns the model names that only a many-to-one conversion produces (e.g. fused
-    expert tensors), which this loader does not perform."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    model_names = {name: True for name in model.state_dict(keep_vars=True)}
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-        transforms = get_model_conversion_mapping(model)
-        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-        converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    except ImportError:  # older transformers: only the base-model prefix differs
-        rename_source_key = None
-    names: Dict[str, str] = {}
-    converted: Dict[str, str] = {}
-    for key in index:
-        if rename_source_key is not None:
-            name, pattern = rename_source_key(key, renamings, converters, prefix or None, model_names)
-            if pattern is not None:
-                converted.setdefault(name, key)
-                continue
-        else:
-            name = key
-            if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in model_names:
-                name = key[len(prefix) + 1:]
-            elif prefix and f"{prefix}.{key}" in model_names:
-                name = f"{prefix}.{key}"
-        names.setdefault(name, key)
-    return names, converted
-
-
 def materialize_stage(model: torch.nn.Module, stage: int, bounds: List[Tuple[int, int]], layers_path: str,
                       model_path: Path, device: torch.device, dtype: torch.dtype,
-                      shard: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None) -> StageInfo:
+                      slicer: Optional["Slicer"] = None) -> StageInfo:
     """Keep this stage's layers (other layers become pass-throughs), the input embedding on the first stage,
     the output embedding on the last, and the small modules around the layers (final norm, learned position
-    table) everywhere; read only those tensors from the checkpoint, onto `device`. `shard(name, tensor)`, when
-    given, turns each tensor into what this rank keeps of it as soon as it is read (pptp: a DTensor shard)."""
+    table) everywhere; read only those tensors from the checkpoint, onto `device`. A `slicer`, when given, says
+    which block of each tensor this rank reads and wraps what was read (pptp: a DTensor shard)."""
     layers = model.get_submodule(layers_path)
     start, end = bounds[stage]
     last = stage == len(bounds) - 1
     index = checkpoint_index(model_path)
     names, converted = checkpoint_names(model, index)  # before other stages' layers leave the model
-    tied = _tied_names(model)
+    tied = tied_names(model)
     # the whole model's size as from_pretrained holds it (tied parameters once)
     model_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
                       if not (name not in names and any(partner in names for partner in tied.get(name, []))))
@@ -317,9 +214,7 @@ def materialize_stage(model: torch.nn.Module, stage: int, bounds: List[Tuple[int
     wanted: Dict[str, str] = {}
     missing = []
     for name, (module, attr, is_param) in slots.items():
-        key = names.get(name)
-        for partner in tied.get(name, []):
-            key = key or names.get(partner)
+        key = checkpoint_key(name, names, tied)
         if key is not None:
             wanted[name] = key
         elif is_param or getattr(module, attr).device.type == "meta":
@@ -337,15 +232,15 @@ def materialize_stage(model: torch.nn.Module, stage: int, bounds: List[Tuple[int
     # Parameter object, as in the single-process model
     shared: Dict[str, torch.Tensor] = {}
     parameters: Dict[str, torch.nn.Parameter] = {}
-    for name, tensor, mapped in read_tensors(wanted, index):
+    for name, tensor in read_tensors(wanted, index, slicer.block if slicer else None):
         module, attr, is_param = slots[name]
         key = wanted[name]
         if key not in shared:
             current = getattr(module, attr)  # the skeleton's dtype: `dtype`, or what the model keeps in fp32
             target_dtype = current.dtype if tensor.is_floating_point() and current.is_floating_point() else tensor.dtype
-            shared[key] = tensor.to(device=device, dtype=target_dtype, copy=mapped)  # own memory, not the file's
-            if shard is not None:
-                shared[key] = shard(name, shared[key])
+            shared[key] = tensor.to(device=device, dtype=target_dtype)
+            if slicer is not None:
+                shared[key] = slicer.wrap(name, shared[key])
             stage_bytes += shared[key].numel() * shared[key].element_size()
         del tensor
         if is_param:
@@ -354,13 +249,6 @@ def materialize_stage(model: torch.nn.Module, stage: int, bounds: List[Tuple[int
             module._parameters[attr] = parameters[key]
         else:
             module._buffers[attr] = shared[key]
-    if device.type == "cpu":
-        # safetensors hands out memory-mapped tensors, paged in on first use; read them now so the first request
-        # does not pay for it and the RSS logged after loading is what this stage holds
-        with torch.no_grad():
-            for tensor in shared.values():
-                if tensor.is_floating_point() and tensor.numel():
-                    tensor.sum()
     del shared, parameters
     for module in model.modules():  # non-persistent buffers (rotary inv_freq, ...) were built on CPU
         for attr, buffer in list(module._buffers.items()):
@@ -496,7 +384,7 @@ class _Batch:
     cache: Any  # stage 0's KV cache of these rows
 
 
-class PipelineDriver:
+class PipelineDriver(StepModel):
     """Rank 0's StepModel: stage 0 here, the other stages on ranks 1..n-1, logits back from the last.
 
     A batch is split into `row_groups`: `pippy.chunks` groups of rows, at most one per stage, and
@@ -591,7 +479,7 @@ class PipelineDriver:
                 logger.warning("[rank 0] could not release batch %d on the other stages", cache.batch_id,
                                exc_info=True)
 
-    def stop(self) -> None:
+    def close(self) -> None:
         """Tell the followers to leave their loops (the worker is shutting down)."""
         with self._stage_lock:
             if self.world > 1 and self.link is not None:
@@ -600,10 +488,8 @@ class PipelineDriver:
                 self.link = None
 
 
-class PipelineFollower:
+class PipelineFollower(Follower):
     """Ranks 1..n-1: receive, run the stage, pass on, until STOP or until the process group goes away."""
-
-    samples_here = False
 
     def __init__(self, stage: PipelineStage, ranks: Ranks, link: _Link):
         self.stage = stage
@@ -617,10 +503,9 @@ class PipelineFollower:
     def is_last(self) -> bool:
         return self.ranks.rank == self.ranks.world_size - 1
 
-    def start(self) -> threading.Thread:
+    def start(self) -> None:
         self.thread = threading.Thread(target=self.run, name=f"pp-follower-{self.ranks.rank}", daemon=True)
         self.thread.start()
-        return self.thread
 
     def run(self) -> None:
         rank, prev, nxt = self.ranks.rank, self.ranks.rank - 1, self.ranks.rank + 1
@@ -671,23 +556,12 @@ class PipelineFollower:
         except Exception as error:  # noqa: BLE001 - the process group was destroyed or a peer exited
             logger.warning("[rank %d] pipeline follower loop ended: %s", rank, error)
 
-    # StepModel surface, so that a follower is never mistaken for a driver
-    def forward(self, *args, **kwargs):
-        raise RuntimeError(f"rank {self.ranks.rank} is a pipeline follower; only rank 0 runs generation")
-
-    def share_tokens(self, tokens):
-        return tokens
-
-    def end(self, cache) -> None:
-        pass
-
 
 # --- entry point ------------------------------------------------------------------------------------------------------
 
-def load(config, layout, ranks: Ranks, model_path: Path, device: torch.device, dtype: torch.dtype,
-         progress: Progress):
-    """Build this rank's stage and return a PipelineDriver (rank 0) or a PipelineFollower (the others,
-    whose loop the handler starts)."""
+def load(context: LoadContext):
+    """Build this rank's stage and return a PipelineDriver (rank 0) or a PipelineFollower (the others)."""
+    config, ranks = context.config, context.ranks
     pippy = config.pippy
     stages = ranks.world_size
     # collective: every rank creates it, first thing, in the same order (its long timeout also covers ranks
@@ -695,29 +569,43 @@ def load(config, layout, ranks: Ranks, model_path: Path, device: torch.device, d
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if stages > 1 else None
     failure: Optional[Exception] = None
     try:
-        model = build_meta_model(model_path, dtype, config.handler.trust_remote_code)
+        model = build_meta_model(context.model_path, context.dtype, config.handler.trust_remote_code)
         layers_path, layers = find_layer_list(model)
         bounds = stage_bounds(len(layers), stages, layers_path, pippy.split_points if pippy else None)
         before = peak_rss_mb()  # imports done, skeleton on meta: what follows is this stage's weights
-        info = materialize_stage(model, ranks.rank, bounds, layers_path, model_path, device, dtype)
-        stage = PipelineStage(model, info, device, dtype)
+        info = materialize_stage(model, ranks.rank, bounds, layers_path, context.model_path, context.device,
+                                 context.dtype)
+        stage = PipelineStage(model, info, context.device, context.dtype)
     except Exception as error:  # noqa: BLE001 - agree with the other ranks first, then raise
         failure = error
-    if control is not None:
-        # a rank that failed alone (e.g. a tensor missing from its part of the checkpoint) must not leave the
-        # others waiting for it later: every rank learns whether any rank failed
-        flag = torch.tensor([0 if failure is None else 1], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
-        if flag.item() and failure is None:
-            failure = PipelineError("another pipeline rank failed to load its stage; its model log says why")
+    # a rank that failed alone (e.g. a tensor missing from its part of the checkpoint) must not leave the others
+    # waiting for it later: every rank learns whether any rank failed
+    if any_rank_failed(failure is not None, control) and failure is None:
+        failure = PipelineError("another pipeline rank failed to load its stage; its model log says why")
     if failure is not None:
         raise failure
-    progress(f"pipeline stage {info.index + 1}/{info.count} of {type(model).__name__}: {layers_path}.{info.start}"
-             f"..{info.end - 1}{' + input embedding' if info.is_first else ''}{' + LM head' if info.is_last else ''}; "
-             f"weights {info.stage_bytes / 2**20:.1f} MiB of the model's {info.model_bytes / 2**20:.1f} MiB "
-             f"(model / world size = {info.model_bytes / stages / 2**20:.1f} MiB); peak RSS {peak_rss_mb():.0f} MiB, "
-             f"{peak_rss_mb() - before:+.0f} MiB over the {before:.0f} MiB before reading weights")
-    link = _Link(control, device) if control is not None else None
-    if ranks.rank == 0:
-        return PipelineDriver(stage, ranks, pippy.chunks if pippy else 1, link)
-    return PipelineFollower(stage, ranks, link)
+    context.progress(
+        f"pipeline stage {info.index + 1}/{info.count} of {type(model).__name__}: {layers_path}.{info.start}"
+        f"..{info.end - 1}{' + input embedding' if info.is_first else ''}{' + LM head' if info.is_last else ''}; "
+        f"weights {info.stage_bytes / 2**20:.1f} MiB of the model's {info.model_bytes / 2**20:.1f} MiB "
+        f"(model / world size = {info.model_bytes / stages / 2**20:.1f} MiB); peak RSS {peak_rss_mb():.0f} MiB, "
+        f"{peak_rss_mb() - before:+.0f} MiB over the {before:.0f} MiB before reading weights")
+    link = _Link(control, context.device) if control is not None else None
+    if ranks.rank != 0:
+        return PipelineFollower(stage, ranks, link)
+    _log_legacy_settings(pippy)
+    return PipelineDriver(stage, ranks, pippy.chunks if pippy else 1, link)
+
+
+def _log_legacy_settings(pippy) -> None:
+    if pippy is None:
+        return
+    if pippy.rpc_timeout is not None:
+        logger.info("pippy.rpc_timeout %s s is used as the process-group timeout (there is no RPC)",
+                    pippy.rpc_timeout)
+    if pippy.num_worker_threads is not None:
+        logger.info("pippy.num_worker_threads %s is accepted and ignored (stages talk point-to-point, "
+                    "not over RPC)", pippy.num_worker_threads)
+    if pippy.input_names != ["input_ids"]:
+        logger.info("pippy.input_names %s accepted; stage 0 always takes input_ids, attention_mask and "
+                    "position_ids", pippy.input_names)

@@ -12,16 +12,16 @@ sends the logits to rank 0, which samples; the tokens are broadcast to all ranks
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Dict, Optional
+import math
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..config import ModelConfig, ParallelLayout
-from ..distributed import Ranks, any_rank_failed
-from ._hf import EngineError, Progress, peak_rss_mb, release_memory
-from .pipeline import PipelineStage, build_meta_model, find_layer_list, materialize_stage, stage_bounds
+from ..distributed import Ranks, any_rank_failed, broadcast_tokens, collective_device
+from ._checkpoint import build_meta_model, peak_rss_mb, release_memory
+from .base import EngineError, LoadContext, StepModel
+from .pipeline import PipelineStage, Slicer, find_layer_list, materialize_stage, stage_bounds
 
 
 def tensor_parallel_plan(model: torch.nn.Module, layers_path: str, start: int, end: int) -> Dict[str, object]:
@@ -47,36 +47,52 @@ def tensor_parallel_plan(model: torch.nn.Module, layers_path: str, start: int, e
     return {f"{layers_path}.{i}.{suffix}": style() for i in range(start, end) for suffix, style in layer_entries.items()}
 
 
-def _shard_as_read(plan: Dict[str, object], tp_mesh) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """Keep only this rank's chunk of each planned Linear weight as it is read, so a rank never holds its
-    whole stage: column-wise layers split weight and bias along dim 0, row-wise ones the weight along dim 1
-    (the bias is added after the reduction, so it stays whole). Chunks follow DTensor's Shard (torch.chunk)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel
+class _ShardAsRead(Slicer):
+    """Read only this rank's chunk of each planned Linear weight, so a rank never holds its whole stage:
+    column-wise layers split weight and bias along dim 0, row-wise ones the weight along dim 1 (the bias is added
+    after the reduction, so it stays whole). Chunks follow DTensor's Shard (torch.chunk)."""
 
-    rank, size = tp_mesh.get_local_rank(), tp_mesh.size()
+    def __init__(self, plan: Dict[str, object], tp_mesh):
+        self.plan = plan
+        self.mesh = tp_mesh
+        self.rank, self.size = tp_mesh.get_local_rank(), tp_mesh.size()
 
-    def shard(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _dim(self, name: str) -> Optional[int]:
+        from torch.distributed.tensor.parallel import ColwiseParallel
+
         module, _, attr = name.rpartition(".")
-        style = plan.get(module)
+        style = self.plan.get(module)
         if style is None:
-            return tensor
-        dim = 0 if isinstance(style, ColwiseParallel) else (1 if attr == "weight" else None)
+            return None
+        return 0 if isinstance(style, ColwiseParallel) else (1 if attr == "weight" else -1)
+
+    def block(self, name: str, shape: Tuple[int, ...]) -> Optional[Tuple[slice, ...]]:
+        dim = self._dim(name)
+        if dim is None or dim < 0:
+            return None
+        chunk = math.ceil(shape[dim] / self.size)
+        if chunk == 0 or math.ceil(shape[dim] / chunk) != self.size:
+            raise EngineError(f"{name} {shape} cannot be split in {self.size} along dim {dim}")
+        start = self.rank * chunk
+        return tuple(slice(start, min(start + chunk, shape[dim])) if d == dim else slice(None)
+                     for d in range(len(shape)))
+
+    def wrap(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        dim = self._dim(name)
         if dim is None:
-            return DTensor.from_local(tensor, tp_mesh, [Replicate()], run_check=False)
-        chunks = torch.chunk(tensor, size, dim=dim)
-        if len(chunks) != size:
-            raise EngineError(f"{name} {tuple(tensor.shape)} cannot be split in {size} along dim {dim}")
-        return DTensor.from_local(chunks[rank].clone(), tp_mesh, [Shard(dim)], run_check=False)
-
-    return shard
+            return tensor
+        placement = Replicate() if dim < 0 else Shard(dim)
+        return DTensor.from_local(tensor, self.mesh, [placement], run_check=False)
 
 
-class TensorParallelStage:
+class TensorParallelStage(StepModel):
     """A `StepModel` for one rank of a pp x tp grid; every rank runs the same generation loop."""
 
     def __init__(self, stage: PipelineStage, ranks: Ranks, tp_size: int, vocab_size: int, dtype: torch.dtype):
         self.stage = stage
+        self.wire = collective_device()  # nccl takes CUDA tensors, gloo CPU ones
         self.rank = ranks.rank
         self.tp_size = tp_size
         self.tp_rank = ranks.rank % tp_size
@@ -96,59 +112,56 @@ class TensorParallelStage:
         if info.is_first:
             inputs = input_ids
         else:
-            inputs = torch.empty(rows, width, self.hidden_size, dtype=self.dtype)
+            inputs = torch.empty(rows, width, self.hidden_size, dtype=self.dtype, device=self.wire)
             dist.recv(inputs, src=self._peer(-1))
         output = self.stage.run(inputs, attention_mask, position_ids, cache)
         if not info.is_last:
-            dist.send(output.to(self.dtype).cpu().contiguous(), dst=self._peer(+1))
+            dist.send(output.to(self.wire, self.dtype).contiguous(), dst=self._peer(+1))
             output = None
         logits = None
         if info.is_last and self.tp_rank == 0 and self.rank != 0:
-            dist.send(output.cpu().contiguous(), dst=0)
+            dist.send(output.to(self.wire).contiguous(), dst=0)
         elif info.is_last and self.rank == 0:
             logits = output
         if self.rank == 0 and not info.is_last:
-            logits = torch.empty(rows, self.vocab_size, dtype=torch.float32)
+            logits = torch.empty(rows, self.vocab_size, dtype=torch.float32, device=self.wire)
             dist.recv(logits, src=(info.count - 1) * self.tp_size)
         return logits, cache
 
     def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        dist.broadcast(tokens, src=0)
-        return tokens
-
-    def end(self, cache) -> None:
-        pass
+        return broadcast_tokens(tokens)
 
 
-def load(config: ModelConfig, layout: ParallelLayout, ranks: Ranks, model_path: Path, device: torch.device,
-         dtype: torch.dtype, progress: Progress) -> TensorParallelStage:
+def load(context: LoadContext) -> TensorParallelStage:
     """Build this rank's tensor-parallel shard of its pipeline stage."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
+    config, layout, ranks, device, dtype = context.config, context.layout, context.ranks, context.device, context.dtype
     mesh = init_device_mesh(device.type, (layout.pp_size, layout.tp_size), mesh_dim_names=("pp", "tp"))
     stage_index = ranks.rank // layout.tp_size
     failure: Optional[Exception] = None
     try:
-        model = build_meta_model(model_path, dtype, config.handler.trust_remote_code)
+        model = build_meta_model(context.model_path, dtype, config.handler.trust_remote_code)
         layers_path, layers = find_layer_list(model)
         bounds = stage_bounds(len(layers), layout.pp_size, layers_path, config.pippy.split_points)
         plan = tensor_parallel_plan(model, layers_path, *bounds[stage_index])
         before = peak_rss_mb()
-        info = materialize_stage(model, stage_index, bounds, layers_path, model_path, device, dtype,
-                                 shard=_shard_as_read(plan, mesh["tp"]))
+        info = materialize_stage(model, stage_index, bounds, layers_path, context.model_path, device, dtype,
+                                 slicer=_ShardAsRead(plan, mesh["tp"]))
         parallelize_module(model, mesh["tp"], plan)  # the weights are DTensors already: this adds the layouts
         release_memory()
         stage = PipelineStage(model, info, device, dtype)
     except Exception as error:  # noqa: BLE001 - agree with the other ranks first, then raise
         failure = error
-    if any_rank_failed(failure is not None, torch.device("cpu")) and failure is None:
+    if any_rank_failed(failure is not None) and failure is None:
         failure = EngineError("another rank failed to load its part of the model; its model log says why")
     if failure is not None:
         raise failure
     vocab = model.get_output_embeddings().weight.shape[0]
-    progress(f"pptp stage {info.index + 1}/{info.count}, tp rank {ranks.rank % layout.tp_size + 1}/{layout.tp_size}: "
-             f"{layers_path}.{info.start}..{info.end - 1} ({len(plan)} Linear modules sharded); peak RSS {peak_rss_mb():.0f} MiB, "
-             f"{peak_rss_mb() - before:+.0f} MiB over the {before:.0f} MiB before reading weights; stage weights "
-             f"{info.stage_bytes / 2**20:.1f} MiB, model {info.model_bytes / 2**20:.1f} MiB")
+    context.progress(
+        f"pptp stage {info.index + 1}/{info.count}, tp rank {ranks.rank % layout.tp_size + 1}/{layout.tp_size}: "
+        f"{layers_path}.{info.start}..{info.end - 1} ({len(plan)} Linear modules sharded); peak RSS "
+        f"{peak_rss_mb():.0f} MiB, {peak_rss_mb() - before:+.0f} MiB over the {before:.0f} MiB before reading "
+        f"weights; stage weights {info.stage_bytes / 2**20:.1f} MiB, model {info.model_bytes / 2**20:.1f} MiB")
     return TensorParallelStage(stage, ranks, layout.tp_size, vocab, dtype)

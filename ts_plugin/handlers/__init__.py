@@ -1,5 +1,6 @@
 """Base handlers for TorchServe. `handlers/*.py` at the repository root are the files for --handler."""
-from ._requests import RequestError, SamplingParams, TextRequest
-from .base import ConfigError, LLMHandler
+from ..requests import RequestError, SamplingParams, TextRequest
+from .base import AccelerateHandler, ConfigError, DeepSpeedHandler, LLMHandler, PipelineHandler, PPTPHandler
 
-__all__ = ["ConfigError", "LLMHandler", "RequestError", "SamplingParams", "TextRequest"]
+__all__ = ["AccelerateHandler", "ConfigError", "DeepSpeedHandler", "LLMHandler", "PipelineHandler", "PPTPHandler",
+           "RequestError", "SamplingParams", "TextRequest"]

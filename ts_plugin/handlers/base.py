@@ -1,16 +1,41 @@
-"""The base handler every parallelType shares: config check at start, requests, batching,
-streaming, metrics and rank roles. Engines plug in through `load_model`."""
+"""The base handler every parallelType shares: config check at start, requests, batching, streaming, metrics,
+rank roles and TorchServe's sync or async worker. The engine is picked from the config's parallelType
+(`ts_plugin.engines.ENGINES`); the named handlers below only declare which parallelType their file serves.
+
+asyncCommunication (`parallelLevel` + `asyncCommunication: true`, parallelType custom): ts/async_service.py runs
+an asyncio loop and does `ret = await handle(batch, context)`, so `handle` returns an awaitable. Requests arrive
+without waiting for earlier answers, each batch with its own deep copy of the context (request_ids, response
+status, headers). Every batch runs the ordinary synchronous generation in one dedicated thread, so batches run
+one at a time, in arrival order, and the event loop keeps receiving requests meanwhile. TorchServe 0.12 quirks
+worked around there (frontend AsyncBatchAggregator):
+- `batchSize` must be 1: AsyncBatchAggregator.getRequest removes jobs from the map it is iterating, so the
+  first time two requests are batched the frontend's worker thread dies (ConcurrentModificationException),
+  the worker is restarted and those requests never get an answer. The validator refuses it (TSP211).
+- a batch that ends in a message-level error (an exception escaping `handle`) is answered by failing EVERY
+  request then in flight on the worker, not only that batch's. So in async mode nothing escapes: a failing
+  batch answers each of its requests with its own status (503, or a PredictionException's code).
+- streaming works: intermediate chunks carry `ts_stream_next: true` and the last one `false`. Chunks are
+  written to the worker socket from the generation thread while TorchServe's response thread may write another
+  batch's final answer; each is one small write of a whole message to a Unix stream socket, which the kernel
+  does not interleave.
+"""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from ..config import ModelConfig, ParallelLayout, Report, ValidationContext, validate_text
-from ._requests import Limits, RequestError, TextRequest, check_lengths, parse_request
+from ..requests import Limits, RequestError, TextRequest, check_lengths
+from ..engines import Follower, Loaded, LoadContext
+from ..engines import load as load_engine
+from ._tgi import parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +70,14 @@ def torch_dtype(name: Optional[str], device_type: str):
 
 
 class LLMHandler:
-    """Serve a HuggingFace causal LM. Subclasses implement `load_model` (and may override
-    `preprocess` / `postprocess`).
+    """Serve a HuggingFace causal LM with the engine of the config's parallelType. Subclasses may override
+    `preprocess` / `postprocess`.
 
     Request: `{"inputs": "...", "parameters": {...}, "stream": false}` or a plain-text prompt.
     Response: `{"generated_text": "...", "details": {"prompt_tokens", "completion_tokens", "finish_reason"}}`.
     """
 
-    #: the parallelType an engine handler serves, and its name in messages (None: any)
+    #: the parallelType a named handler's file serves, and its name in messages (None: any)
     parallel_type: Optional[str] = None
     engine_name = "base"
 
@@ -60,9 +85,12 @@ class LLMHandler:
         self.initialized = False
         self.config: Optional[ModelConfig] = None
         self.layout: Optional[ParallelLayout] = None
-        self.model = None
+        self.model = None  # a StepModel where this rank runs generation
+        self.follower = None  # a Follower where it serves another rank instead (pp stages 1..n-1)
         self.tokenizer = None
         self._batches = 0
+        self._batch_lock = threading.Lock()
+        self._executor: Optional[ThreadPoolExecutor] = None
 
     # --- start-up -------------------------------------------------------------------------------
     def initialize(self, context: Any) -> None:
@@ -88,13 +116,23 @@ class LLMHandler:
         torch.manual_seed(self.config.handler.manual_seed)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        init_process_group(self.ranks, self.device, self.process_group_timeout())
+        init_process_group(self.ranks, self.device, self.layout.process_group_timeout_s)
         self.model_path = self.resolve_model_path()
         self.log_progress(f"loading {self.model_path} on {self.device} as {self.dtype}")
         started = time.perf_counter()
         self.tokenizer = self.load_tokenizer()
-        self.model = self.load_model()
+        loaded = self.load_model()
         self.log_progress(f"model ready in {time.perf_counter() - started:.1f}s")
+        if isinstance(loaded, Follower):
+            self.follower = loaded
+            self.follower.start()
+            self.log_progress("follower loop running; waiting for rank 0")
+        else:
+            self.model = loaded
+        if self.asynchronous:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ts_plugin-generate")
+            self.log_progress(f"asyncCommunication: handle is awaitable, batches run one at a time "
+                              f"(parallelLevel {self.config.parallel_level or 1})")
         self.limits = Limits(self.config.handler.max_new_tokens, self.config.handler.max_request_bytes)
         self.max_positions = self.model_max_positions()
         self.eos_token_ids = self.eos_ids()
@@ -108,9 +146,6 @@ class LLMHandler:
         if self.layout.uses_torchrun and self.layout.world_size != self.ranks.world_size:
             raise ConfigError(f"the config asks for {self.layout.world_size} ranks but torchrun started "
                               f"{self.ranks.world_size} (WORLD_SIZE)")
-
-    def process_group_timeout(self) -> Optional[float]:
-        return float(self.config.response_timeout)
 
     def log_progress(self, message: str) -> None:
         logger.info("[rank %d/%d] %s", self.ranks.rank, self.ranks.world_size, message)
@@ -131,9 +166,15 @@ class LLMHandler:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
 
-    def load_model(self):
-        """Return a `ts_plugin.generation.StepModel` for this rank. Engines implement it."""
-        raise NotImplementedError
+    def load_model(self) -> Loaded:
+        """This rank's StepModel (or Follower), from the engine of the config's parallelType."""
+        context = LoadContext(self.config, self.layout, self.ranks, self.model_path, self.model_dir, self.device,
+                              self.dtype, self.log_progress)
+        return load_engine(context)
+
+    @property
+    def asynchronous(self) -> bool:
+        return bool(self.config is not None and self.config.async_communication)
 
     def model_max_positions(self) -> Optional[int]:
         config = self.hf_config()
@@ -190,7 +231,49 @@ class LLMHandler:
                 "details": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                             "finish_reason": result.finish_reason}}
 
-    def handle(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
+    def handle(self, data: List[Dict[str, Any]], context: Any):
+        """A list of responses (sync worker), or an awaitable of it (asyncCommunication: true)."""
+        if self.follower is not None:
+            raise RuntimeError(f"PREDICT reached rank {self.ranks.rank}, which serves rank 0's messages; TorchServe "
+                               "sends pp predictions to rank 0 only, which drives the other stages")
+        if self.asynchronous:
+            return self._handle_async(data, context)
+        return self._handle_one_batch(data, context)
+
+    def shutdown(self) -> None:
+        """The worker stops: end the follower loops (rank 0 tells them), remove offloaded weights."""
+        for part in (self.model, self.follower):
+            if part is not None:
+                part.close()
+
+    def _handle_one_batch(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
+        with self._batch_lock:  # the model and the batch counter serve one batch at a time
+            return self._generate_batch(data, context)
+
+    async def _handle_async(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
+        from ts.service import PredictionException
+
+        if self._executor is None:  # handle called before initialize finished
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ts_plugin-generate")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._handle_one_batch, data, context)
+        except PredictionException as error:
+            return self._fail_batch(data, context, error.error_code, error.message)
+        except MemoryError:
+            logger.error("out of memory in a batch", exc_info=True)
+            return self._fail_batch(data, context, 507, "Out of resources")
+        except Exception as error:  # noqa: BLE001 - see the module docstring: nothing may escape in async mode
+            logger.error("batch failed", exc_info=True)
+            return self._fail_batch(data, context, 503, f"Prediction failed: {type(error).__name__}")
+
+    @staticmethod
+    def _fail_batch(data: List[Any], context: Any, status: int, message: str) -> List[Any]:
+        for index in range(len(data)):
+            context.set_response_status(status, message, index)
+        return [{"error": message, "error_type": "internal"} for _ in data]
+
+    def _generate_batch(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
         self.context = context
         parsed = self.preprocess(data)
         responses: List[Any] = [None] * len(parsed)
@@ -263,3 +346,33 @@ class _Streamer:
         chunks[index] = stream_line({"token": {"text": text}, "generated_text": None, "details": None})
         send_intermediate_predict_response(chunks, {index: self.context.request_ids[index]},
                                            "Intermediate Prediction success", 200, self.context)
+
+
+class PipelineHandler(LLMHandler):
+    """parallelType pp: each rank holds a stage. TorchServe sends PREDICT to rank 0 only, which runs the
+    generation loop and drives the other ranks; they run a follower loop started at the end of `initialize`."""
+
+    parallel_type = "pp"
+    engine_name = "pipeline"
+
+
+class DeepSpeedHandler(LLMHandler):
+    """parallelType tp: DeepSpeed inference; every rank gets every batch and computes its shard."""
+
+    parallel_type = "tp"
+    engine_name = "DeepSpeed"
+
+
+class PPTPHandler(LLMHandler):
+    """parallelType pptp: pp_size stages x tp_size ranks each; TorchServe sends every batch to every rank."""
+
+    parallel_type = "pptp"
+    engine_name = "pptp"
+
+
+class AccelerateHandler(LLMHandler):
+    """parallelType custom: one process, the model spread over its GPUs, CPU and disk by an Accelerate device map,
+    in TorchServe's sync worker or (asyncCommunication) its async one."""
+
+    parallel_type = "custom"
+    engine_name = "Accelerate"

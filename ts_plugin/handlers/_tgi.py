@@ -1,11 +1,12 @@
-"""Parse and check request bodies (text-generation-inference shape). Pure and deterministic:
+"""Parse and check request bodies of the text-generation-inference shape. Pure and deterministic:
 every rank reaches the same verdict on the same bytes, before any collective."""
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict
+
+from ..requests import Limits, RequestError, SamplingParams, TextRequest
 
 PARAMETERS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "seed", "stop",
               "repetition_penalty")
@@ -13,40 +14,6 @@ PARAMETERS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "s
 IGNORED_PARAMETERS = ("details", "decoder_input_details", "return_full_text", "truncate", "watermark",
                       "best_of", "typical_p")
 MAX_STOP_SEQUENCES = 4
-
-
-class RequestError(Exception):
-    """A bad request: answered with `status` on every rank, nothing computed."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    do_sample: bool = False
-    seed: Optional[int] = None
-    stop: List[str] = field(default_factory=list)
-    repetition_penalty: float = 1.0
-
-
-@dataclass
-class TextRequest:
-    prompt: str
-    params: SamplingParams
-    stream: bool = False
-    input_ids: List[int] = field(default_factory=list)  # filled by the handler's tokenizer
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_new_tokens: int
-    max_request_bytes: int
 
 
 def _body(row: Dict[str, Any]) -> Any:
@@ -153,22 +120,3 @@ def _params(params: Dict[str, Any], limits: Limits) -> SamplingParams:
         stop=stop,
         repetition_penalty=_number(params, "repetition_penalty", float, 1.0, 0.0, 100.0, low_open=True),
     )
-
-
-def check_lengths(prompt_tokens: int, params: SamplingParams, max_length: Optional[int], max_positions: Optional[int]) -> None:
-    """Reject prompts that do not fit; `max_length` is the configured bound, `max_positions` the model's."""
-    for bound, what in ((max_length, "handler.max_length"), (max_positions, "the model's maximum positions")):
-        if bound is None:
-            continue
-        if prompt_tokens >= bound:
-            raise RequestError(f"the prompt has {prompt_tokens} tokens; {what} is {bound}", 413)
-        if prompt_tokens + params.max_new_tokens > bound:
-            raise RequestError(
-                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds {what} ({bound}); "
-                f"ask for at most {bound - prompt_tokens} new tokens", 422)
-
-
-def stop_index(text: str, stops: Sequence[str]) -> int:
-    """End index of the earliest stop sequence in `text`, or -1."""
-    ends = [text.find(s) + len(s) for s in stops if s in text]
-    return min(ends) if ends else -1

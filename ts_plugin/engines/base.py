@@ -1,0 +1,112 @@
+"""The contract between the base handler and the engines.
+
+`ts_plugin.engines.load(LoadContext)` returns, for this rank, either a `StepModel` (a rank that runs the
+generation loop) or a `Follower` (a pp stage that TorchServe never sends PREDICT to: it serves rank 0's
+messages in a loop of its own). Every engine module has one `load(context)` with this signature.
+"""
+from __future__ import annotations
+
+import abc
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Protocol, Tuple, Union
+
+import torch
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig, ParallelLayout
+    from ..distributed import Ranks
+
+Progress = Callable[[str], None]
+
+
+class EngineError(RuntimeError):
+    """The engine cannot serve this model with this config; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """Everything an engine needs to build this rank's part of the model, from the validated config."""
+
+    config: "ModelConfig"
+    layout: "ParallelLayout"
+    ranks: "Ranks"
+    model_path: Path  # the HF model folder
+    model_dir: Path  # the unpacked archive (files named in the config are relative to it)
+    device: torch.device
+    dtype: torch.dtype
+    progress: Progress
+
+
+class StepModel(Protocol):
+    """One forward step over a batch, as `ts_plugin.generation` drives it on every rank that runs the loop.
+    Engines subclass it for the defaults of the last three methods."""
+
+    #: True where the chosen tokens are computed (the others receive them through share_tokens)
+    samples_here: bool
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                cache: Any) -> Tuple[Optional[torch.Tensor], Any]:
+        """Run one step; return (logits of the last position [batch, vocab] or None, the new cache)."""
+
+    def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Return the driver's tokens on every rank that runs the loop."""
+
+    def row_groups(self, rows: int) -> List[range]:
+        """Groups of rows generated concurrently, each by a loop of its own (default: the whole batch)."""
+        return [range(rows)]
+
+    def end(self, cache: Any) -> None:
+        """Release the batch's cache (and tell follower ranks the batch is over)."""
+
+    def close(self) -> None:
+        """Release what the model holds beyond memory (follower loops, offload folders); the worker stops."""
+
+
+class Follower(abc.ABC):
+    """A rank that serves another rank's messages instead of requests (pp stages 1..n-1)."""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start serving in the background; return at once."""
+
+    def close(self) -> None:
+        """The worker stops (the loop ends when the driver says so or the process group goes away)."""
+
+
+Loaded = Union[StepModel, Follower]
+
+
+class HFStepModel(StepModel):
+    """A HuggingFace causal LM on one device (or tensor-parallel, where every rank runs the same step)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, share: Optional[Callable] = None,
+                 samples_here: bool = True):
+        self.model = model
+        self.device = device
+        self._share = share
+        self.samples_here = samples_here
+        self._extra = cache_kwargs(model)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, attention_mask, position_ids, cache):
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                         position_ids=position_ids.to(self.device), use_cache=True, **self._extra(cache))
+        return out.logits[:, -1, :].float(), output_cache(out)
+
+    def share_tokens(self, tokens):
+        return self._share(tokens) if self._share else tokens
+
+
+def cache_kwargs(model: torch.nn.Module) -> Callable[[Any], dict]:
+    """transformers 5 names the KV cache argument `cache`, 4.x `past_key_values`; only the last
+    position's logits are needed where the model supports `logits_to_keep`."""
+    parameters = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in parameters else "past_key_values"
+    fixed = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    return lambda cache: {name: cache, **fixed}
+
+
+def output_cache(output: Any) -> Any:
+    return output["cache"] if "cache" in output else output.get("past_key_values")

@@ -1,0 +1,59 @@
+"""What a request asks for, whatever its wire format: the prompt, the sampling parameters and the limits.
+Shared by the request parsers (ts_plugin.handlers) and the generation loop; no torch import."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+
+class RequestError(Exception):
+    """A bad request: answered with `status` on every rank, nothing computed."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    do_sample: bool = False
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class TextRequest:
+    prompt: str
+    params: SamplingParams
+    stream: bool = False
+    input_ids: List[int] = field(default_factory=list)  # filled by the handler's tokenizer
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens: int
+    max_request_bytes: int
+
+
+def check_lengths(prompt_tokens: int, params: SamplingParams, max_length: Optional[int], max_positions: Optional[int]) -> None:
+    """Reject prompts that do not fit; `max_length` is the configured bound, `max_positions` the model's."""
+    for bound, what in ((max_length, "handler.max_length"), (max_positions, "the model's maximum positions")):
+        if bound is None:
+            continue
+        if prompt_tokens >= bound:
+            raise RequestError(f"the prompt has {prompt_tokens} tokens; {what} is {bound}", 413)
+        if prompt_tokens + params.max_new_tokens > bound:
+            raise RequestError(
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds {what} ({bound}); "
+                f"ask for at most {bound - prompt_tokens} new tokens", 422)
+
+
+def stop_index(text: str, stops: Sequence[str]) -> int:
+    """End index of the earliest stop sequence in `text`, or -1."""
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    return min(ends) if ends else -1

@@ -25,6 +25,8 @@ JSON_FILES = {
     "ds-tp4.json": json.dumps({"tensor_parallel": {"tp_size": 4}}),
     "ds-mp3.json": json.dumps({"mp_size": 3}),
     "not-json.json": "{'tensor_parallel': ",
+    "heads9.json": json.dumps({"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}),
+    "heads8.json": json.dumps({"num_attention_heads": 8, "num_key_value_heads": 4, "hidden_size": 512}),
 }
 
 Ctx = Optional[Callable[[Path], ValidationContext]]
@@ -177,6 +179,11 @@ TRIPS = [
                  None, id="606"),
     pytest.param("TSP607", "handler:\n  trust_remote_code: true\n", "handler.trust_remote_code", (2, 3), None, id="607"),
     pytest.param("TSP608", "deviceType: gpu\n", "deviceType", (1, 1), gpus(0), id="608"),
+    pytest.param("TSP609", TP2 + "deepspeed:\n  config: ds-config.json\n", "deepspeed.config", (5, 3), beside,
+                 id="609"),
+    pytest.param("TSP610", PPTP4 + "pippy:\n  pp_size: 2\n", "torchrun.nproc-per-node", (3, 3),
+                 archive(**{"config.json": "heads9.json"}), id="610"),
+    pytest.param("TSP505", PPTP4 + "pippy:\n  pp_size: 2\n  chunks: 2\n", "pippy.chunks", (6, 3), None, id="505"),
 ]
 
 # --- near configs that must not trip the code: (code, yaml, context) -------------------------------
@@ -250,6 +257,13 @@ NEAR = [
     pytest.param("TSP607", "handler:\n  trust_remote_code: false\n", None, id="607"),
     pytest.param("TSP608", "deviceType: gpu\n", gpus(1), id="608"),
     pytest.param("TSP608", "deviceType: gpu\n", None, id="608-unknown-host"),
+    pytest.param("TSP609", TP2 + "deepspeed:\n  config: ds-tp2.json\n", beside, id="609"),
+    pytest.param("TSP609", TP2 + "deepspeed:\n  config: ds-config.json\n", archive(**{"ds-config.json": "ds-tp2.json"}),
+                 id="609-archive-known"),
+    pytest.param("TSP610", PPTP4 + "pippy:\n  pp_size: 2\n", archive(**{"config.json": "heads8.json"}), id="610"),
+    pytest.param("TSP610", PPTP4 + "pippy:\n  pp_size: 4\n", archive(**{"config.json": "heads9.json"}),
+                 id="610-tp1"),
+    pytest.param("TSP505", PPTP4 + "pippy:\n  pp_size: 2\n  chunks: 1\n", None, id="505"),
 ]
 
 
@@ -435,6 +449,21 @@ def test_validate_file_looks_beside_the_config(files_dir):
     assert [f.code for f in validate_file(path).findings] == ["TSP605"]
     path.write_text(TP2 + OWN_RDZV + "deepspeed:\n  config: ds-tp2.json\n", encoding="utf-8")
     assert validate_file(path).findings == []
+
+
+def test_validate_alone_finds_files_in_the_model_folder_beside_the_config(files_dir):
+    (files_dir / "model").mkdir()
+    (files_dir / "model" / "ds-config.json").write_text(JSON_FILES["ds-tp4.json"], encoding="utf-8")
+    (files_dir / "model" / "config.json").write_text(JSON_FILES["heads9.json"], encoding="utf-8")
+    path = files_dir / "model-config.yaml"
+    path.write_text(PPTP4 + OWN_RDZV + "pippy:\n  pp_size: 2\nhandler:\n  model_path: model\n", encoding="utf-8")
+    report = validate_file(path)
+    assert [f.code for f in report.findings] == ["TSP610"], report.text()
+    assert "9 attention heads and 3 key/value heads" in report.findings[0].message
+    assert "tp sizes that work: 1, 3" in report.findings[0].message
+    path.write_text(TP2 + OWN_RDZV + "deepspeed:\n  config: ds-config.json\nhandler:\n  model_path: model\n",
+                    encoding="utf-8")
+    assert [f.code for f in validate_file(path).findings] == ["TSP605"]  # found in the model folder, and read
 
 
 def test_model_dir_context_reports_missing_files(tmp_path):

@@ -67,6 +67,7 @@ CHUNKS_OVER_BATCH = _rule("TSP502", "warning", "pippy.chunks larger than batchSi
 MAX_MEMORY_KEY = _rule("TSP503", "error", "handler.max_memory key that is not a GPU id, cpu or disk")
 CHUNKS_OVER_STAGES = _rule("TSP504", "warning", "pp with pippy.chunks larger than the pipeline stages (at most one "
                            "micro-batch per stage is in flight)")
+CHUNKS_UNDER_PPTP = _rule("TSP505", "warning", "pptp with pippy.chunks > 1 (pptp generates each batch as one group)")
 PATH_ABSOLUTE = _rule("TSP601", "error", "an absolute path where a file inside the archive is expected")
 PATH_ESCAPES = _rule("TSP602", "error", "a path that leaves the model folder")
 FILE_MISSING = _rule("TSP603", "error", "a referenced file is not among the archive's files")
@@ -75,6 +76,10 @@ TP_SIZE_MISMATCH = _rule("TSP605", "error", "DeepSpeed tp_size (or mp_size) diff
 MODEL_PATH_MISSING = _rule("TSP606", "warning", "an absolute handler.model_path that does not exist on this host")
 TRUST_REMOTE_CODE = _rule("TSP607", "warning", "handler.trust_remote_code runs code shipped with the model")
 GPU_EXPECTED = _rule("TSP608", "warning", "deviceType gpu on a host without GPUs (the frontend falls back to cpu)")
+FILE_NOT_BESIDE = _rule("TSP609", "warning", "a referenced file is neither beside the config nor in the model folder "
+                        "(without --extra-files the archive's contents are unknown)")
+HEADS_NOT_DIVISIBLE = _rule("TSP610", "error", "pptp's tensor-parallel size does not divide the model's attention "
+                            "heads (the worker would fail every request)")
 
 
 @dataclass
@@ -184,6 +189,7 @@ def validate_text(text: str, source: str = "model-config.yaml", context: Optiona
     _check_devices(config, layout, out, context)
     _check_sections(config, layout, out)
     _check_files(config, layout, out, context)
+    _check_model(config, layout, out, context)
     report.findings = sorted(out.findings, key=lambda f: (f.line, f.column, f.code))
     report.config, report.layout = config, layout
     return report
@@ -461,7 +467,7 @@ def _check_sections(config: ModelConfig, layout: ParallelLayout, out: _Collector
         out.add(SECTION_CONFLICT, ("handler", "device_map"),
                 f"handler.device_map is for parallelType custom (Accelerate), not {ptype}",
                 "remove handler.device_map, or use parallelType custom")
-    if config.pippy is not None and ptype in ("pp", "pptp") and config.pippy.chunks > config.batch_size:
+    if config.pippy is not None and ptype == "pp" and config.pippy.chunks > config.batch_size:
         out.add(CHUNKS_OVER_BATCH, ("pippy", "chunks"),
                 f"pippy.chunks {config.pippy.chunks} > batchSize {config.batch_size}: a batch never fills all micro-batches",
                 f"raise batchSize to at least {config.pippy.chunks}, or lower chunks")
@@ -471,6 +477,11 @@ def _check_sections(config: ModelConfig, layout: ParallelLayout, out: _Collector
                 f"{layout.pp_size} micro-batches, one per stage (more could not all be in flight, and each would "
                 "read the stage's weights once more per token)",
                 f"set `chunks: {layout.pp_size}`")
+    if config.pippy is not None and ptype == "pptp" and config.pippy.chunks > 1:
+        out.add(CHUNKS_UNDER_PPTP, ("pippy", "chunks"),
+                f"pippy.chunks {config.pippy.chunks} is not used by parallelType pptp: every rank runs each batch as "
+                "one group of rows through its stage",
+                "remove `chunks` (micro-batches that overlap across stages are a parallelType pp feature)")
     for key in config.handler.max_memory or {}:
         valid = (isinstance(key, int) and key >= 0) or key in ("cpu", "disk") or (isinstance(key, str) and key.isdigit())
         if not valid:
@@ -520,12 +531,20 @@ def _check_files(config: ModelConfig, layout: ParallelLayout, out: _Collector, c
             continue
         if not must_exist:
             continue
-        local = _locate(value, context)
+        local = _locate(value, context, config.handler.model_path)
         if local is None:
             if context.archive_files is not None or context.model_dir is not None:
                 out.add(FILE_MISSING, path, f"{key} names {value!r}, which is not in the archive",
                         f"add it with --extra-files (archive files: {', '.join(sorted(context.archive_files or {})[:8]) or 'none'})"
                         if context.model_dir is None else f"ship {value!r} inside the model archive")
+            elif context.config_dir is not None:
+                # a warning, not an error: --extra-files may bring it from elsewhere; `ts-plugin archive` and the
+                # worker refuse the config if the archive lacks it
+                out.add(FILE_NOT_BESIDE, path,
+                        f"{key} names {value!r}, which is neither beside the config ({context.config_dir}) nor in the "
+                        "model folder",
+                        f"put {value!r} there, or check the archive's layout with `ts-plugin validate --extra-files "
+                        "<the files you will archive>`")
             continue
         try:
             parsed = json.loads(local.read_text(encoding="utf-8"))
@@ -551,6 +570,45 @@ def _check_files(config: ModelConfig, layout: ParallelLayout, out: _Collector, c
                     "fine if it exists on the serving host; otherwise ship the model in the archive and use a relative path")
 
 
+def _check_model(config: ModelConfig, layout: ParallelLayout, out: _Collector, context: ValidationContext) -> None:
+    """Rules that need the model's config.json, where the model folder can be seen."""
+    if layout.parallel_type != "pptp" or layout.tp_size < 2:
+        return
+    local = _locate(os.path.join(config.handler.model_path or "", "config.json"), context)
+    if local is None and config.handler.model_path and os.path.isabs(config.handler.model_path):
+        local = Path(config.handler.model_path, "config.json")
+    try:
+        hf_config = json.loads(local.read_text(encoding="utf-8")) if local is not None else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # not this rule's business: loading the model reports it
+    if not isinstance(hf_config, dict):
+        return
+    hf_config = hf_config.get("text_config", hf_config) if isinstance(hf_config.get("text_config"), dict) else hf_config
+    problem = attention_split_problem(hf_config, layout.tp_size)
+    if problem:
+        path = ("torchrun", "nproc-per-node") if config.torchrun and config.torchrun.nproc_per_node else ("parallelType",)
+        out.add(HEADS_NOT_DIVISIBLE, path, f"parallelType pptp with tp size {layout.tp_size} (world size "
+                f"{layout.world_size} / pippy.pp_size {layout.pp_size}): {problem}", PPTP_HEADS_HINT)
+
+
+PPTP_HEADS_HINT = ("use a tp size that divides both (nproc-per-node = pippy.pp_size x tp size), or serve this model "
+                   "with parallelType tp (DeepSpeed splits uneven heads)")
+
+
+def attention_split_problem(hf_config: Dict[str, Any], tp_size: int) -> Optional[str]:
+    """Why a model's attention heads cannot be split evenly over `tp_size` ranks (torch's ColwiseParallel cuts a
+    projection into equal chunks, so each rank must get whole heads), or None. `hf_config`: config.json's dict."""
+    heads = hf_config.get("num_attention_heads", hf_config.get("n_head"))
+    if not isinstance(heads, int):
+        return None
+    kv_heads = hf_config.get("num_key_value_heads") or heads
+    if heads % tp_size == 0 and kv_heads % tp_size == 0:
+        return None
+    fits = [t for t in range(1, heads + 1) if heads % t == 0 and kv_heads % t == 0]
+    return (f"the model's {heads} attention heads and {kv_heads} key/value heads do not both divide by {tp_size}; "
+            f"tp sizes that work: {', '.join(map(str, fits))}")
+
+
 def _escapes(value: str) -> bool:
     parts = PurePosixPath(value.replace("\\", "/")).parts
     depth = 0
@@ -561,7 +619,10 @@ def _escapes(value: str) -> bool:
     return False
 
 
-def _locate(value: str, context: ValidationContext) -> Optional[Path]:
+def _locate(value: str, context: ValidationContext, model_path: Optional[str] = None) -> Optional[Path]:
+    """The local file behind an archive-relative name: in the unpacked archive, the archive's listed files, or
+    (validate alone) beside the config, then in the model folder (handler.model_path, relative to the config's
+    folder)."""
     normalised = os.path.normpath(value).replace("\\", "/")
     if context.model_dir is not None:
         candidate = context.model_dir / normalised
@@ -569,8 +630,10 @@ def _locate(value: str, context: ValidationContext) -> Optional[Path]:
     if context.archive_files is not None:
         return context.archive_files.get(normalised)
     if context.config_dir is not None:
-        candidate = context.config_dir / normalised
-        return candidate if candidate.is_file() else None
+        folders = [context.config_dir]
+        if model_path and not _escapes(model_path):
+            folders.append(context.config_dir / model_path)  # an absolute model_path replaces config_dir here
+        return next((folder / normalised for folder in folders if (folder / normalised).is_file()), None)
     return None
 
 

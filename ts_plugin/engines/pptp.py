@@ -18,6 +18,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ..config.rules import PPTP_HEADS_HINT, attention_split_problem
 from ..distributed import Ranks, any_rank_failed, broadcast_tokens, collective_device
 from ._checkpoint import build_meta_model, peak_rss_mb, release_memory
 from .base import EngineError, LoadContext, StepModel
@@ -137,7 +138,13 @@ def load(context: LoadContext) -> TensorParallelStage:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
+    from transformers import AutoConfig
+
     config, layout, ranks, device, dtype = context.config, context.layout, context.ranks, context.device, context.dtype
+    hf_config = AutoConfig.from_pretrained(str(context.model_path), trust_remote_code=config.handler.trust_remote_code)
+    problem = attention_split_problem(hf_config.get_text_config().to_dict(), layout.tp_size)
+    if problem:  # the same verdict on every rank, before any collective; it would load, then fail every request
+        raise EngineError(f"parallelType pptp with tp size {layout.tp_size}: {problem}. Fix: {PPTP_HEADS_HINT}")
     mesh = init_device_mesh(device.type, (layout.pp_size, layout.tp_size), mesh_dim_names=("pp", "tp"))
     stage_index = ranks.rank // layout.tp_size
     failure: Optional[Exception] = None

@@ -68,8 +68,10 @@ def test_device_map_is_logged_once_and_disk_offload_stays_in_the_model_folder(se
     assert lines["acc-auto"][0].endswith("device map: the whole model -> cpu")
     disk = lines["acc-disk"][0]
     assert "model.embed_tokens" in disk and "-> cpu |" in disk and disk.endswith("-> disk"), disk
-    offloaded = list((store / "acc-disk" / "offload").glob("worker-*/*.dat"))
-    assert offloaded, "the offloaded weights are memory-mapped files inside the model folder"
+    # transformers reads safetensors weights for the disk in place; whatever it must write goes in this folder
+    folders = list((store / "acc-disk" / "offload").glob("worker-*"))
+    assert folders and all(folder.is_dir() for folder in folders), "the offload folder is inside the model folder"
+    assert any(f"offloading to {folder}" in log for folder in folders)
 
 
 @pytest.mark.parametrize("name", ["acc-disk", "acc-async"])

@@ -345,7 +345,8 @@ def test_encoder_decoder_model_is_refused(tmp_path):
         build_meta_model(tmp_path, torch.float32)
 
 
-@pytest.mark.parametrize("family, stages", [("mistral", 3), ("qwen2", 2), ("gpt_neox", 3), ("phi", 2), ("opt", 3)])
+@pytest.mark.parametrize("family, stages", [("mistral", 3), ("qwen2", 2), ("gpt_neox", 3), ("phi", 2), ("phi3", 2),
+                                            ("opt", 3)])
 def test_other_families_split_in_process(tmp_path, family, stages):
     """Stages chained in one process (no transport) give HF's greedy tokens, for other decoder families."""
     import torch
@@ -357,23 +358,9 @@ def test_other_families_split_in_process(tmp_path, family, stages):
     from ts_plugin.engines.pipeline import PipelineStage, find_layer_list, materialize_stage, stage_bounds
     from ts_plugin.generation import generate
     from ts_plugin.requests import SamplingParams
-    from ts_plugin.tiny_model import make_tiny_model, make_tokenizer
+    from ts_plugin.tiny_model import make_tiny_model
 
-    if family == "opt":
-        path = make_tiny_model(tmp_path / family, arch="opt")
-    else:
-        tokenizer = make_tokenizer(tmp_path / family)
-        common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, max_position_embeddings=256, initializer_range=0.3,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
-        config = {"mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=4, **common),
-                  "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=2, **common),
-                  "gpt_neox": lambda: transformers.GPTNeoXConfig(**common),
-                  "phi": lambda: transformers.PhiConfig(**common)}[family]()
-        torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / family)
-        path = tmp_path / family
+    path = make_tiny_model(tmp_path / family, arch=family)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
 

@@ -68,6 +68,12 @@ CONFIG = {"minWorkers": 1, "maxWorkers": 1, "responseTimeout": 120, "deviceType"
           "handler": {"max_new_tokens": 16, "max_length": 128}}
 
 
+def make_tiny_model(*args, **kwargs) -> Path:
+    from ts_plugin.tiny_model import make_tiny_model
+
+    return make_tiny_model(*args, **kwargs)
+
+
 def save_model(path: Path, family: str, shards: int = 2, **overrides) -> Path:
     """A random-weight model of `family` (GQA where it has it) with the local tokenizer, as sharded safetensors."""
     import torch
@@ -118,6 +124,9 @@ MODELS = {  # case -> (family, config overrides)
     "opt": ("opt", {}),  # tied, biases everywhere, learned positions
 }
 POLICY = {"LlamaDecoderLayer": ["self_attn.o_proj", "mlp.down_proj"]}
+# more architectures, for parity only: each is read slice by slice or, where AutoTP fuses weights (GPT-NeoX's
+# query_key_value), loaded whole. Phi-3 and GPT-2 are refused at load (test_a_model_autotp_cannot_run_is_refused).
+OTHER_ARCHS = ("gpt_neox", "mistral")
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +142,9 @@ def runs(tmp_path_factory):
         cases += [case, f"{case}-bin"]
     shutil.copytree(root / "llama", root / "llama-policy")
     cases.append("llama-policy")
+    for arch in OTHER_ARCHS:
+        make_tiny_model(root / arch, arch=arch, layers=3, shards=2)
+        cases.append(arch)
     for case in cases:
         config = CONFIG if case != "llama-policy" else {**CONFIG, "deepspeed": {**CONFIG["deepspeed"],
                                                                                   "injection_policy": POLICY}}
@@ -180,6 +192,54 @@ def test_lean_layer_forwards_compute_what_deepspeeds_do(runs, case):
         assert any(f"{expected} tensor-parallel linear layers run the lean CPU forward" in line
                    for line in result["log"])
         assert result["lean_is_stock"]
+
+
+@pytest.mark.parametrize("arch", OTHER_ARCHS)
+def test_other_architectures_match_generate(runs, arch):
+    root, ranks = runs
+    expected = reference_ids(root / arch)
+    for rank in ranks:
+        assert rank[arch]["token_ids"] == expected, rank[arch]["log"]
+
+
+REFUSED_SCRIPT = textwrap.dedent(r'''
+    import json, os, sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from ts_plugin.handlers import DeepSpeedHandler
+
+    model_dir = Path(sys.argv[1])
+    context = SimpleNamespace(system_properties={"model_dir": str(model_dir)}, manifest={"model": {}},
+                              model_yaml_config=json.loads((model_dir / "tp.json").read_text()))
+    handler = DeepSpeedHandler()
+    try:
+        handler.initialize(context)
+        message = "loaded"
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+    (model_dir / f"load{handler.ranks.rank}.txt").write_text(message)
+    os._exit(0)
+''')
+
+
+def test_a_model_autotp_shards_but_cannot_run_is_refused_at_load(tmp_path):
+    """AutoTP splits Phi-3's fused qkv_proj, but transformers' Phi-3 slices its output by the whole model's head
+    counts: DeepSpeed's own forward fails on every request. The worker must not reach READY with it."""
+    model_dir = make_tiny_model(tmp_path / "phi3", arch="phi3", layers=2)
+    (model_dir / "tp.json").write_text(json.dumps(CONFIG))
+    script = tmp_path / "refused.py"
+    script.write_text(REFUSED_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
+    result = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                             str(free_port()), str(script), str(model_dir)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    for rank in (0, 1):
+        message = (model_dir / f"load{rank}.txt").read_text()
+        assert message.startswith("EngineError: DeepSpeed sharded Phi3ForCausalLM over the ranks, but the sharded "
+                                  "model cannot run"), message
+        assert "parallelType pp or custom" in message
 
 
 def test_injection_policy_is_read_slice_by_slice(runs):

@@ -11,7 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
-ARCHS = ("llama", "opt", "gpt2")
+#: model_type -> the architecture's own quirk kept in the tiny model (GQA where it has it)
+ARCHS = {
+    "llama": {"num_key_value_heads": 2, "tie_word_embeddings": False},
+    "mistral": {"num_key_value_heads": 2, "sliding_window": 4},  # a window shorter than the tests' sequences
+    "qwen2": {"num_key_value_heads": 2},  # q/k/v biases
+    "phi3": {"num_key_value_heads": 2},  # fused qkv_proj and gate_up_proj
+    "gpt_neox": {},  # fused query_key_value; the checkpoint's embed_out is the model's lm_head
+    "phi": {},  # partial rotary, parallel attention and MLP
+    "opt": {},  # learned positions, tied embeddings, biases everywhere
+    "gpt2": {},  # Conv1D layers, tied embeddings
+}
 
 _CORPUS = (
     "the quick brown fox jumps over the lazy dog . large models are served by torchserve with "
@@ -39,8 +49,10 @@ def make_tokenizer(path: Union[str, Path], vocab_size: int = 512):
 
 
 def make_tiny_model(path: Union[str, Path], arch: str = "llama", layers: int = 4, hidden: int = 64,
-                    seed: int = 0, shards: int = 1, safetensors: bool = True, init_range: float = 0.3) -> Path:
-    """Save a random-weight causal LM and its tokenizer as a HuggingFace model folder.
+                    seed: int = 0, shards: int = 1, safetensors: bool = True, init_range: float = 0.3,
+                    **overrides) -> Path:
+    """Save a random-weight causal LM and its tokenizer as a HuggingFace model folder; `overrides` go into the
+    model's config (e.g. num_attention_heads=6).
 
     `init_range` is larger than the usual 0.02 so that logits are peaked and greedy decoding does not
     hinge on near-ties (which tiny numeric differences between parallel layouts would flip).
@@ -55,22 +67,17 @@ def make_tiny_model(path: Union[str, Path], arch: str = "llama", layers: int = 4
     tokenizer = make_tokenizer(path)
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id, initializer_range=init_range)
-    if arch == "llama":
-        config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                          tie_word_embeddings=False, **common)
-        cls = transformers.LlamaForCausalLM
-    elif arch == "opt":
-        config = transformers.OPTConfig(hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=layers,
-                                        num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden,
-                                        **common)
-        config.init_std = init_range
-        cls = transformers.OPTForCausalLM
+    if arch == "opt":
+        sizes = dict(hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
+                     max_position_embeddings=256, word_embed_proj_dim=hidden, init_std=init_range)
+    elif arch == "gpt2":
+        sizes = dict(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256)
     else:
-        config = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common)
-        cls = transformers.GPT2LMHeadModel
+        sizes = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
+                     max_position_embeddings=256)
+    config = transformers.AutoConfig.for_model(arch, **{**common, **sizes, **ARCHS[arch], **overrides})
     torch.manual_seed(seed)
-    model = cls(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     max_shard = f"{max(1, model.num_parameters() * 4 // shards // 1024 + 1)}KB" if shards > 1 else "10GB"
     model.save_pretrained(str(path), safe_serialization=safetensors, max_shard_size=max_shard)

@@ -3,13 +3,16 @@
 The model is built from its HF config with parameters on the meta device (`_checkpoint.build_meta_model`,
 buffers real), the device map is computed with Accelerate's own `get_balanced_memory` /
 `infer_auto_device_map` (or taken as given when the config names a module -> device dict), and the
-checkpoint is loaded shard by shard with `load_checkpoint_in_model` + `dispatch_model` (what
-`load_checkpoint_and_dispatch` does, with a check for missing weights in between). Host memory at the peak
-holds the parameters placed on the CPU plus about one checkpoint shard, never a second copy of the model
-(measured: a 74 MiB model in 18 MiB shards, 1 MiB of it on the CPU, peaks 21.5 MiB over the baseline).
+checkpoint is loaded into that map by transformers' own `from_pretrained(device_map=..., offload_folder=...)`,
+which applies the model's checkpoint key mapping (GPT-NeoX's `embed_out` is its `lm_head`) and ties weights;
+a weight the checkpoint lacks is refused rather than initialised at random. Host memory at the peak holds
+about the parameters placed on the CPU, never a second copy of the model (measured: a 74 MiB model in 18 MiB
+shards, 1 MiB of it on the CPU, peaks 6.0 MiB over the baseline; 20.4 MiB with Accelerate's
+`load_checkpoint_in_model`, which read a shard at a time).
 
-Modules that do not fit go to "disk": their weights are written as memory-mapped files into an offload
-folder, either `handler.offload_folder` (resolved inside the model folder, never outside) or a temporary
+Modules that do not fit go to "disk": transformers reads safetensors weights for them in place, from the
+checkpoint, and writes memory-mapped files only where it must (a dtype change, .bin checkpoints), into an
+offload folder: `handler.offload_folder` (resolved inside the model folder, never outside) or a temporary
 folder. Either way each load writes into a sub-folder of its own (named after the process id), removed when
 the process exits or, after a SIGKILL, by the next load; so two workers of one model never share files.
 """
@@ -182,19 +185,6 @@ def device_of(name: str, device_map: DeviceMap) -> Optional[Device]:
     return best[1] if best else None
 
 
-def check_loaded(model: torch.nn.Module, device_map: DeviceMap, offload_buffers: bool) -> None:
-    """Everything not offloaded to disk must hold real values after loading: a weight missing from the
-    checkpoint would otherwise stay on the meta device (load_checkpoint_in_model is not strict)."""
-    missing = [name for name, param in model.named_parameters()
-               if param.is_meta and device_of(name, device_map) != "disk"]
-    missing += [name for name, buffer in model.named_buffers()
-                if buffer.is_meta and not (offload_buffers and device_of(name, device_map) == "disk")]
-    if missing:
-        raise EngineError(f"the checkpoint does not hold {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
-                          "they would stay uninitialised (meta). Check that the model folder's weights match "
-                          "its config.")
-
-
 def no_split_classes(model: torch.nn.Module, configured: Optional[List[str]]) -> List[str]:
     """handler.no_split_module_classes, checked against the model; else the model's `_no_split_modules`."""
     present = {type(module).__name__ for module in model.modules()}
@@ -328,10 +318,28 @@ def _mib(size: float) -> str:
 
 # --- loading -------------------------------------------------------------------------------------
 
+def _load_with_device_map(model_path: Path, dtype: torch.dtype, handler: HandlerConfig, device_map: DeviceMap,
+                          offload_folder: Optional[str]) -> torch.nn.Module:
+    """transformers' own loading into the map: it applies the model's checkpoint key mapping (GPT-NeoX's embed_out
+    is its lm_head), ties weights and offloads to disk, tensor by tensor. A weight missing from the checkpoint
+    would be initialised at random with a warning: refused instead."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(model_path), dtype=dtype, device_map=device_map, offload_folder=offload_folder,
+        offload_buffers=handler.offload_buffers, trust_remote_code=handler.trust_remote_code,
+        output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise EngineError(f"the checkpoint does not hold {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                          "transformers would initialise them at random. Check that the model folder's weights "
+                          "match its config.")
+    return model
+
+
 def load(context: LoadContext) -> DispatchedModel:
     """Build, place and load the model; return a step model with `device_map` and `offload_dir`."""
     from accelerate import dispatch_model
-    from accelerate.utils import load_checkpoint_in_model
 
     handler, model_path, dtype, progress = context.config.handler, context.model_path, context.dtype, context.progress
     device = context.device
@@ -351,20 +359,18 @@ def load(context: LoadContext) -> DispatchedModel:
         raise EngineError("the device map puts the whole model on disk; give handler.max_memory more cpu (or GPU) "
                           "memory, at least the size of the largest layer")
     offload_dir = make_offload_dir(offload_root) if "disk" in device_map.values() else None
-    skip_keys = getattr(model, "_skip_keys_device_placement", None)
     strategy = "dict" if isinstance(handler.device_map, dict) else handler.device_map or "auto"
     progress(f"accelerate: loading with device_map {strategy}"
              + (f", offloading to {offload_dir}" if offload_dir else ""))
     folder = str(offload_dir) if offload_dir else None
     try:
         if handler.low_cpu_mem_usage:
-            # load_checkpoint_and_dispatch, split in two to check for missing weights before dispatching
-            load_checkpoint_in_model(model, str(model_path), device_map=device_map, offload_folder=folder, dtype=dtype,
-                                     offload_state_dict="disk" in device_map.values(),
-                                     offload_buffers=handler.offload_buffers)
-        check_loaded(model, device_map, handler.offload_buffers)
-        model = dispatch_model(model, device_map=device_map, offload_dir=folder,
-                               offload_buffers=handler.offload_buffers, skip_keys=skip_keys)
+            del model  # the skeleton only served to compute the map
+            model = _load_with_device_map(model_path, dtype, handler, device_map, folder)
+        else:
+            model = dispatch_model(model, device_map=device_map, offload_dir=folder,
+                                   offload_buffers=handler.offload_buffers,
+                                   skip_keys=getattr(model, "_skip_keys_device_placement", None))
     except BaseException:
         if offload_dir is not None:
             shutil.rmtree(offload_dir, ignore_errors=True)

@@ -81,9 +81,23 @@ def load(context: LoadContext) -> HFStepModel:
         if pair is not None:
             progress(f"{_use_lean_forwards(module, pair)} tensor-parallel linear layers run the lean CPU forward")
             share = pair.broadcast
+    _check_it_runs(module, device)
     release_memory()
     progress(f"shard ready (peak RSS {peak_rss_mb():.0f} MiB)")
     return HFStepModel(module, device, share=share, samples_here=ranks.is_driver)
+
+
+def _check_it_runs(module: torch.nn.Module, device: torch.device) -> None:
+    """One forward of one token on every rank before READY: AutoTP shards some models in a way their own code
+    cannot run (transformers' Phi-3 slices its fused qkv_proj output by the whole model's head counts), and such a
+    worker would otherwise fail every request. The shapes are the same on every rank, so every rank fails alike."""
+    try:
+        with torch.inference_mode():
+            module(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    except RuntimeError as error:
+        raise EngineError(f"DeepSpeed sharded {type(module).__name__} over the ranks, but the sharded model cannot run "
+                          f"({error}). Serve it with parallelType pp or custom, or give deepspeed.injection_policy / "
+                          "kernel injection on a GPU host.") from error
 
 
 def _init_inference(model: torch.nn.Module, settings: Dict[str, Any]):

@@ -238,10 +238,9 @@ def materialize_stage(model: torch.nn.Module, stage: int, bounds: List[Tuple[int
         if key not in shared:
             current = getattr(module, attr)  # the skeleton's dtype: `dtype`, or what the model keeps in fp32
             target_dtype = current.dtype if tensor.is_floating_point() and current.is_floating_point() else tensor.dtype
-            shared[key] = tensor.to(device=device, dtype=target_dtype)
-            if slicer is not None:
-                shared[key] = slicer.wrap(name, shared[key])
-            stage_bytes += shared[key].numel() * shared[key].element_size()
+            local = tensor.to(device=device, dtype=target_dtype)
+            stage_bytes += local.numel() * local.element_size()  # what this rank holds, not a DTensor's global size
+            shared[key] = slicer.wrap(name, local) if slicer is not None else local
         del tensor
         if is_param:
             if key not in parameters:

@@ -21,7 +21,7 @@ CATEGORIES = (
     ("LinearAllreduce.forward", "linear layers (matmul)"),
     ("modules/linear.py", "linear layers (matmul)"),
     ("choose_tokens", "sampling and detokenizing"),
-    ("_advance", "sampling and detokenizing"),
+    ("advance (", "sampling and detokenizing"),
 )
 #: a main-thread sample inside a request has this frame (TorchServe's worker and bench.driver both call it)
 REQUEST_FRAME = "LLMHandler.handle"

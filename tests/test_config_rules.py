@@ -184,6 +184,13 @@ TRIPS = [
     pytest.param("TSP610", PPTP4 + "pippy:\n  pp_size: 2\n", "torchrun.nproc-per-node", (3, 3),
                  archive(**{"config.json": "heads9.json"}), id="610"),
     pytest.param("TSP505", PPTP4 + "pippy:\n  pp_size: 2\n  chunks: 2\n", "pippy.chunks", (6, 3), None, id="505"),
+    pytest.param("TSP213", "continuousBatching: true\nbatchSize: 4\nasyncCommunication: true\n", "asyncCommunication",
+                 (3, 1), None, id="213"),
+    pytest.param("TSP214", "continuousBatching: true\nbatchSize: 4\nsequenceBatching: true\n", "sequenceBatching",
+                 (3, 1), None, id="214"),
+    pytest.param("TSP215", "continuousBatching: true\nbatchSize: 1\n", "batchSize", (2, 1), None, id="215"),
+    pytest.param("TSP216", "parallelType: pp\ntorchrun:\n  nproc-per-node: 2\ncontinuousBatching: true\nbatchSize: 4\n"
+                 "pippy:\n  chunks: 2\n", "pippy.chunks", (7, 3), None, id="216"),
 ]
 
 # --- near configs that must not trip the code: (code, yaml, context) -------------------------------
@@ -264,6 +271,11 @@ NEAR = [
     pytest.param("TSP610", PPTP4 + "pippy:\n  pp_size: 4\n", archive(**{"config.json": "heads9.json"}),
                  id="610-tp1"),
     pytest.param("TSP505", PPTP4 + "pippy:\n  pp_size: 2\n  chunks: 1\n", None, id="505"),
+    pytest.param("TSP213", "asyncCommunication: true\nbatchSize: 1\n", None, id="213"),
+    pytest.param("TSP214", "sequenceBatching: true\n", None, id="214"),
+    pytest.param("TSP215", "continuousBatching: true\nbatchSize: 2\n", None, id="215"),
+    pytest.param("TSP216", "parallelType: pp\ntorchrun:\n  nproc-per-node: 2\nbatchSize: 4\npippy:\n  chunks: 2\n",
+                 None, id="216"),
 ]
 
 

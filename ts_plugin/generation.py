@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -115,41 +115,19 @@ def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], par
 def _generate_batch(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], params: Sequence[SamplingParams],
                     default_seed: int, eos_ids: Sequence[int], on_text: Optional[StreamCallback]) -> List[SequenceResult]:
     start = time.perf_counter()
-    sequences = []
-    for index, (ids, p) in enumerate(zip(prompts, params)):
-        generator = torch.Generator().manual_seed(p.seed if p.seed is not None else default_seed + index)
-        sequences.append(_Sequence(list(ids), p, generator))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    sequences = [new_sequence(ids, p, default_seed + index) for index, (ids, p) in enumerate(zip(prompts, params))]
+    pad_id = pad_token_id(tokenizer, eos_ids)
+    input_ids, attention_mask, position_ids = left_padded(prompts, pad_id)
     eos = set(eos_ids)
     cache = None
     try:
         while True:
             logits, cache = model.forward(input_ids, attention_mask, position_ids, cache)
-            failure: Optional[Exception] = None
-            tokens = torch.zeros(len(sequences), dtype=torch.long)
-            if model.samples_here:
-                try:
-                    tokens = choose_tokens(logits.cpu(), sequences)  # each row's generator is a CPU one
-                except Exception as error:  # noqa: BLE001 - re-raised below, after the peers were told
-                    # the other ranks already wait in share_tokens: send them -1 so that they fail this batch too
-                    # instead of waiting for tokens that never come (and pairing later collectives wrongly)
-                    failure, tokens = error, torch.full((len(sequences),), -1, dtype=torch.long)
-            tokens = model.share_tokens(tokens)
-            if failure is not None:
-                raise failure
-            if bool((tokens < 0).any()):
-                raise RuntimeError("the driver rank failed while choosing the next tokens; see its log")
+            tokens = next_tokens(model, logits, sequences)
             now = time.perf_counter()
             for row, seq in enumerate(sequences):
                 if seq.finish_reason is None:
-                    _advance(seq, int(tokens[row]), tokenizer, eos, now, row, on_text)
+                    advance(seq, int(tokens[row]), tokenizer, eos, now, row, on_text)
             if all(seq.finish_reason for seq in sequences):
                 break
             # finished rows keep stepping with a pad token: ranks must run identical shapes
@@ -166,7 +144,47 @@ def _generate_batch(model: StepModel, tokenizer: Any, prompts: Sequence[List[int
                            (seq.first_token_at or start) - start, elapsed) for seq in sequences]
 
 
-def _advance(seq: _Sequence, token: int, tokenizer: Any, eos: set, now: float, row: int,
+def new_sequence(prompt_ids: Sequence[int], params: SamplingParams, default_seed: int) -> _Sequence:
+    """A sequence to generate, with its own generator: its seed, or `default_seed`."""
+    generator = torch.Generator().manual_seed(params.seed if params.seed is not None else default_seed)
+    return _Sequence(list(prompt_ids), params, generator)
+
+
+def pad_token_id(tokenizer: Any, eos_ids: Sequence[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+
+
+def left_padded(prompts: Sequence[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position_ids of prompts padded on the left to one width."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask, (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def next_tokens(model: StepModel, logits: Optional[torch.Tensor], sequences: Sequence[_Sequence]) -> torch.Tensor:
+    """Each row's next token, chosen where the model samples and shared with every rank that runs the loop."""
+    failure: Optional[Exception] = None
+    tokens = torch.zeros(len(sequences), dtype=torch.long)
+    if model.samples_here:
+        try:
+            tokens = choose_tokens(logits.cpu(), sequences)  # each row's generator is a CPU one
+        except Exception as error:  # noqa: BLE001 - re-raised below, after the peers were told
+            # the other ranks already wait in share_tokens: send them -1 so that they fail this batch too
+            # instead of waiting for tokens that never come (and pairing later collectives wrongly)
+            failure, tokens = error, torch.full((len(sequences),), -1, dtype=torch.long)
+    tokens = model.share_tokens(tokens)
+    if failure is not None:
+        raise failure
+    if bool((tokens < 0).any()):
+        raise RuntimeError("the driver rank failed while choosing the next tokens; see its log")
+    return tokens
+
+
+def advance(seq: _Sequence, token: int, tokenizer: Any, eos: set, now: float, row: int,
              on_text: Optional[StreamCallback]) -> None:
     if seq.first_token_at is None:
         seq.first_token_at = now

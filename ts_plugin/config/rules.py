@@ -54,6 +54,13 @@ ASYNC_BATCHING = _rule("TSP211", "error", "asyncCommunication with batchSize > 1
 SINGLE_RANK = _rule("TSP210", "warning", "a pp/tp/pptp worker with a single rank")
 SHARED_RENDEZVOUS = _rule("TSP212", "warning", "torchrun on the host-wide default rendezvous localhost:29400 "
                           "(one model's restart restarts the others)")
+CB_ASYNC = _rule("TSP213", "error", "continuousBatching with asyncCommunication (the async worker re-sends running "
+                 "requests without waiting for their answers)")
+CB_SEQUENCE = _rule("TSP214", "error", "continuousBatching with sequenceBatching (the frontend's sequence batcher "
+                    "is used instead, with a quota of twice batchSize)")
+CB_BATCH_ONE = _rule("TSP215", "warning", "continuousBatching with batchSize 1 (one request at a time: nothing joins)")
+CB_CHUNKS = _rule("TSP216", "warning", "continuousBatching with pippy.chunks > 1 (the live rows step through the "
+                  "stages as one group)")
 DEVICE_IDS_DUPLICATE = _rule("TSP301", "error", "deviceIds lists a GPU twice")
 DEVICE_IDS_NEGATIVE = _rule("TSP302", "error", "a negative GPU id in deviceIds")
 DEVICE_IDS_TOO_FEW = _rule("TSP303", "error", "deviceIds shorter than the GPUs one worker needs")
@@ -335,6 +342,7 @@ def _check_parallel(config: ModelConfig, layout: ParallelLayout, out: _Collector
                 f"asyncCommunication: true with batchSize {config.batch_size}: TorchServe 0.12's async batcher "
                 "crashes its worker thread whenever it batches two requests, which are then never answered",
                 "set `batchSize: 1` (each request is then generated on its own)")
+    _check_continuous(config, out)
     if ptype is None:
         for path, value in ((("parallelLevel",), level), (("torchrun",), torchrun)):
             if value is not None:
@@ -390,6 +398,31 @@ def _check_parallel(config: ModelConfig, layout: ParallelLayout, out: _Collector
         out.add(SINGLE_RANK, ("torchrun",) if torchrun else ("parallelType",),
                 f"parallelType {ptype} with a single rank does no parallelism",
                 "set `torchrun: {nproc-per-node: N}` with N > 1, or drop parallelType")
+
+
+def _check_continuous(config: ModelConfig, out: _Collector) -> None:
+    """From the frontend's code (pytorch/serve v0.12.0 WorkLoadManager, ContinuousBatching, AsyncWorkerThread)."""
+    if not config.continuous_batching:
+        return
+    if config.async_communication:
+        out.add(CB_ASYNC, ("asyncCommunication",),
+                "continuousBatching with asyncCommunication: TorchServe 0.12's async worker sends the running requests "
+                "again and again without waiting for the answers, so every step would run many times",
+                "remove `asyncCommunication` (continuous batching already lets requests join at every step)")
+    if config.sequence_batching:
+        out.add(CB_SEQUENCE, ("sequenceBatching",),
+                "continuousBatching with sequenceBatching: the frontend then uses its sequence batcher (stateful "
+                "sessions, a quota of twice batchSize), which ts_plugin's handlers do not serve",
+                "remove `sequenceBatching`")
+    if config.batch_size == 1:
+        out.add(CB_BATCH_ONE, ("batchSize",),
+                "continuousBatching with batchSize 1: the batch holds one request, so none can join a running one",
+                "set `batchSize` to the number of requests that may generate together, e.g. 8")
+    if config.pippy is not None and config.pippy.chunks > 1 and config.parallel_type in ("pp", "pptp"):
+        out.add(CB_CHUNKS, ("pippy", "chunks"),
+                f"pippy.chunks {config.pippy.chunks} is not used with continuousBatching: the live rows step through "
+                "the stages as one group",
+                "remove `chunks`, or set `continuousBatching: false` for micro-batches that overlap across stages")
 
 
 DEFAULT_RDZV_PORT = 29400  # torchrun's c10d default (torch.distributed.elastic.rendezvous)

@@ -60,6 +60,18 @@ class StepModel(Protocol):
     def end(self, cache: Any) -> None:
         """Release the batch's cache (and tell follower ranks the batch is over)."""
 
+    def select_rows(self, cache: Any, rows: List[int], crop: int) -> Any:
+        """Keep only `rows` of the batch's cache, in that order, and drop its first `crop` positions (padding that
+        no kept row attends); continuous batching removes finished and cancelled rows with it."""
+        select_cache_rows(cache, rows, crop)
+        return cache
+
+    def merge(self, cache: Any, other: Any, pad: int, other_pad: int) -> Any:
+        """`cache`'s rows, then `other`'s, after left-padding them with `pad` and `other_pad` positions to one
+        length; `other` is used up. Continuous batching joins newly prefilled rows to the running batch with it."""
+        merge_caches(cache, other, pad, other_pad)
+        return cache
+
     def close(self) -> None:
         """Release what the model holds beyond memory (follower loops, offload folders); the worker stops."""
 
@@ -110,3 +122,45 @@ def cache_kwargs(model: torch.nn.Module) -> Callable[[Any], dict]:
 
 def output_cache(output: Any) -> Any:
     return output["cache"] if "cache" in output else output.get("past_key_values")
+
+
+def cache_layers(cache: Any) -> List[Any]:
+    """The distinct layers of a transformers DynamicCache that hold tensors (pp stages alias other stages' slots
+    to their own layers, so each is edited once)."""
+    seen, layers = set(), []
+    for layer in getattr(cache, "layers", None) or []:
+        if id(layer) not in seen and getattr(layer, "keys", None) is not None and layer.keys.numel():
+            seen.add(id(layer))
+            layers.append(layer)
+    return layers
+
+
+def check_row_editable(cache: Any) -> None:
+    """Rows can join and leave only where every layer keeps all positions (transformers' DynamicLayer): a
+    sliding-window layer keeps a window of its own length, which left padding would shift."""
+    from transformers.cache_utils import DynamicLayer
+
+    kinds = {type(layer).__name__ for layer in getattr(cache, "layers", None) or [] if type(layer) is not DynamicLayer}
+    if kinds:
+        raise EngineError(f"continuous batching needs a KV cache of full-attention layers; this model's cache has "
+                          f"{', '.join(sorted(kinds))} (sliding-window or other layers). Set continuousBatching: false.")
+
+
+def select_cache_rows(cache: Any, rows: List[int], crop: int) -> None:
+    for layer in cache_layers(cache):
+        index = torch.tensor(rows, dtype=torch.long, device=layer.keys.device)
+        layer.keys = layer.keys.index_select(0, index)[..., crop:, :]
+        layer.values = layer.values.index_select(0, index)[..., crop:, :]
+
+
+def merge_caches(cache: Any, other: Any, pad: int, other_pad: int) -> None:
+    import torch.nn.functional as F
+
+    mine, theirs = cache_layers(cache), cache_layers(other)
+    if len(mine) != len(theirs):
+        raise EngineError(f"cannot merge KV caches of {len(mine)} and {len(theirs)} layers")
+    for layer, joining in zip(mine, theirs):
+        for attr in ("keys", "values"):
+            a = F.pad(getattr(layer, attr), (0, 0, pad, 0))  # positions are dim -2: pad on their left
+            b = F.pad(getattr(joining, attr).to(a.device), (0, 0, other_pad, 0))
+            setattr(layer, attr, torch.cat([a, b], dim=0))

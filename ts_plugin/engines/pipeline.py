@@ -42,7 +42,7 @@ import torch.distributed as dist
 from ..distributed import Ranks, any_rank_failed
 from ._checkpoint import (build_meta_model, checkpoint_index, checkpoint_key, checkpoint_names, peak_rss_mb,
                           read_tensors, release_memory, tied_names)
-from .base import EngineError, Follower, LoadContext, StepModel, cache_kwargs
+from .base import EngineError, Follower, LoadContext, StepModel, cache_kwargs, merge_caches, select_cache_rows
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,10 @@ LAYER_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neo
                "transformer.blocks", "model.language_model.layers", "decoder.layers", "layers", "h")
 
 # message op codes (header[0])
-FORWARD, END, STOP, ERROR, RESULT = 1, 2, 3, 4, 5
+FORWARD, END, STOP, ERROR, RESULT, SELECT, MERGE = 1, 2, 3, 4, 5, 6, 7
 HEADER = 7  # [op, batch id, rows, new tokens, mask width, dtype code, hidden/vocab size]
+# SELECT: [op, batch id, rows kept, positions cropped] + the kept rows; MERGE: [op, batch id, joining batch id,
+# left padding of the batch, of the joining one] (continuous batching's row edits, applied on every stage)
 DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 #: headers wait on a gloo group of their own with this timeout: an idle follower blocks in a receive for as
@@ -478,6 +480,19 @@ class PipelineDriver(StepModel):
                 logger.warning("[rank 0] could not release batch %d on the other stages", cache.batch_id,
                                exc_info=True)
 
+    def select_rows(self, cache, rows: List[int], crop: int):
+        select_cache_rows(cache.cache, rows, crop)
+        if self.world > 1:
+            self.link.send(1, [SELECT, cache.batch_id, len(rows), crop], torch.tensor(rows, dtype=torch.int64))
+        return cache
+
+    def merge(self, cache, other, pad: int, other_pad: int):
+        merge_caches(cache.cache, other.cache, pad, other_pad)
+        other.cache = None
+        if self.world > 1:
+            self.link.send(1, [MERGE, cache.batch_id, other.batch_id, pad, other_pad])
+        return cache
+
     def close(self) -> None:
         """Tell the followers to leave their loops (the worker is shutting down)."""
         with self._stage_lock:
@@ -527,6 +542,9 @@ class PipelineFollower(Follower):
                     if not self.is_last:
                         self.link.send(nxt, header)
                     continue
+                if op in (SELECT, MERGE):
+                    self._edit_rows(header, prev, nxt)
+                    continue
                 out = None
                 if op == FORWARD:
                     ints = self.link.recv(prev, (rows * (mask_width + width),), torch.int64)
@@ -554,6 +572,21 @@ class PipelineFollower(Follower):
                                          out.shape[-1]], ints, out)
         except Exception as error:  # noqa: BLE001 - the process group was destroyed or a peer exited
             logger.warning("[rank %d] pipeline follower loop ended: %s", rank, error)
+
+    def _edit_rows(self, header: List[int], prev: int, nxt: int) -> None:
+        op, batch_id, first, second, third = header[:5]
+        payload = []
+        if op == SELECT:
+            rows = self.link.recv(prev, (first,), torch.int64)
+            payload = [rows]
+            if batch_id in self.caches:
+                select_cache_rows(self.caches[batch_id], rows.tolist(), second)
+        else:
+            joining = self.caches.pop(first, None)
+            if batch_id in self.caches and joining is not None:
+                merge_caches(self.caches[batch_id], joining, second, third)
+        if not self.is_last:
+            self.link.send(nxt, header, *payload)
 
 
 # --- entry point ------------------------------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ from typing import Any, Dict, List, Optional, Union
 
 from ..config import ModelConfig, ParallelLayout, Report, ValidationContext, validate_text
 from ..requests import Limits, RequestError, TextRequest, check_lengths
+from ..continuous import ContinuousBatch
 from ..engines import Follower, Loaded, LoadContext
+from ..engines.base import check_row_editable
 from ..engines import load as load_engine
 from ._tgi import parse_request
 
@@ -91,6 +93,8 @@ class LLMHandler:
         self._batches = 0
         self._batch_lock = threading.Lock()
         self._executor: Optional[ThreadPoolExecutor] = None
+        self.continuous: Optional[ContinuousBatch] = None  # continuousBatching: the live rows
+        self._live: Dict[str, TextRequest] = {}  # continuousBatching: request id -> its request
 
     # --- start-up -------------------------------------------------------------------------------
     def initialize(self, context: Any) -> None:
@@ -136,6 +140,8 @@ class LLMHandler:
         self.limits = Limits(self.config.handler.max_new_tokens, self.config.handler.max_request_bytes)
         self.max_positions = self.model_max_positions()
         self.eos_token_ids = self.eos_ids()
+        if self.model is not None and self.config.continuous_batching:
+            self.continuous = self._continuous_batch()
         self.initialized = True
 
     def check_layout(self) -> None:
@@ -171,6 +177,13 @@ class LLMHandler:
         context = LoadContext(self.config, self.layout, self.ranks, self.model_path, self.model_dir, self.device,
                               self.dtype, self.log_progress)
         return load_engine(context)
+
+    def _continuous_batch(self) -> "ContinuousBatch":
+        from transformers import DynamicCache
+
+        check_row_editable(DynamicCache(config=self.hf_config()))
+        self.log_progress("continuousBatching: requests join and leave the running batch at every step")
+        return ContinuousBatch(self.model, self.tokenizer, self.eos_token_ids, self.config.handler.manual_seed)
 
     @property
     def asynchronous(self) -> bool:
@@ -248,7 +261,63 @@ class LLMHandler:
 
     def _handle_one_batch(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
         with self._batch_lock:  # the model and the batch counter serve one batch at a time
+            if self.continuous is not None:
+                return self._continuous_step(data, context)
             return self._generate_batch(data, context)
+
+    def _continuous_step(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
+        """One call of TorchServe's ContinuousBatching aggregator: the running requests (rows without a body: the
+        frontend has them cached here) plus new ones. One step for all; a request stays while its answer says
+        `ts_stream_next: true` (context.stopping_criteria). Streaming requests get their JSON line each step,
+        the others an empty chunk (written as nothing) until their whole answer."""
+        self.context = context
+        request_ids = [context.request_ids[index] for index in range(len(data))]
+        for request_id in self.continuous.keep_only(request_ids):
+            self._live.pop(request_id, None)
+            self.log_progress(f"request {request_id} left the batch (its client went away): cancelled")
+        new = [i for i, request_id in enumerate(request_ids) if request_id not in self.continuous]
+        responses: List[Any] = [""] * len(data)
+        done = [False] * len(data)
+        joining = []
+        for index, item in zip(new, self.preprocess([data[i] for i in new])):
+            if not data[index]:
+                item = RequestError("this request's state was lost when an earlier step failed; send it again", 500)
+            if isinstance(item, RequestError):
+                context.set_response_status(item.status, str(item), index)
+                responses[index], done[index] = {"error": str(item), "error_type": "validation"}, True
+            else:
+                self._live[request_ids[index]] = item
+                joining.append((request_ids[index], item.input_ids, item.params))
+        try:
+            outputs = self.continuous.step(joining) if joining or len(self.continuous) else {}
+        except BaseException:
+            self._live.clear()  # the batch was reset: the frontend fails every running request with this call
+            raise
+        results = []
+        for index, request_id in enumerate(request_ids):
+            if done[index]:
+                continue
+            output, request = outputs[request_id], self._live[request_id]
+            if output.result is not None:
+                done[index] = True
+                results.append(output.result)
+                del self._live[request_id]
+                responses[index] = self.postprocess(request, output.result)
+                if request.stream:
+                    responses[index] = stream_line({"token": {"text": output.text}, **responses[index]})
+            elif request.stream:
+                responses[index] = stream_line({"token": {"text": output.text}, "generated_text": None,
+                                                "details": None})
+            if not request.stream:
+                context.set_response_content_type(index, "application/json")
+        # None leaves ts_stream_next unset: an answer that is whole in its first reply must go out as a plain
+        # response (the frontend never sends the HTTP head of a stream that ends in its first reply)
+        first = set(new)
+        verdicts = [None if index in first and done[index] else done[index] for index in range(len(data))]
+        context.stopping_criteria = [lambda _answer, verdict=verdict: verdict for verdict in verdicts]
+        if results:
+            self._record_metrics(context, results)
+        return responses
 
     async def _handle_async(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
         from ts.service import PredictionException

@@ -1,0 +1,119 @@
+"""ts_plugin.continuous in-process, on real tiny transformers models: rows that join a running batch at any step,
+leave when they finish or are cancelled, and give the tokens of single-process generate (greedy) or of the same
+request alone (seeded sampling)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _llm import PROMPTS
+from ts_plugin.continuous import ContinuousBatch
+from ts_plugin.engines.base import HFStepModel, cache_layers
+from ts_plugin.requests import SamplingParams
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ts_plugin.tiny_model import make_tiny_model
+
+    path = make_tiny_model(tmp_path_factory.mktemp("cb") / request.param, arch=request.param)
+    hf = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    return hf, AutoTokenizer.from_pretrained(str(path))
+
+
+def reference(hf, ids, max_new_tokens):
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, len(ids):].tolist()
+    eos = hf.generation_config.eos_token_id
+    return new[:new.index(eos)] if eos in new else new
+
+
+def run(batch, schedule, steps):
+    """schedule: step -> [(request id, prompt ids, params)] joining then; returns request id -> result."""
+    results, widths = {}, []
+    for step in range(steps):
+        for request_id, output in batch.step(schedule.get(step, [])).items():
+            if output.result is not None:
+                results[request_id] = output.result
+        if batch.mask is not None:
+            widths.append((len(batch), batch.mask.shape[1], [layer.keys.shape for layer in cache_layers(batch.cache)]))
+    return results, widths
+
+
+def test_rows_joining_and_leaving_give_single_process_greedy_tokens(model):
+    hf, tokenizer = model
+    batch = ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    lengths = [14, 3, 6]
+    schedule = {0: [("long", prompts[0], SamplingParams(lengths[0]))],
+                3: [("short", prompts[1], SamplingParams(lengths[1])), ("mid", prompts[2], SamplingParams(lengths[2]))],
+                5: [("late", prompts[1], SamplingParams(4))]}
+    results, widths = run(batch, schedule, 20)
+    assert results["long"].token_ids == reference(hf, prompts[0], lengths[0])
+    assert results["short"].token_ids == reference(hf, prompts[1], lengths[1])
+    assert results["mid"].token_ids == reference(hf, prompts[2], lengths[2])
+    assert results["late"].token_ids == reference(hf, prompts[1], 4)
+    assert len(batch) == 0 and batch.cache is None  # every row left; the cache was released
+    for rows, width, shapes in widths:  # the cache always has one row and one position per mask entry
+        assert all(shape[0] == rows and shape[-2] == width for shape in shapes)
+    assert max(rows for rows, _, _ in widths) == 3
+
+
+def test_padding_no_row_needs_any_more_is_cropped(model):
+    hf, tokenizer = model
+    batch = ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0)
+    long_prompt, short_prompt = tokenizer(PROMPTS[1])["input_ids"], tokenizer(PROMPTS[2])["input_ids"]
+    batch.step([("long", long_prompt, SamplingParams(2)), ("short", short_prompt, SamplingParams(6))])
+    wide = batch.mask.shape[1]
+    results, _ = run(batch, {}, 2)
+    assert "long" in results and len(batch) == 1
+    # only the short row is left: the long prompt's padding in front of it is gone
+    assert batch.mask.shape[1] < wide and bool(batch.mask[:, 0].all())
+    results, _ = run(batch, {}, 6)
+    assert results["short"].token_ids == reference(hf, short_prompt, 6)
+
+
+def test_a_seeded_sampled_request_gives_its_tokens_alone_or_beside_others(model):
+    hf, tokenizer = model
+    sampled = SamplingParams(10, do_sample=True, temperature=1.5, top_k=50, seed=1234)
+    prompt = tokenizer(PROMPTS[0])["input_ids"]
+
+    def tokens(schedule):
+        batch = ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0)
+        return run(batch, schedule, 16)[0]["seeded"].token_ids
+
+    alone = tokens({0: [("seeded", prompt, sampled)]})
+    others = [("a", tokenizer(PROMPTS[1])["input_ids"], SamplingParams(3, do_sample=True)),
+              ("b", tokenizer(PROMPTS[2])["input_ids"], SamplingParams(8, temperature=0.7, do_sample=True))]
+    assert tokens({0: others[:1], 2: [("seeded", prompt, sampled)], 4: others[1:]}) == alone
+    assert tokens({0: [("seeded", prompt, sampled)] + others}) == alone
+
+
+def test_a_cancelled_row_frees_its_place_and_the_others_stay_exact(model):
+    hf, tokenizer = model
+    batch = ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    batch.step([("gone", prompts[1], SamplingParams(30)), ("kept", prompts[0], SamplingParams(12))])
+    batch.step([])
+    assert batch.keep_only(["kept"]) == ["gone"]
+    assert len(batch) == 1 and all(layer.keys.shape[0] == 1 for layer in cache_layers(batch.cache))
+    results, _ = run(batch, {}, 12)
+    assert results["kept"].token_ids == reference(hf, prompts[0], 12)
+    assert batch.keep_only([]) == [] and batch.cache is None
+
+
+def test_caches_with_sliding_window_layers_are_refused(tmp_path):
+    """Left padding would shift a sliding window: continuous batching refuses such a model at load."""
+    from transformers import AutoConfig, DynamicCache
+
+    from ts_plugin.engines.base import EngineError, check_row_editable
+    from ts_plugin.tiny_model import make_tiny_model
+
+    check_row_editable(DynamicCache(config=AutoConfig.from_pretrained(make_tiny_model(tmp_path / "l", arch="llama"))))
+    mistral = AutoConfig.from_pretrained(make_tiny_model(tmp_path / "m", arch="mistral"))
+    with pytest.raises(EngineError, match="DynamicSlidingWindowLayer"):
+        check_row_editable(DynamicCache(config=mistral))

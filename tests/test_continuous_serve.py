@@ -1,0 +1,172 @@
+"""continuousBatching: true through the real TorchServe, on every parallelType: requests join the running batch at
+every step, a short one overtakes a long one, cancelled clients free their rows, seeds stay per request."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+from _llm import PROMPTS, REPO, archive, reference_text, stream_text, write_config
+from torchserve_harness import TorchServe, java_available
+
+pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
+
+LONG = 100  # new tokens of the long request, on PROMPTS[2] (the tiny model ends the others sooner)
+MODELS = {  # name -> (example, handler, overrides)
+    "cb-custom": ("custom", "accelerate_handler.py", {}),
+    "cb-tp": ("tp", "deepspeed_handler.py", {}),
+    "cb-pp": ("pp", "pipeline_handler.py", {"pippy": {"chunks": 1}}),
+    "cb-pptp": ("pptp", "pptp_handler.py", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from ts_plugin.tiny_model import make_tiny_model
+
+    root = tmp_path_factory.mktemp("cb")
+    store = root / "store"
+    store.mkdir()
+    model_dir = make_tiny_model(root / "llama", arch="llama", shards=2)
+    for name, (example, handler, overrides) in MODELS.items():
+        config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml",
+                              continuousBatching=True, batchSize=4, maxBatchDelay=50, deviceType="cpu",
+                              handler={"max_new_tokens": LONG, "max_length": 200}, **overrides)
+        archive(store, name, handler, model_dir, config)
+    with TorchServe(root / "ts", store) as ts:
+        ts.start(models={name: name for name in MODELS})
+        for name in MODELS:
+            ts.wait_ready(name)
+        yield ts, model_dir
+
+
+def test_the_long_request_really_is_long(server):
+    _, model_dir = server
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(str(model_dir))(reference_text(model_dir, PROMPTS[2], LONG))["input_ids"]
+    assert len(tokens) > LONG // 2  # no early end of sequence: the overtaking test below needs the time
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_short_request_overtakes_a_long_one(server, name):
+    ts, model_dir = server
+    events = []
+    long_body = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": LONG}, "stream": True}
+    with ts.predict(name, long_body, stream=True) as long_response:
+        assert long_response.status_code == 200, long_response.text
+        chunks = long_response.iter_content(chunk_size=None)
+        first = next(chunks)  # the long request is generating
+        short = ts.predict(name, {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 2}})
+        events.append("short done")
+        rest = list(chunks)
+        events.append("long done")
+    assert short.status_code == 200, short.text
+    assert short.json()["generated_text"] == reference_text(model_dir, PROMPTS[0], 2)
+    assert stream_text([first, *rest]) == reference_text(model_dir, PROMPTS[2], LONG)
+    assert rest, "the long request was still streaming when the short one finished"
+    assert events == ["short done", "long done"]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_concurrent_mixed_requests_are_exact_and_seeds_stay_per_request(server, name):
+    ts, model_dir = server
+    seeded = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 12, "do_sample": True, "temperature": 1.3,
+                                                  "seed": 99}}
+    alone = ts.predict(name, seeded)
+    assert alone.status_code == 200, alone.text
+    bodies = [{"inputs": p, "parameters": {"max_new_tokens": n}} for p, n in zip(PROMPTS, (20, 5, 9))]
+    bodies.insert(1, seeded)
+    bodies.append({"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 6}, "stream": True})
+    results = [None] * len(bodies)
+
+    def send(index: int, delay: float) -> None:
+        time.sleep(delay)
+        body = bodies[index]
+        if body.get("stream"):
+            results[index] = stream_text(ts.stream_chunks(name, body))
+        else:
+            results[index] = ts.predict(name, body)
+
+    threads = [threading.Thread(target=send, args=(i, 0.05 * i)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results[1].status_code == 200 and results[1].json() == alone.json()
+    for index, (prompt, n) in zip((0, 2, 3), zip(PROMPTS, (20, 5, 9))):
+        assert results[index].status_code == 200, results[index].text
+        assert results[index].json()["generated_text"] == reference_text(model_dir, prompt, n)
+    assert results[4] == reference_text(model_dir, PROMPTS[2], 6)
+
+
+@pytest.mark.parametrize("name", ["cb-custom", "cb-tp"])
+def test_a_bad_request_gets_4xx_beside_running_ones(server, name):
+    ts, model_dir = server
+    good = threading.Thread(target=lambda: results.append(
+        ts.predict(name, {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 30}})))
+    results = []
+    good.start()
+    time.sleep(0.1)
+    bad = ts.predict(name, {"inputs": "hi", "parameters": {"max_new_tokens": "5"}}, timeout=30)
+    good.join(timeout=120)
+    assert bad.status_code == 400 and "max_new_tokens" in bad.text
+    assert results[0].status_code == 200
+    assert results[0].json()["generated_text"] == reference_text(model_dir, PROMPTS[0], 30)
+
+
+@pytest.mark.parametrize("name", ["cb-custom", "cb-pp"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_whole_after_its_first_step_is_sent(server, name, stream):
+    """A request that ends in the step that admits it (one new token) is answered in its first reply: the
+    frontend drops the HTTP head of a stream that ends in its first reply, so it must go out unstreamed."""
+    ts, model_dir = server
+    body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 1}, "stream": stream}
+    response = ts.predict(name, body, timeout=30)
+    assert response.status_code == 200, response.text
+    text = stream_text([response.content]) if stream else response.json()["generated_text"]
+    assert text == reference_text(model_dir, PROMPTS[1], 1)
+
+
+def _worker_rss(name: str) -> int:
+    total = 0
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "model_service_worker" in cmdline and name in cmdline:
+            total += process.memory_info().rss
+    return total
+
+
+@pytest.mark.parametrize("name", ["cb-custom", "cb-tp", "cb-pp"])
+def test_cancelled_clients_free_their_rows(server, name):
+    ts, model_dir = server
+    body = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": LONG}, "stream": True}
+    url = f"{ts.inference_url}/predictions/{name}"
+
+    def cancel_one() -> None:
+        with requests.post(url, json=body, headers=ts._headers(), stream=True, timeout=60) as response:
+            next(response.iter_content(chunk_size=None))  # generating; then the client goes away
+
+    cancel_one()
+    time.sleep(0.5)
+    before = _worker_rss(name)
+    for _ in range(25):
+        cancel_one()
+    answer = ts.predict(name, {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 10}})
+    assert answer.status_code == 200 and answer.json()["generated_text"] == reference_text(model_dir, PROMPTS[1], 10)
+    grown = _worker_rss(name) - before
+    assert grown < 64 * 2**20, f"worker memory grew by {grown / 2**20:.1f} MiB over 25 cancelled requests"
+    log = (ts.log_dir / "model_log.log").read_text(encoding="utf-8", errors="replace")
+    cancelled = sum(1 for line in log.splitlines() if f"{name}_" in line and "its client went away" in line)
+    assert cancelled >= 20, cancelled  # the handler saw the rows leave (on every tp rank: at least once each)
+
+
+def test_non_streaming_answer_is_one_json_body(server):
+    ts, model_dir = server
+    response = ts.predict("cb-tp", {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 8}})
+    assert response.status_code == 200
+    assert json.loads(response.text)["generated_text"] == reference_text(model_dir, PROMPTS[1], 8)

@@ -13,7 +13,8 @@ EXTRAS = {
     # deepspeed itself must be installed with --no-build-isolation after torch (see README)
     "deepspeed": SERVE + ["deepspeed>=0.15"],
     "accelerate": SERVE + ["accelerate>=1.0"],
-    "test": SERVE + ["pytest>=8", "requests>=2.31", "accelerate>=1.0", "tokenizers>=0.20", "jsonschema>=4", "matplotlib>=3.7"],
+    "test": SERVE + ["pytest>=8", "requests>=2.31", "accelerate>=1.0", "tokenizers>=0.20", "jsonschema>=4", "matplotlib>=3.7",
+                     "openai>=1.0"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

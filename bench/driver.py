@@ -68,6 +68,9 @@ class Context(SimpleNamespace):
     def set_response_status(self, code, phrase, idx=0):
         self.statuses[idx] = code
 
+    def set_response_content_type(self, idx, value):
+        pass
+
 
 def op_summary(prof, wall_s: float, top: int = 14) -> Dict[str, Any]:
     """torch.profiler: self CPU time per op (top ops) and per category, as fractions of the wall time."""

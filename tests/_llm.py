@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import List
@@ -37,6 +38,18 @@ def archive(store: Path, name: str, handler: str, model_dir: Path, config: Path)
          "--config-file", str(config), "--export-path", str(store), "--archive-format", "no-archive", "--force"],
         capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@contextmanager
+def serving(workdir: Path, store: Path, names):
+    """A TorchServe over `store` with every model in `names` READY."""
+    from torchserve_harness import TorchServe
+
+    with TorchServe(workdir, store) as ts:
+        ts.start(models={name: name for name in names})
+        for name in names:
+            ts.wait_ready(name)
+        yield ts
 
 
 @lru_cache(maxsize=None)

@@ -10,8 +10,8 @@ import psutil
 import pytest
 import requests
 
-from _llm import PROMPTS, REPO, archive, reference_text, stream_text, write_config
-from torchserve_harness import TorchServe, java_available
+from _llm import PROMPTS, REPO, archive, reference_text, serving, stream_text, write_config
+from torchserve_harness import java_available
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
@@ -37,10 +37,7 @@ def server(tmp_path_factory):
                               continuousBatching=True, batchSize=4, maxBatchDelay=50, deviceType="cpu",
                               handler={"max_new_tokens": LONG, "max_length": 200}, **overrides)
         archive(store, name, handler, model_dir, config)
-    with TorchServe(root / "ts", store) as ts:
-        ts.start(models={name: name for name in MODELS})
-        for name in MODELS:
-            ts.wait_ready(name)
+    with serving(root / "ts", store, MODELS) as ts:
         yield ts, model_dir
 
 

@@ -49,6 +49,9 @@ SCRIPT = textwrap.dedent(r'''
         def set_response_status(self, code, phrase, idx=0):
             self.statuses[idx] = code
 
+        def set_response_content_type(self, idx, value):
+            pass
+
 
     def context(config_file):
         return Context(system_properties={"model_dir": str(model_dir)},
@@ -414,7 +417,8 @@ def test_single_rank_pipeline_serves_in_process(tmp_path, monkeypatch, models):
     context = SimpleNamespace(system_properties={"model_dir": str(model_dir)},
                               manifest={"model": {"configFile": "pp-single.yaml"}}, model_yaml_config=config,
                               metrics=None, request_ids={},
-                              set_response_status=lambda code, phrase, idx=0: statuses.update({idx: code}))
+                              set_response_status=lambda code, phrase, idx=0: statuses.update({idx: code}),
+                              set_response_content_type=lambda idx, value: None)
     handler = PipelineHandler()
     handler.initialize(context)
     rows = [{"body": json.dumps({"inputs": p, "parameters": {"max_new_tokens": n}}).encode()}

@@ -31,6 +31,9 @@ class TextRequest:
     prompt: str
     params: SamplingParams
     stream: bool = False
+    api: str = "tgi"  # the wire format: "tgi", or an OpenAI route (v1/completions, v1/chat/completions)
+    model: Optional[str] = None  # OpenAI: the model name the client gave
+    include_usage: bool = False  # OpenAI streaming: a usage event before [DONE]
     input_ids: List[int] = field(default_factory=list)  # filled by the handler's tokenizer
 
 

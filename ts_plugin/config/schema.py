@@ -96,6 +96,8 @@ class HandlerConfig(_Section):
     dtype: Optional[DTypeName] = Field(None, description="Model dtype; default fp16 on GPU, fp32 on CPU.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model folder; off by default.")
     max_request_bytes: int = Field(1_000_000, ge=1, description="Requests with a larger body get a 413.")
+    chat_template: Optional[str] = Field(
+        None, description="Jinja chat template for v1/chat/completions, where the tokenizer has none (or to replace it).")
     # custom (Accelerate)
     device_map: Optional[Union[DeviceMapStrategy, Dict[str, Union[int, str]]]] = Field(
         None, description="auto|balanced|balanced_low_0|sequential or module -> device (custom only).")

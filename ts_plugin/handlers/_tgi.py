@@ -23,11 +23,9 @@ def _body(row: Dict[str, Any]) -> Any:
     raise RequestError("the request has no body")
 
 
-def parse_request(row: Dict[str, Any], limits: Limits) -> TextRequest:
-    """One TorchServe request row -> a checked TextRequest, or RequestError.
-
-    Accepts `{"inputs": str, "parameters": {...}, "stream": bool}` or a plain-text body.
-    """
+def decode_body(row: Dict[str, Any], limits: Limits) -> Any:
+    """A row's body as TorchServe hands it over (bytes, str or already-parsed JSON) -> str or parsed JSON, within
+    the size limit and valid UTF-8."""
     body = _body(row)
     if isinstance(body, (bytes, bytearray)):
         if len(body) > limits.max_request_bytes:
@@ -39,15 +37,23 @@ def parse_request(row: Dict[str, Any], limits: Limits) -> TextRequest:
         stripped = text.lstrip()
         if stripped.startswith("{") or stripped.startswith("["):
             try:
-                body = json.loads(text)
+                return json.loads(text)
             except json.JSONDecodeError as err:
                 raise RequestError(f"invalid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
-        else:
-            body = text
-    elif isinstance(body, str) and len(body.encode("utf-8")) > limits.max_request_bytes:
+        return text
+    if isinstance(body, str) and len(body.encode("utf-8")) > limits.max_request_bytes:
         raise RequestError(f"the request body is larger than {limits.max_request_bytes} bytes", 413)
-    elif not isinstance(body, str) and len(json.dumps(body)) > limits.max_request_bytes:
+    if not isinstance(body, str) and len(json.dumps(body)) > limits.max_request_bytes:
         raise RequestError(f"the request body is larger than {limits.max_request_bytes} bytes", 413)
+    return body
+
+
+def parse_request(row: Dict[str, Any], limits: Limits) -> TextRequest:
+    """One TorchServe request row -> a checked TextRequest, or RequestError.
+
+    Accepts `{"inputs": str, "parameters": {...}, "stream": bool}` or a plain-text body.
+    """
+    body = decode_body(row, limits)
     if isinstance(body, str):
         return TextRequest(_check_prompt(body), SamplingParams(max_new_tokens=limits.max_new_tokens))
     if not isinstance(body, dict):
@@ -74,17 +80,19 @@ def _check_prompt(prompt: str) -> str:
     return prompt
 
 
-def _number(params: Dict[str, Any], name: str, kind: type, default: Any, low: float, high: float,
-            low_open: bool = False) -> Any:
+def number(params: Dict[str, Any], name: str, kind: type, default: Any, low: float, high: float,
+           low_open: bool = False, field: str = "") -> Any:
+    """A number parameter within bounds; `field` is how messages name it (default parameters.<name>)."""
+    field = field or f"parameters.{name}"
     value = params.get(name, default)
     if value is None:
         return default
     ok_type = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
     if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)):
-        raise RequestError(f"parameters.{name} must be {'a number' if kind is float else 'an integer'}, not {value!r}")
+        raise RequestError(f"{field} must be {'a number' if kind is float else 'an integer'}, not {value!r}")
     if value < low or value > high or (low_open and value == low):
         bounds = f"{'(' if low_open else '['}{low}, {high}]"
-        raise RequestError(f"parameters.{name} is {value}; it must be in {bounds}")
+        raise RequestError(f"{field} is {value}; it must be in {bounds}")
     return kind(value)
 
 
@@ -112,11 +120,11 @@ def _params(params: Dict[str, Any], limits: Limits) -> SamplingParams:
         raise RequestError(f"parameters.stop has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES}")
     return SamplingParams(
         max_new_tokens=max_new,
-        temperature=_number(params, "temperature", float, 1.0, 0.0, 100.0, low_open=True),
-        top_k=_number(params, "top_k", int, 0, 0, 1_000_000),
-        top_p=_number(params, "top_p", float, 1.0, 0.0, 1.0, low_open=True),
+        temperature=number(params, "temperature", float, 1.0, 0.0, 100.0, low_open=True),
+        top_k=number(params, "top_k", int, 0, 0, 1_000_000),
+        top_p=number(params, "top_p", float, 1.0, 0.0, 1.0, low_open=True),
         do_sample=do_sample,
         seed=seed,
         stop=stop,
-        repetition_penalty=_number(params, "repetition_penalty", float, 1.0, 0.0, 100.0, low_open=True),
+        repetition_penalty=number(params, "repetition_penalty", float, 1.0, 0.0, 100.0, low_open=True),
     )

@@ -37,6 +37,7 @@ from ..continuous import ContinuousBatch
 from ..engines import Follower, Loaded, LoadContext
 from ..engines.base import check_row_editable
 from ..engines import load as load_engine
+from ._openai import MODELS, OpenAIFormat, error_body, models_list, parse_openai
 from ._tgi import parse_request
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class LLMHandler:
         self._batch_lock = threading.Lock()
         self._executor: Optional[ThreadPoolExecutor] = None
         self.continuous: Optional[ContinuousBatch] = None  # continuousBatching: the live rows
-        self._live: Dict[str, TextRequest] = {}  # continuousBatching: request id -> its request
+        self._live: Dict[str, tuple] = {}  # continuousBatching: request id -> (its request, its response format)
 
     # --- start-up -------------------------------------------------------------------------------
     def initialize(self, context: Any) -> None:
@@ -219,12 +220,15 @@ class LLMHandler:
         return self._hf_config
 
     # --- requests -------------------------------------------------------------------------------
-    def preprocess(self, data: List[Dict[str, Any]]) -> List[Union[TextRequest, RequestError]]:
-        """Parse each row; a bad row becomes a RequestError (the same on every rank)."""
+    def preprocess(self, data: List[Dict[str, Any]],
+                   routes: Optional[List[str]] = None) -> List[Union[TextRequest, RequestError]]:
+        """Parse each row (TGI on the plain route, OpenAI's on theirs); a bad row becomes a RequestError (the same
+        on every rank)."""
         parsed: List[Union[TextRequest, RequestError]] = []
-        for row in data:
+        for row, route in zip(data, routes or [""] * len(data)):
             try:
-                request = parse_request(row, self.limits)
+                request = (parse_request(row, self.limits) if not route else
+                           parse_openai(row, route, self.limits, self.tokenizer, self.config.handler.chat_template))
                 request.input_ids = self.tokenizer(request.prompt)["input_ids"]
                 check_lengths(len(request.input_ids), request.params, self.config.handler.max_length, self.max_positions)
                 parsed.append(request)
@@ -277,17 +281,16 @@ class LLMHandler:
             self.log_progress(f"request {request_id} left the batch (its client went away): cancelled")
         new = [i for i, request_id in enumerate(request_ids) if request_id not in self.continuous]
         responses: List[Any] = [""] * len(data)
-        done = [False] * len(data)
-        joining = []
-        for index, item in zip(new, self.preprocess([data[i] for i in new])):
-            if not data[index]:
-                item = RequestError("this request's state was lost when an earlier step failed; send it again", 500)
-            if isinstance(item, RequestError):
-                context.set_response_status(item.status, str(item), index)
-                responses[index], done[index] = {"error": str(item), "error_type": "validation"}, True
-            else:
-                self._live[request_ids[index]] = item
-                joining.append((request_ids[index], item.input_ids, item.params))
+        lost = [i for i in new if not data[i]]  # no body: the frontend thinks it is running here
+        for index in lost:
+            error = RequestError("this request's state was lost when an earlier step failed; send it again", 500)
+            context.set_response_status(error.status, str(error), index)
+            responses[index] = {"error": str(error), "error_type": "internal"}
+        requests = self._parse(data, context, [i for i in new if data[i]], responses)
+        done = [index in new and index not in requests for index in range(len(data))]
+        for index, request in requests.items():
+            self._live[request_ids[index]] = (request, self.response_format(request, request_ids[index]))
+        joining = [(request_ids[index], request.input_ids, request.params) for index, request in requests.items()]
         try:
             outputs = self.continuous.step(joining) if joining or len(self.continuous) else {}
         except BaseException:
@@ -297,19 +300,16 @@ class LLMHandler:
         for index, request_id in enumerate(request_ids):
             if done[index]:
                 continue
-            output, request = outputs[request_id], self._live[request_id]
+            output, (request, answer) = outputs[request_id], self._live[request_id]
             if output.result is not None:
                 done[index] = True
                 results.append(output.result)
                 del self._live[request_id]
-                responses[index] = self.postprocess(request, output.result)
-                if request.stream:
-                    responses[index] = stream_line({"token": {"text": output.text}, **responses[index]})
-            elif request.stream:
-                responses[index] = stream_line({"token": {"text": output.text}, "generated_text": None,
-                                                "details": None})
-            if not request.stream:
-                context.set_response_content_type(index, "application/json")
+            if request.stream:
+                responses[index] = answer.event(output.text, output.result)
+            elif output.result is not None:
+                responses[index] = answer.whole(output.result)
+            set_content_type(context, index, request)
         # None leaves ts_stream_next unset: an answer that is whole in its first reply must go out as a plain
         # response (the frontend never sends the HTTP head of a stream that ends in its first reply)
         first = set(new)
@@ -342,35 +342,58 @@ class LLMHandler:
             context.set_response_status(status, message, index)
         return [{"error": message, "error_type": "internal"} for _ in data]
 
-    def _generate_batch(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
-        self.context = context
-        parsed = self.preprocess(data)
-        responses: List[Any] = [None] * len(parsed)
-        good = [i for i, item in enumerate(parsed) if isinstance(item, TextRequest)]
-        for index, item in enumerate(parsed):
+    def _parse(self, data: List[Dict[str, Any]], context: Any, indexes: List[int],
+               responses: List[Any]) -> Dict[int, TextRequest]:
+        """Parse the rows at `indexes`: answer v1/models and bad rows in `responses` at once (with their status)
+        and return the requests to generate, by index."""
+        routes = [request_route(context, index) for index in indexes]
+        to_parse = [(index, route) for index, route in zip(indexes, routes) if route != MODELS]
+        for index, route in zip(indexes, routes):
+            if route == MODELS:
+                responses[index] = models_list(self.model_name())
+        parsed = self.preprocess([data[index] for index, _ in to_parse], [route for _, route in to_parse])
+        requests = {}
+        for (index, route), item in zip(to_parse, parsed):
             if isinstance(item, RequestError):
                 context.set_response_status(item.status, str(item), index)
-                responses[index] = {"error": str(item), "error_type": "validation"}
+                responses[index] = error_body(item) if route else {"error": str(item), "error_type": "validation"}
+            else:
+                requests[index] = item
+        return requests
+
+    def model_name(self) -> str:
+        return self.config.handler.model_name or getattr(self.context, "model_name", None) or "model"
+
+    def response_format(self, request: TextRequest, request_id: str):
+        """How one request's answer and stream events are written: TGI's or OpenAI's."""
+        if request.api == "tgi":
+            return _TGIFormat(self, request)
+        return OpenAIFormat(request, request_id, self.model_name())
+
+    def _generate_batch(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
+        self.context = context
+        responses: List[Any] = [None] * len(data)
+        requests = self._parse(data, context, list(range(len(data))), responses)
         self._batches += 1
-        if not good:
+        if not requests:
             return responses
-        requests = [parsed[i] for i in good]
-        streamer = self._streamer(context, good, requests)
-        results = self.inference(requests, streamer)
+        good = sorted(requests)
+        formats = {index: self.response_format(requests[index], context.request_ids.get(index, str(index)))
+                   for index in good}
+        for index in good:
+            set_content_type(context, index, requests[index])
+        streamer = None
+        if any(requests[i].stream for i in good) and self.ranks.local_rank == 0:
+            streamer = _Streamer(context, good, [requests[i] for i in good], [formats[i] for i in good])
+        results = self.inference([requests[i] for i in good], streamer)
         for position, index in enumerate(good):
-            responses[index] = self.postprocess(requests[position], results[position])
-            if requests[position].stream:
-                # the last line: the remaining text, plus the full answer as in TGI's final event
-                final = {"token": {"text": streamer.final_text.get(position, "") if streamer else ""},
-                         **responses[index]}
-                responses[index] = stream_line(final)
+            if requests[index].stream:
+                last_text = streamer.final_text.get(position, "") if streamer else ""
+                responses[index] = formats[index].event(last_text, results[position])
+            else:
+                responses[index] = formats[index].whole(results[position])
         self._record_metrics(context, results)
         return responses
-
-    def _streamer(self, context, batch_indexes: List[int], requests: List[TextRequest]) -> Optional["_Streamer"]:
-        if not any(r.stream for r in requests) or self.ranks.local_rank != 0:
-            return None
-        return _Streamer(context, batch_indexes, requests)
 
     def _record_metrics(self, context, results) -> None:
         metrics = getattr(context, "metrics", None)
@@ -388,6 +411,24 @@ class LLMHandler:
             logger.warning("could not record metrics", exc_info=True)
 
 
+def request_route(context: Any, index: int) -> str:
+    """The path after /predictions/{model}/{version}/ ("" for the plain route), which TorchServe 0.12 passes as
+    the request header url_path."""
+    try:
+        route = context.get_request_header(index, "url_path")
+    except (AttributeError, IndexError, KeyError, TypeError):  # a context without request headers
+        route = None
+    return (route or "").strip("/")
+
+
+def set_content_type(context: Any, index: int, request: TextRequest) -> None:
+    if request.stream:
+        kind = "application/jsonlines" if request.api == "tgi" else "text/event-stream"
+    else:
+        kind = "application/json"
+    context.set_response_content_type(index, kind)
+
+
 def stream_line(event: Dict[str, Any]) -> str:
     """Streamed answers are JSON lines, so a client can split chunks that arrive together."""
     return json.dumps(event) + "\n"
@@ -396,10 +437,11 @@ def stream_line(event: Dict[str, Any]) -> str:
 class _Streamer:
     """Sends each streaming request's new text as a TorchServe intermediate response (rank 0 only)."""
 
-    def __init__(self, context: Any, batch_indexes: List[int], requests: List[TextRequest]):
+    def __init__(self, context: Any, batch_indexes: List[int], requests: List[TextRequest], formats: List[Any]):
         self.context = context
         self.batch_indexes = batch_indexes
         self.requests = requests
+        self.formats = formats
         self.final_text: Dict[int, str] = {}
 
     def __call__(self, row: int, text: str, finished: bool) -> None:
@@ -412,9 +454,26 @@ class _Streamer:
 
         index = self.batch_indexes[row]
         chunks: List[Any] = [None] * (max(self.context.request_ids) + 1)
-        chunks[index] = stream_line({"token": {"text": text}, "generated_text": None, "details": None})
+        chunks[index] = self.formats[row].event(text)
         send_intermediate_predict_response(chunks, {index: self.context.request_ids[index]},
                                            "Intermediate Prediction success", 200, self.context)
+
+
+class _TGIFormat:
+    """text-generation-inference's answer (the handler's `postprocess`) and JSON-lines stream events."""
+
+    def __init__(self, handler: LLMHandler, request: TextRequest):
+        self.handler = handler
+        self.request = request
+
+    def whole(self, result) -> Dict[str, Any]:
+        return self.handler.postprocess(self.request, result)
+
+    def event(self, text: str, result=None) -> str:
+        if result is None:
+            return stream_line({"token": {"text": text}, "generated_text": None, "details": None})
+        # the last line: the remaining text, plus the full answer as in TGI's final event
+        return stream_line({"token": {"text": text}, **self.whole(result)})
 
 
 class PipelineHandler(LLMHandler):

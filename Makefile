@@ -11,4 +11,6 @@ test: venv
 	./scripts/run-tests.sh
 
 bench: venv
+	.venv/bin/python -m pip install -q -e ".[bench]"
 	.venv/bin/python -m bench.run
+	.venv/bin/python -m bench.serving

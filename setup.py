@@ -16,6 +16,8 @@ EXTRAS = {
     "test": SERVE + ["pytest>=8", "requests>=2.31", "accelerate>=1.0", "tokenizers>=0.20", "jsonschema>=4", "matplotlib>=3.7",
                      "openai>=1.0"],
 }
+# the serving benchmark's anchor, `transformers serve` (not a dependency of the product)
+EXTRAS["bench"] = EXTRAS["test"] + ["transformers[serving]"]
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 
 setup(

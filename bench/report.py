@@ -306,6 +306,9 @@ def render_markdown(results: Dict[str, Any], rows: List[Row]) -> str:
     lines += _evidence(results)
     lines += _causes(results, by_label)
     lines += _changes()
+    lines += ["", "Serving under load (static against continuous batching, and `transformers serve "
+              "--continuous-batching` as the anchor): [serving-benchmark.md](serving-benchmark.md), written by "
+              "`python -m bench.serving` in the same `make bench`."]
     return "\n".join(lines) + "\n"
 
 

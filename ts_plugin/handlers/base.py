@@ -78,6 +78,8 @@ class LLMHandler:
 
     Request: `{"inputs": "...", "parameters": {...}, "stream": false}` or a plain-text prompt.
     Response: `{"generated_text": "...", "details": {"prompt_tokens", "completion_tokens", "finish_reason"}}`.
+    OpenAI's bodies on its routes (handlers/_openai.py). With continuousBatching every call is one step of the
+    running batch (ts_plugin.continuous), otherwise a batch is generated to its end.
     """
 
     #: the parallelType a named handler's file serves, and its name in messages (None: any)

@@ -1,0 +1,224 @@
+"""Serving under load: static against continuous batching, with `transformers serve --continuous-batching` on the
+same model as the anchor.
+
+The workload: 32 streamed greedy requests from 8 concurrent clients, half 8 and half 128 new tokens, in a shuffled
+order, all through OpenAI's streaming v1/completions (ours under /predictions/<model>/1.0/). Figures per server:
+completion tokens/s, p99 latency of the 8-token requests, p99 time to first token, and whether every answer
+equals single-process generate. Servers run one after another, each alone on the host; `--rounds` repeats the
+whole sequence, interleaved. Writes docs/serving-benchmark.json and .md.
+
+    python -m bench.serving            # the bench model (~200M parameters), 1 round
+    python -m bench.serving --smoke    # a tiny model, 8 requests (a check that it runs)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import requests
+import yaml
+
+from .model import FULL, SMOKE, make_model
+from .run import REPO, archive, log, model_config
+
+#: (parallelType, continuous batching, batchSize): static and continuous at batchSize 4 as the issue compares them;
+#: batchSize 8 admits all 8 clients at once, as the anchor's scheduler does
+SERVERS = [(kind, continuous, 4) for kind in ("custom", "tp", "pp") for continuous in (False, True)]
+SERVERS += [("custom", True, 8), ("tp", True, 8)]
+PROMPTS = ["the quick brown fox jumps over the lazy dog .", "hello world ! how are you today ?",
+           "a request carries a prompt and parameters ,", "tokens flow through stages ; ranks agree on every step ."]
+
+
+def workload(count: int, short: int, long: int, seed: int = 5) -> List[Dict[str, Any]]:
+    jobs = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": short if i % 2 else long} for i in range(count)]
+    random.Random(seed).shuffle(jobs)
+    return jobs
+
+
+def stream_one(url: str, body: Dict[str, Any], headers: Dict[str, str]) -> Dict[str, Any]:
+    """POST a streaming completion; time to first text and to the end, the text and the completion tokens."""
+    start = time.perf_counter()
+    first, text, tokens = None, "", None
+    with requests.post(url, json={**body, "stream": True, "temperature": 0, "stream_options": {"include_usage": True}},
+                       headers=headers, stream=True, timeout=1800) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            piece = "".join(choice.get("text") or "" for choice in event.get("choices") or [])
+            if piece and first is None:
+                first = time.perf_counter() - start
+            text += piece
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return {"ttft_s": first if first is not None else time.perf_counter() - start,
+            "latency_s": time.perf_counter() - start, "text": text, "tokens": tokens}
+
+
+def run_workload(url: str, model: str, jobs: List[Dict[str, Any]], clients: int,
+                 headers: Dict[str, str]) -> Dict[str, Any]:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda job: {**job, **stream_one(url, {"model": model, **job}, headers)}, jobs))
+    wall = time.perf_counter() - start
+    short = min(job["max_tokens"] for job in jobs)
+    completion = sum(r["tokens"] or 0 for r in results)
+    return {"wall_s": wall, "completion_tokens": completion, "tokens_per_s": completion / wall,
+            "short_p99_s": p99([r["latency_s"] for r in results if r["max_tokens"] == short]),
+            "ttft_p99_s": p99([r["ttft_s"] for r in results]), "results": results}
+
+
+def p99(values: List[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+def references(model_dir: Path, jobs: List[Dict[str, Any]]) -> Dict[str, str]:
+    """Single-process greedy generate for every distinct (prompt, max_tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    out = {}
+    for prompt, max_tokens in sorted({(j["prompt"], j["max_tokens"]) for j in jobs}):
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            new = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        out[f"{max_tokens}|{prompt}"] = tokenizer.decode(new, skip_special_tokens=True)
+    return out
+
+
+def start_anchor(model_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
+    exe = Path(sys.executable).parent / "transformers"
+    process = subprocess.Popen([str(exe), "serve", "--continuous-batching", "--host", "127.0.0.1", "--port",
+                                str(port), "--device", "cpu", str(model_dir)],
+                               stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                return process
+        except requests.RequestException:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"transformers serve exited; see {log_path}")
+        time.sleep(1)
+    process.kill()
+    raise RuntimeError("transformers serve did not come up in 300 s")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "docs")
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args(argv)
+    from ts_plugin._torchserve import TorchServe, free_ports
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ts_plugin-serving-"))
+    model_dir = workdir / "model"
+    size = make_model(model_dir, **(SMOKE if args.smoke else FULL))
+    count, short, long = (8, 4, 16) if args.smoke else (32, 8, 128)
+    jobs = workload(count, short, long)
+    store = workdir / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    names = []
+    for kind, continuous, batch in SERVERS:
+        name = f"{kind}-{'continuous' if continuous else 'static'}" + ("" if batch == 4 else f"-b{batch}")
+        config = model_config(kind, model_dir, long)
+        config.update(batchSize=batch, maxBatchDelay=50, continuousBatching=continuous)
+        if continuous and "pippy" in config:
+            config["pippy"].pop("chunks", None)  # not used with continuous batching (TSP216)
+        path = workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        archive(store, name, kind, path)
+        names.append(name)
+    log(f"model {size['parameters'] / 1e6:.0f}M parameters; {count} requests, {len(names)} servers + the anchor")
+    expected = references(model_dir, jobs)
+    runs: Dict[str, List[Dict[str, Any]]] = {}
+    with TorchServe(workdir / "ts", store) as ts:
+        ts.start(models={})
+        headers = ts._headers()
+        for _ in range(args.rounds):
+            for name in names:
+                ts.register(name, name)
+                ts.wait_ready(name)
+                url = f"{ts.inference_url}/predictions/{name}/1.0/v1/completions"
+                stream_one(url, {"model": name, "prompt": PROMPTS[0], "max_tokens": 2}, headers)  # warm-up
+                runs.setdefault(name, []).append(run_workload(url, name, jobs, 8, headers))
+                log(f"{name}: {runs[name][-1]['tokens_per_s']:.1f} tok/s")
+                requests.delete(f"{ts.management_url}/models/{name}", headers=ts._headers(management=True), timeout=300)
+                time.sleep(3)  # its worker processes go away
+            port = free_ports(1)[0]
+            anchor = start_anchor(model_dir, port, workdir / "anchor.log")
+            try:
+                url = f"http://127.0.0.1:{port}/v1/completions"
+                stream_one(url, {"model": str(model_dir), "prompt": PROMPTS[0], "max_tokens": 2}, {})
+                runs.setdefault("transformers-serve-cb", []).append(run_workload(url, str(model_dir), jobs, 8, {}))
+                log(f"anchor: {runs['transformers-serve-cb'][-1]['tokens_per_s']:.1f} tok/s")
+            finally:
+                anchor.terminate()
+                anchor.wait(60)
+    summary = summarize(runs, expected)
+    report = {"model": size, "requests": count, "short": short, "long": long, "clients": 8, "rounds": args.rounds,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "summary": summary,
+              "runs": {name: [{k: v for k, v in run.items() if k != "results"} for run in r] for name, r in runs.items()}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serving-benchmark.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    (args.out / "serving-benchmark.md").write_text(render(report), encoding="utf-8")
+    log(f"wrote {args.out / 'serving-benchmark.md'}")
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def summarize(runs: Dict[str, List[Dict[str, Any]]], expected: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
+    """Medians over rounds, and parity: every answer equal to single-process generate."""
+    import statistics
+
+    out = {}
+    for name, rounds in runs.items():
+        exact = all(r["text"] == expected[f"{r['max_tokens']}|{r['prompt']}"] for run in rounds for r in run["results"])
+        out[name] = {key: statistics.median(run[key] for run in rounds)
+                     for key in ("tokens_per_s", "short_p99_s", "ttft_p99_s", "wall_s")}
+        out[name]["exact"] = exact
+    return out
+
+
+def render(report: Dict[str, Any]) -> str:
+    s = report["summary"]
+    anchor = s.get("transformers-serve-cb")
+    lines = [f"# Serving benchmark ({report['date']})", "",
+             f"{report['requests']} streamed greedy requests from {report['clients']} concurrent clients, half "
+             f"{report['short']} and half {report['long']} new tokens, shuffled; OpenAI streaming v1/completions; "
+             f"model {report['model']['parameters'] / 1e6:.0f}M parameters (fp32, CPU); median of {report['rounds']} "
+             "round(s). Ratios: continuous / static of the same parallelType, and / the anchor "
+             "(`transformers serve --continuous-batching`).", "",
+             "| server | tokens/s | short p99 (s) | TTFT p99 (s) | vs static: tok/s, short p99, TTFT p99 | "
+             "vs anchor: tok/s, short p99 | all answers = generate |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in s.items():
+        static = s.get(name.split("-")[0] + "-static") if "continuous" in name else None
+        vs_static = (f"{row['tokens_per_s'] / static['tokens_per_s']:.2f}x, {row['short_p99_s'] / static['short_p99_s']:.2f}x, "
+                     f"{row['ttft_p99_s'] / static['ttft_p99_s']:.2f}x") if static else ""
+        vs_anchor = (f"{row['tokens_per_s'] / anchor['tokens_per_s']:.2f}x, {row['short_p99_s'] / anchor['short_p99_s']:.2f}x"
+                     if anchor and row is not anchor else "")
+        lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {row['short_p99_s']:.2f} | {row['ttft_p99_s']:.2f} | "
+                     f"{vs_static} | {vs_anchor} | {'yes' if row['exact'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

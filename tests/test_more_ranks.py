@@ -1,0 +1,90 @@
+"""More than two ranks under real torchrun (gloo on CPU): tp 3 and tp 4 (DeepSpeed's own all-reduce path; the
+socket link serves 2 ranks only) and pp 3 (a follower that forwards to another follower), each token for token
+against single-process generate."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from _llm import PROMPTS, REPO
+from test_pipeline_engine import free_port
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+MAX_NEW = [9, 4, 7]
+
+SCRIPT = textwrap.dedent(r'''
+    import json, logging, os, sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from ts_plugin.handlers import DeepSpeedHandler, PipelineHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    model_dir, prompts, max_new = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    config = json.loads((model_dir / "ranks.json").read_text())
+    handler = {"tp": DeepSpeedHandler, "pp": PipelineHandler}[config["parallelType"]]()
+    handler.initialize(SimpleNamespace(system_properties={"model_dir": str(model_dir)}, manifest={"model": {}},
+                                       model_yaml_config=config))
+    if handler.follower is not None:
+        handler.follower.thread.join(timeout=240)  # until rank 0's STOP
+    else:
+        rows = [{"body": json.dumps({"inputs": p, "parameters": {"max_new_tokens": n}}).encode()}
+                for p, n in zip(prompts, max_new)]
+        answers = handler.inference(handler.preprocess(rows))
+        (model_dir / f"rank{handler.ranks.rank}.json").write_text(json.dumps([a.token_ids for a in answers]))
+        handler.shutdown()
+    os._exit(0)  # no gloo teardown race at exit
+''')
+
+CASES = {  # name -> (parallelType, ranks, model config overrides)
+    "tp3": ("tp", 3, {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden": 96}),
+    "tp4": ("tp", 4, {"num_attention_heads": 8, "num_key_value_heads": 4, "hidden": 128}),
+    "pp3": ("pp", 3, {}),
+}
+
+
+def reference_ids(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    out = []
+    for prompt, n in zip(PROMPTS, MAX_NEW):
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            new = model.generate(**ids, max_new_tokens=n, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+        eos = model.generation_config.eos_token_id
+        out.append(new[:new.index(eos)] if eos in new else new)
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_more_ranks_match_single_process_generate(tmp_path, case):
+    from ts_plugin.tiny_model import make_tiny_model
+
+    kind, ranks, overrides = CASES[case]
+    model_dir = make_tiny_model(tmp_path / case, arch="llama", shards=2, **overrides)
+    config = {"parallelType": kind, "deviceType": "cpu", "torchrun": {"nproc-per-node": ranks},
+              "handler": {"max_new_tokens": 16}}
+    (model_dir / "ranks.json").write_text(json.dumps(config))
+    script = tmp_path / "ranks.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
+    result = subprocess.run([str(TORCHRUN), "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
+                             "--master-port", str(free_port()), str(script), str(model_dir), json.dumps(PROMPTS),
+                             json.dumps(MAX_NEW)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    expected = reference_ids(model_dir)
+    drivers = range(ranks) if kind == "tp" else [0]
+    for rank in drivers:
+        assert json.loads((model_dir / f"rank{rank}.json").read_text()) == expected, rank
+    if kind == "pp":
+        assert "pipeline stage 3/3" in result.stderr + result.stdout

@@ -244,6 +244,8 @@ NEAR = [
                  None, id="502"),
     pytest.param("TSP504", "parallelType: pp\ntorchrun:\n  nproc-per-node: 2\nbatchSize: 4\npippy:\n  chunks: 2\n",
                  None, id="504"),
+    pytest.param("TSP503", "parallelType: custom\nhandler:\n  max_memory: {'cuda:1': 5GiB, cpu: 30GiB}\n", None,
+                 id="503-cuda-n"),  # the Accelerate engine reads it as GPU 1: the rule must not refuse it
     pytest.param("TSP503", "parallelType: custom\nhandler:\n  max_memory: {0: 10GiB, '1': 5GiB, cpu: 30GiB, disk: 1TiB}\n",
                  None, id="503"),
     pytest.param("TSP601", TP2 + "deepspeed:\n  config: ds-tp2.json\n", beside, id="601"),

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from ._loader import LoadedYaml, YamlSyntaxError, load_yaml
 from .layout import ParallelLayout
-from .schema import SECTIONS, TORCHRUN_PARALLEL_TYPES, ModelConfig, TorchrunConfig, known_keys
+from .schema import SECTIONS, TORCHRUN_PARALLEL_TYPES, ModelConfig, TorchrunConfig, known_keys, parse_device
 
 Severity = Literal["error", "warning"]
 
@@ -516,10 +516,9 @@ def _check_sections(config: ModelConfig, layout: ParallelLayout, out: _Collector
                 "one group of rows through its stage",
                 "remove `chunks` (micro-batches that overlap across stages are a parallelType pp feature)")
     for key in config.handler.max_memory or {}:
-        valid = (isinstance(key, int) and key >= 0) or key in ("cpu", "disk") or (isinstance(key, str) and key.isdigit())
-        if not valid:
+        if parse_device(key) is None:  # the engine reads the keys with the same function
             out.add(MAX_MEMORY_KEY, ("handler", "max_memory", key), f"handler.max_memory key {key!r} is not a GPU id, cpu or disk",
-                    "use keys like 0, 1, cpu, disk")
+                    "use keys like 0, 1 (or cuda:1), cpu, disk")
     if config.handler.trust_remote_code:
         out.add(TRUST_REMOTE_CODE, ("handler", "trust_remote_code"),
                 "handler.trust_remote_code is true: Python code in the model folder will run in every worker",

@@ -5,6 +5,7 @@ and the README's configuration reference all derive from these models.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, List, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -154,6 +155,25 @@ class ModelConfig(_Section):
     @classmethod
     def _empty_handler(cls, value: Any) -> Any:
         return {} if value is None else value  # `handler:` with every key commented out
+
+
+def parse_device(value: Any) -> Optional[Union[int, str]]:
+    """A device-map or max_memory device as Accelerate takes it: a GPU id (int), "cpu" or "disk"; "cuda:1", "1"
+    and "cuda" mean GPU 1, 1 and 0. None where it is none of these."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("cpu", "disk"):
+            return text
+        match = re.fullmatch(r"(?:cuda:?)?(\d+)", text)
+        if match:
+            return int(match.group(1))
+        if text == "cuda":
+            return 0
+    return None
 
 
 def known_keys(model: type) -> List[str]:

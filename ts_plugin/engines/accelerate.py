@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from ..config.schema import DEVICE_MAP_STRATEGIES as STRATEGIES
-from ..config.schema import HandlerConfig
+from ..config.schema import HandlerConfig, parse_device
 from ._checkpoint import build_meta_model, load_causal_lm, peak_rss_mb, release_memory
 from .base import EngineError, HFStepModel, LoadContext, Progress
 
@@ -62,23 +62,11 @@ class DispatchedModel(HFStepModel):
 # --- configuration -------------------------------------------------------------------------------
 
 def device_value(value: Any, where: str) -> Device:
-    """A device-map or max_memory device: GPU id (int), "cpu" or "disk"; "cuda:1" and "1" mean 1."""
-    if isinstance(value, bool):
-        raise EngineError(f"{where}: {value!r} is not a device (use a GPU id, cpu or disk)")
-    if isinstance(value, int):
-        if value < 0:
-            raise EngineError(f"{where}: GPU id {value} is negative")
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("cpu", "disk"):
-            return text
-        match = re.fullmatch(r"(?:cuda:?)?(\d+)", text)
-        if match:
-            return int(match.group(1))
-        if text == "cuda":
-            return 0
-    raise EngineError(f"{where}: {value!r} is not a device (use a GPU id such as 0, cpu or disk)")
+    """A device-map or max_memory device (`config.schema.parse_device`, as rule TSP503 reads it), or EngineError."""
+    device = parse_device(value)
+    if device is None:
+        raise EngineError(f"{where}: {value!r} is not a device (use a GPU id such as 0, cpu or disk)")
+    return device
 
 
 def max_memory_for(configured: Optional[Dict[Any, Any]], gpus: int, progress: Progress) -> Optional[Dict[Device, int]]:

@@ -91,3 +91,47 @@ def test_a_failing_group_fails_the_batch_after_the_others_finished():
     with pytest.raises(RuntimeError, match="stage failed"):
         generate(model, _Tokenizer(), PROMPTS, PARAMS, 0, [1])
     assert model.ended == 2  # the other group ran to its end; no loop is left running
+
+
+def test_sampling_uses_transformers_processors_per_row():
+    """Each row's filters are transformers' own: samples stay in HF's top-k / top-p sets, the penalty moves the
+    greedy choice as RepetitionPenaltyLogitsProcessor does, and rows do not share parameters or generators."""
+    from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+    from ts_plugin.generation import choose_tokens, new_sequence
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, VOCAB) * 3
+    top3 = set(TopKLogitsWarper(3)(None, logits.clone()).isfinite().nonzero()[:, 1].tolist())
+    nucleus = set(TopPLogitsWarper(0.6)(None, logits.clone()).isfinite().nonzero()[:, 1].tolist())
+    rows = [new_sequence([1, 2], SamplingParams(1, do_sample=True, top_k=3), seed) for seed in range(40)]
+    rows += [new_sequence([1, 2], SamplingParams(1, do_sample=True, top_p=0.6), seed) for seed in range(40)]
+    chosen = choose_tokens(logits.repeat(len(rows), 1), rows).tolist()
+    assert set(chosen[:40]) <= top3 and len(set(chosen[:40])) > 1
+    assert set(chosen[40:]) <= nucleus
+    favourite = int(logits.argmax())
+    penalized = new_sequence([favourite], SamplingParams(1, repetition_penalty=50.0), 0)
+    expected = int(RepetitionPenaltyLogitsProcessor(50.0)(torch.tensor([[favourite]]), logits.clone()).argmax())
+    assert expected != favourite
+    assert choose_tokens(logits, [penalized]).tolist() == [expected]
+
+
+def test_incremental_decoding_gives_the_text_of_the_whole_sequence(tmp_path):
+    """seq.text is built from short windows, not by decoding everything at every token: it must still equal the
+    whole sequence's decoding, split UTF-8 characters and all (random ids from a byte-level vocabulary)."""
+    import random
+
+    from ts_plugin.generation import advance, new_sequence
+    from ts_plugin.tiny_model import make_tokenizer
+
+    tokenizer = make_tokenizer(tmp_path)
+    rng = random.Random(1)
+    for trial in range(30):
+        ids = [rng.randrange(3, len(tokenizer)) for _ in range(rng.randrange(1, 40))]
+        seq = new_sequence([1], SamplingParams(len(ids)), 0)
+        streamed = []
+        for token in ids:
+            advance(seq, token, tokenizer, {2}, 0.0, 0, lambda row, text, done: streamed.append(text))
+        assert seq.text == tokenizer.decode(ids, skip_special_tokens=True), (trial, ids)
+        assert "".join(streamed) == seq.text
+        assert seq.finish_reason == "length"

@@ -44,11 +44,21 @@ class _Sequence:
     emitted: str = ""
     finish_reason: Optional[str] = None
     first_token_at: Optional[float] = None
+    prefix_offset: int = 0  # incremental decoding: seq.text holds the text of token_ids[:read_offset]
+    read_offset: int = 0
+    _processors: Optional[Tuple[Any, Any]] = None
 
     @property
     def sampling(self) -> bool:
         p = self.params
         return p.do_sample or p.temperature != 1.0 or p.top_k > 0 or p.top_p < 1.0
+
+    @property
+    def processors(self) -> Tuple[Any, Any]:
+        """(logits processors for every row, warpers for sampled rows), made once per sequence."""
+        if self._processors is None:
+            self._processors = _processors(self.params)
+        return self._processors
 
 
 # (index in batch, new text, finished) -> None
@@ -56,36 +66,42 @@ StreamCallback = Callable[[int, str, bool], None]
 
 
 def choose_tokens(logits: torch.Tensor, sequences: Sequence[_Sequence]) -> torch.Tensor:
-    """Greedy or sampled next token per row, each with its own parameters and generator."""
+    """Greedy or sampled next token per row, each with its own parameters and generator: transformers' repetition
+    penalty, then (sampled rows) its temperature, top-k and top-p warpers, in generate's order."""
     chosen = torch.empty(len(sequences), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        scores = logits[row].clone()
-        p = seq.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.prompt_ids + seq.token_ids)), dtype=torch.long)
-            picked = scores[seen]
-            scores[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        penalties, warpers = seq.processors
+        scores = logits[row:row + 1]
+        if penalties:  # only the penalty reads the history; the warpers take input_ids unused
+            scores = penalties(torch.tensor([seq.prompt_ids + seq.token_ids], dtype=torch.long), scores.clone())
         if not seq.sampling:
             chosen[row] = int(torch.argmax(scores))
             continue
-        penalized = scores
-        scores = scores / p.temperature
-        if p.top_k > 0:
-            kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
-            scores[scores < kth] = float("-inf")
-        if p.top_p < 1.0:
-            ordered, order = torch.sort(scores, descending=True)
-            cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
-            drop = cumulative - torch.softmax(ordered, dim=-1) >= p.top_p  # keep the token that crosses top_p
-            scores[order[drop]] = float("-inf")
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(warpers(None, scores.clone()), dim=-1)
         if not bool(torch.isfinite(probs).all()):
             # a temperature or penalty near 0 (allowed: > 0) overflows float32 to inf, and multinomial would raise
             # on the driver only; that distribution's limit is its argmax (temperature keeps the order)
-            chosen[row] = int(torch.argmax(penalized))
+            chosen[row] = int(torch.argmax(scores))
             continue
-        chosen[row] = int(torch.multinomial(probs, 1, generator=seq.generator))
+        chosen[row] = int(torch.multinomial(probs[0], 1, generator=seq.generator))
     return chosen
+
+
+def _processors(params: SamplingParams) -> Tuple[Any, Any]:
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    penalties = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        penalties.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    warpers = LogitsProcessorList()
+    if params.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k > 0:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    return penalties, warpers
 
 
 def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], params: Sequence[SamplingParams],
@@ -184,6 +200,19 @@ def next_tokens(model: StepModel, logits: Optional[torch.Tensor], sequences: Seq
     return tokens
 
 
+def _decode_new(seq: _Sequence, tokenizer: Any, flush: bool) -> None:
+    """Extend seq.text by the new tokens' text, decoding a short window instead of the whole sequence (decoding all
+    of it at every token is quadratic). The window starts one token back, so that tokenizers which drop a leading
+    space at a sequence's start (sentencepiece) decode the new text as part of the whole; text ending in an
+    incomplete UTF-8 character waits for the token that completes it, unless `flush` (the sequence ends)."""
+    ids = seq.token_ids
+    before = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+    window = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+    if (len(window) > len(before) and not window.endswith("\ufffd")) or flush:
+        seq.text += window[len(before):]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+
+
 def advance(seq: _Sequence, token: int, tokenizer: Any, eos: set, now: float, row: int,
              on_text: Optional[StreamCallback]) -> None:
     if seq.first_token_at is None:
@@ -192,13 +221,15 @@ def advance(seq: _Sequence, token: int, tokenizer: Any, eos: set, now: float, ro
         seq.finish_reason = "eos_token"
     else:
         seq.token_ids.append(token)
-        seq.text = tokenizer.decode(seq.token_ids, skip_special_tokens=True)
+        _decode_new(seq, tokenizer, flush=len(seq.token_ids) >= seq.params.max_new_tokens)
         end = stop_index(seq.text, seq.params.stop)
         if end >= 0:
             seq.text = seq.text[:end]
             seq.finish_reason = "stop_sequence"
         elif len(seq.token_ids) >= seq.params.max_new_tokens:
             seq.finish_reason = "length"
+    if seq.finish_reason == "eos_token":
+        _decode_new(seq, tokenizer, flush=True)
     if on_text is not None:
         # hold back an incomplete UTF-8 character until the next token completes it
         ready = seq.text if seq.finish_reason else seq.text.rstrip("\ufffd")

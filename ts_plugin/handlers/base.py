@@ -353,7 +353,9 @@ class LLMHandler:
         for index, route in zip(indexes, routes):
             if route == MODELS:
                 responses[index] = models_list(self.model_name())
-        parsed = self.preprocess([data[index] for index, _ in to_parse], [route for _, route in to_parse])
+        rows, row_routes = [data[index] for index, _ in to_parse], [route for _, route in to_parse]
+        # an override written as preprocess(self, data) keeps working for the TGI route
+        parsed = self.preprocess(rows, row_routes) if any(row_routes) else self.preprocess(rows)
         requests = {}
         for (index, route), item in zip(to_parse, parsed):
             if isinstance(item, RequestError):

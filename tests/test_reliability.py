@@ -681,3 +681,19 @@ def test_killing_a_rank_idle_and_in_flight(server, name, other):
     # the other model's ranks were never restarted
     assert {r: [p.pid for p in procs] for r, procs in ranks_of(ts, other).items()} == other_ranks
 
+
+
+def test_a_lost_peer_is_told_from_an_ordinary_failure():
+    """A rank exits without answering only when another rank is gone (see distributed.exit_for_lost_peer)."""
+    from ts_plugin.distributed import peer_lost
+
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except OSError as cause:
+            raise RuntimeError("all-reduce with the other tensor-parallel rank failed") from cause
+    except RuntimeError as error:
+        assert peer_lost(error)
+    assert peer_lost(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:40119"))
+    assert not peer_lost(RuntimeError("the driver rank failed while choosing the next tokens; see its log"))
+    assert not peer_lost(ValueError("sampling failed"))

@@ -118,3 +118,32 @@ def broadcast_tokens(tokens: torch.Tensor, src: int = 0, group=None) -> torch.Te
     buffer = tokens.to(collective_device(group))
     dist.broadcast(buffer, src=src, group=group)
     return buffer.cpu()
+
+
+#: how a lost peer shows in the errors of gloo, nccl and the tp engine's socket link
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "the other tensor-parallel rank",
+              "must be restarted", "nccl communicator was aborted")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) says another rank of this worker is gone."""
+    while error is not None:
+        if any(mark in str(error).lower() for mark in _PEER_LOST):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def exit_for_lost_peer(ranks: Ranks, error: BaseException) -> None:
+    """End this rank at once, without answering: a rank whose peer died can never serve again, and an answer
+    sent now reaches the frontend while it restarts the worker. TorchServe 0.12 then files that answer as one
+    of the new generation's LOAD replies, reports READY before every new rank has loaded, and from there pairs
+    every request with the reply to the previous one (seen in CI: the first request after the restart got
+    `Backend response time: 0` and no answer)."""
+    logger.error("rank %d/%d: another rank of this worker is gone (%s); exiting without an answer so that "
+                 "TorchServe restarts the worker cleanly", ranks.rank, ranks.world_size, error)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(70)

@@ -266,10 +266,17 @@ class LLMHandler:
                 part.close()
 
     def _handle_one_batch(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
+        from ..distributed import exit_for_lost_peer, peer_lost
+
         with self._batch_lock:  # the model and the batch counter serve one batch at a time
-            if self.continuous is not None:
-                return self._continuous_step(data, context)
-            return self._generate_batch(data, context)
+            try:
+                if self.continuous is not None:
+                    return self._continuous_step(data, context)
+                return self._generate_batch(data, context)
+            except Exception as error:
+                if self.ranks.world_size > 1 and peer_lost(error):
+                    exit_for_lost_peer(self.ranks, error)
+                raise
 
     def _continuous_step(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
         """One call of TorchServe's ContinuousBatching aggregator: the running requests (rows without a body: the

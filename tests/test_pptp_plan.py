@@ -9,7 +9,7 @@ def models(tmp_path_factory):
     from ts_plugin.tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("plan")
-    return {arch: make_tiny_model(root / arch, arch=arch) for arch in ("llama", "gpt2")}
+    return {arch: make_tiny_model(root / arch, arch=arch) for arch in ("llama", "gpt2", "opt", "phi3")}
 
 
 def test_llama_stage_plan_covers_only_its_layers(models):
@@ -28,13 +28,19 @@ def test_llama_stage_plan_covers_only_its_layers(models):
     assert isinstance(plan["model.layers.3.mlp.down_proj"], RowwiseParallel)
 
 
-def test_model_without_a_plan_is_refused_by_name(models):
+@pytest.mark.parametrize("arch, layers, refusal", [
+    ("gpt2", "transformer.h", "GPT2LMHeadModel has no tensor-parallel plan"),
+    ("opt", "model.decoder.layers", "OPTForCausalLM has no tensor-parallel plan"),
+    # Phi-3's fused projections gather their output: not a plain column/row split
+    ("phi3", "model.layers", "asks for 'colwise_gather_output' at layers.*.self_attn.qkv_proj"),
+])
+def test_model_without_a_plain_plan_is_refused_by_name(models, arch, layers, refusal):
     import torch
 
     from ts_plugin.engines.base import EngineError
     from ts_plugin.engines._checkpoint import build_meta_model
     from ts_plugin.engines.pptp import tensor_parallel_plan
 
-    model = build_meta_model(models["gpt2"], torch.float32)
-    with pytest.raises(EngineError, match="GPT2LMHeadModel has no tensor-parallel plan"):
-        tensor_parallel_plan(model, "transformer.h", 0, 2)
+    model = build_meta_model(models[arch], torch.float32)
+    with pytest.raises(EngineError, match=refusal.replace("*", r"\*")):
+        tensor_parallel_plan(model, layers, 0, 2)

@@ -1,4 +1,4 @@
-"""The `ts-plugin` command: validate, archive, schema, rules, demo."""
+"""The `ts-plugin` command: validate, archive, schema, rules, reference, convert-gguf, demo."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from .config import ValidationContext, validate_file
+from .demo import DEMO_MODELS
+from .gguf import DTYPES as GGUF_DTYPES
 
 FORMATS = ("text", "json", "github")
 
@@ -83,10 +85,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     try:
-        return run_demo(workdir=Path(args.workdir), parallel_types=args.only)
+        return run_demo(workdir=Path(args.workdir), parallel_types=args.only, model=args.model)
     except Exception as error:  # noqa: BLE001 - the demo reports any failed step and exits non-zero
         print(f"demo failed: {error}", file=sys.stderr)
         return 1
+
+
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from .gguf import convert_gguf
+
+    try:
+        folder = convert_gguf(args.gguf_file, args.out, dtype=args.dtype)
+    except (OSError, ValueError) as error:
+        print(f"ts-plugin convert-gguf: {error}", file=sys.stderr)
+        return 2
+    print(folder)
+    return 0
 
 
 def _positive_int(text: str) -> int:
@@ -112,9 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     reference = sub.add_parser("reference", help="print the Markdown configuration and rules reference")
     reference.add_argument("--write", metavar="README", help="replace the generated block in this file")
     reference.set_defaults(func=cmd_reference)
-    demo = sub.add_parser("demo", help="build a tiny model, archive it per parallelType, serve and query it")
+    convert = sub.add_parser("convert-gguf", help="dequantise a GGUF file into a HuggingFace model folder")
+    convert.add_argument("gguf_file", metavar="GGUF_FILE")
+    convert.add_argument("out", metavar="OUT_DIR")
+    convert.add_argument("--dtype", choices=GGUF_DTYPES, default="float32")
+    convert.set_defaults(func=cmd_convert_gguf)
+    demo = sub.add_parser("demo", help="archive a model per parallelType, serve it and query it")
     demo.add_argument("--workdir", default="demo-work")
     demo.add_argument("--only", nargs="*", choices=["tp", "pp", "pptp", "custom"], default=None)
+    demo.add_argument("--model", choices=DEMO_MODELS, default=None,
+                      help="smollm2 (a real model; the default when the demo extra is installed) or tiny")
     demo.set_defaults(func=cmd_demo)
     return parser
 

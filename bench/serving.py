@@ -10,6 +10,7 @@ keeping that file's hand-written "## Notes" section.
 
     python -m bench.serving            # the bench model (~200M parameters), 1 round
     python -m bench.serving --smoke    # a tiny model, 8 requests (a check that it runs)
+    python -m bench.serving --model smollm2   # the demo's real model; writes serving-benchmark-smollm2.*
 """
 from __future__ import annotations
 
@@ -125,12 +126,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--model", choices=["bench", "smollm2"], default="bench",
+                        help="the random bench model, or SmolLM2-135M-Instruct (the demo's real model)")
     args = parser.parse_args(argv)
     from ts_plugin._torchserve import TorchServe, free_ports
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ts_plugin-serving-"))
-    model_dir = workdir / "model"
-    size = make_model(model_dir, **(SMOKE if args.smoke else FULL))
+    if args.model == "smollm2":
+        from ts_plugin.demo import prepare_smollm2
+
+        model_dir = prepare_smollm2()
+        size = {"parameters": (model_dir / "model.safetensors").stat().st_size // 4, "name": "SmolLM2-135M-Instruct"}
+    else:
+        model_dir = workdir / "model"
+        size = make_model(model_dir, **(SMOKE if args.smoke else FULL))
     count, short, long = (8, 4, 16) if args.smoke else (32, 8, 128)
     jobs = workload(count, short, long)
     store = workdir / "store"
@@ -177,13 +186,14 @@ def main(argv: Optional[List[str]] = None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M"), "summary": summary,
               "runs": {name: [{k: v for k, v in run.items() if k != "results"} for run in r] for name, r in runs.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serving-benchmark.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-    target = args.out / "serving-benchmark.md"
+    stem = "serving-benchmark" + ("-smollm2" if args.model == "smollm2" else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    target = args.out / f"{stem}.md"
     notes = ""  # the hand-written "## Notes" (causes, measurements outside this script) survive a re-run
     if target.is_file() and "\n## Notes" in target.read_text(encoding="utf-8"):
         notes = "\n## Notes" + target.read_text(encoding="utf-8").split("\n## Notes", 1)[1]
     target.write_text(render(report) + notes, encoding="utf-8")
-    log(f"wrote {args.out / 'serving-benchmark.md'}")
+    log(f"wrote {target}")
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
@@ -208,7 +218,7 @@ def render(report: Dict[str, Any]) -> str:
     lines = [f"# Serving benchmark ({report['date']})", "",
              f"{report['requests']} streamed greedy requests from {report['clients']} concurrent clients, half "
              f"{report['short']} and half {report['long']} new tokens, shuffled; OpenAI streaming v1/completions; "
-             f"model {report['model']['parameters'] / 1e6:.0f}M parameters (fp32, CPU); median of {report['rounds']} "
+             f"model {report['model'].get('name', 'random bench model')} {report['model']['parameters'] / 1e6:.0f}M parameters (fp32, CPU); median of {report['rounds']} "
              "round(s). Ratios: continuous / static of the same parallelType, and / the anchor "
              "(`transformers serve --continuous-batching`).", "",
              "| server | tokens/s | short p99 (s) | TTFT p99 (s) | vs static: tok/s, short p99, TTFT p99 | "

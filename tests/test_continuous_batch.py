@@ -117,3 +117,24 @@ def test_caches_with_sliding_window_layers_are_refused(tmp_path):
     mistral = AutoConfig.from_pretrained(make_tiny_model(tmp_path / "m", arch="mistral"))
     with pytest.raises(EngineError, match="DynamicSlidingWindowLayer"):
         check_row_editable(DynamicCache(config=mistral))
+
+
+def test_several_steps_per_call_join_their_text_and_stop_when_a_row_finishes(model):
+    hf, tokenizer = model
+    batch = ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    joining = [("long", prompts[0], SamplingParams(12)), ("short", prompts[1], SamplingParams(3))]
+    calls, texts, results = 0, {"long": "", "short": ""}, {}
+    while calls == 0 or len(batch):
+        outputs = batch.steps(joining if calls == 0 else [], 4)
+        calls += 1
+        for request_id, output in outputs.items():
+            texts[request_id] += output.text
+            if output.result is not None:
+                results[request_id] = output.result
+        if calls == 1:  # "short" ended at its 3rd token: the call stops there, so a new request could join
+            assert set(results) == {"short"} and len(results["short"].token_ids) == 3
+    assert results["long"].token_ids == reference(hf, prompts[0], 12)
+    assert results["short"].token_ids == reference(hf, prompts[1], 3)
+    assert texts == {name: result.text for name, result in results.items()}
+    assert calls == 4  # 3 steps, then 4 + 4 + the last 1 of the 12 tokens

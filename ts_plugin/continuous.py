@@ -114,6 +114,17 @@ class ContinuousBatch:
             self._keep([i for i in range(len(self.rows)) if i not in finished])
         return outputs
 
+    def steps(self, joining: Sequence[Tuple[str, List[int], SamplingParams]], count: int) -> Dict[str, StepOutput]:
+        """Up to `count` steps, the first with `joining`; fewer once a row finishes, since its slot is then free for
+        a new request. Each request's output holds its text of all the steps."""
+        outputs = self.step(joining)
+        for _ in range(count - 1):
+            if not self.rows or any(output.result for output in outputs.values()):
+                break
+            for request_id, output in self.step([]).items():
+                outputs[request_id] = StepOutput(outputs[request_id].text + output.text, output.result)
+        return outputs
+
     def reset(self) -> None:
         """Drop every row and release the cache."""
         cache, self.cache = self.cache, None

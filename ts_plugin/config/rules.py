@@ -61,6 +61,10 @@ CB_SEQUENCE = _rule("TSP214", "error", "continuousBatching with sequenceBatching
 CB_BATCH_ONE = _rule("TSP215", "warning", "continuousBatching with batchSize 1 (one request at a time: nothing joins)")
 CB_CHUNKS = _rule("TSP216", "warning", "continuousBatching with pippy.chunks > 1 (the live rows step through the "
                   "stages as one group)")
+CB_UNSET = _rule("TSP217", "warning", "batchSize > 1 with continuousBatching not set (static batching: a request that "
+                 "arrives while a batch generates waits for the batch's longest request)")
+STEPS_UNUSED = _rule("TSP218", "warning", "handler.steps_per_call without continuousBatching (only continuous "
+                     "batching reads it)")
 DEVICE_IDS_DUPLICATE = _rule("TSP301", "error", "deviceIds lists a GPU twice")
 DEVICE_IDS_NEGATIVE = _rule("TSP302", "error", "a negative GPU id in deviceIds")
 DEVICE_IDS_TOO_FEW = _rule("TSP303", "error", "deviceIds shorter than the GPUs one worker needs")
@@ -403,6 +407,18 @@ def _check_parallel(config: ModelConfig, layout: ParallelLayout, out: _Collector
 def _check_continuous(config: ModelConfig, out: _Collector) -> None:
     """From the frontend's code (pytorch/serve v0.12.0 WorkLoadManager, ContinuousBatching, AsyncWorkerThread)."""
     if not config.continuous_batching:
+        if config.handler.steps_per_call > 1:
+            out.add(STEPS_UNUSED, ("handler", "steps_per_call"),
+                    f"handler.steps_per_call {config.handler.steps_per_call} is not used: static batching runs every "
+                    "request to its end in one call",
+                    "set `continuousBatching: true`, or remove `steps_per_call`")
+        if (config.batch_size > 1 and "continuous_batching" not in config.model_fields_set
+                and not config.async_communication and not config.sequence_batching):
+            out.add(CB_UNSET, ("batchSize",),
+                    f"batchSize {config.batch_size} without continuousBatching is static batching: a request that "
+                    "arrives while a batch generates waits until the batch's longest request ends",
+                    "set `continuousBatching: true` to let requests join and leave at every step, or "
+                    "`continuousBatching: false` to keep static batching (and this warning quiet)")
         return
     if config.async_communication:
         out.add(CB_ASYNC, ("asyncCommunication",),

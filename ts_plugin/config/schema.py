@@ -99,6 +99,10 @@ class HandlerConfig(_Section):
     max_request_bytes: int = Field(1_000_000, ge=1, description="Requests with a larger body get a 413.")
     chat_template: Optional[str] = Field(
         None, description="Jinja chat template for v1/chat/completions, where the tokenizer has none (or to replace it).")
+    steps_per_call: int = Field(
+        1, ge=1, le=64, description="continuousBatching: decode steps per call from the frontend (as vLLM's "
+        "num-scheduler-steps); more spreads the frontend's round trip over more tokens, but a new request may wait "
+        "that many steps to join.")
     # custom (Accelerate)
     device_map: Optional[Union[DeviceMapStrategy, Dict[str, Union[int, str]]]] = Field(
         None, description="auto|balanced|balanced_low_0|sequential or module -> device (custom only).")

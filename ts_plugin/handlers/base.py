@@ -280,7 +280,7 @@ class LLMHandler:
 
     def _continuous_step(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
         """One call of TorchServe's ContinuousBatching aggregator: the running requests (rows without a body: the
-        frontend has them cached here) plus new ones. One step for all; a request stays while its answer says
+        frontend has them cached here) plus new ones. handler.steps_per_call steps for all; a request stays while its answer says
         `ts_stream_next: true` (context.stopping_criteria). Streaming requests get their JSON line each step,
         the others an empty chunk (written as nothing) until their whole answer."""
         self.context = context
@@ -301,7 +301,8 @@ class LLMHandler:
             self._live[request_ids[index]] = (request, self.response_format(request, request_ids[index]))
         joining = [(request_ids[index], request.input_ids, request.params) for index, request in requests.items()]
         try:
-            outputs = self.continuous.step(joining) if joining or len(self.continuous) else {}
+            outputs = (self.continuous.steps(joining, self.config.handler.steps_per_call)
+                       if joining or len(self.continuous) else {})
         except BaseException:
             self._live.clear()  # the batch was reset: the frontend fails every running request with this call
             raise

@@ -36,6 +36,10 @@ from .run import REPO, archive, log, model_config
 #: batchSize 8 admits all 8 clients at once, as the anchor's scheduler does
 SERVERS = [(kind, continuous, 4) for kind in ("custom", "tp", "pp") for continuous in (False, True)]
 SERVERS += [("custom", True, 8), ("tp", True, 8)]
+#: one client, one request at a time: what continuous batching costs where nothing can join, with 1 and 4
+#: decode steps per frontend call (handler.steps_per_call)
+ONE_CLIENT = [("custom", False, 1), ("custom", True, 1), ("custom", True, 4)]
+ONE_CLIENT_JOBS = 4  # requests of `long` new tokens, one after another
 PROMPTS = ["the quick brown fox jumps over the lazy dog .", "hello world ! how are you today ?",
            "a request carries a prompt and parameters ,", "tokens flow through stages ; ranks agree on every step ."]
 
@@ -142,6 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         size = make_model(model_dir, **(SMOKE if args.smoke else FULL))
     count, short, long = (8, 4, 16) if args.smoke else (32, 8, 128)
     jobs = workload(count, short, long)
+    solo_jobs = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": long} for i in range(ONE_CLIENT_JOBS)]
     store = workdir / "store"
     store.mkdir(parents=True, exist_ok=True)
     names = []
@@ -155,20 +160,36 @@ def main(argv: Optional[List[str]] = None) -> int:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         archive(store, name, kind, path)
         names.append(name)
+    solo_names = []
+    for kind, continuous, steps in ONE_CLIENT:
+        name = f"{kind}-{'continuous' if continuous else 'static'}-steps{steps}-1client"
+        config = model_config(kind, model_dir, long)
+        config.update(batchSize=4, maxBatchDelay=50, continuousBatching=continuous)
+        if continuous:
+            config["handler"]["steps_per_call"] = steps
+        path = workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        archive(store, name, kind, path)
+        solo_names.append(name)
     log(f"model {size['parameters'] / 1e6:.0f}M parameters; {count} requests, {len(names)} servers + the anchor")
-    expected = references(model_dir, jobs)
+    expected = references(model_dir, jobs + solo_jobs)
     runs: Dict[str, List[Dict[str, Any]]] = {}
+    solo: Dict[str, List[Dict[str, Any]]] = {}
     with TorchServe(workdir / "ts", store) as ts:
         ts.start(models={})
         headers = ts._headers()
         for _ in range(args.rounds):
-            for name in names:
+            for name in names + solo_names:
                 ts.register(name, name)
                 ts.wait_ready(name)
                 url = f"{ts.inference_url}/predictions/{name}/1.0/v1/completions"
                 stream_one(url, {"model": name, "prompt": PROMPTS[0], "max_tokens": 2}, headers)  # warm-up
-                runs.setdefault(name, []).append(run_workload(url, name, jobs, 8, headers))
-                log(f"{name}: {runs[name][-1]['tokens_per_s']:.1f} tok/s")
+                if name in solo_names:
+                    solo.setdefault(name, []).append(run_workload(url, name, solo_jobs, 1, headers))
+                    log(f"{name}: {solo[name][-1]['tokens_per_s']:.1f} tok/s")
+                else:
+                    runs.setdefault(name, []).append(run_workload(url, name, jobs, 8, headers))
+                    log(f"{name}: {runs[name][-1]['tokens_per_s']:.1f} tok/s")
                 requests.delete(f"{ts.management_url}/models/{name}", headers=ts._headers(management=True), timeout=300)
                 time.sleep(3)  # its worker processes go away
             port = free_ports(1)[0]
@@ -182,8 +203,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 anchor.terminate()
                 anchor.wait(60)
     summary = summarize(runs, expected)
+    one_client = summarize(solo, expected)
     report = {"model": size, "requests": count, "short": short, "long": long, "clients": 8, "rounds": args.rounds,
-              "date": time.strftime("%Y-%m-%d %H:%M"), "summary": summary,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "summary": summary, "one_client": one_client,
               "runs": {name: [{k: v for k, v in run.items() if k != "results"} for run in r] for name, r in runs.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "serving-benchmark" + ("-smollm2" if args.model == "smollm2" else "")
@@ -232,6 +254,15 @@ def render(report: Dict[str, Any]) -> str:
                      if anchor and row is not anchor else "")
         lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {row['short_p99_s']:.2f} | {row['ttft_p99_s']:.2f} | "
                      f"{vs_static} | {vs_anchor} | {'yes' if row['exact'] else 'no'} |")
+    solo = report.get("one_client") or {}
+    static = next((row for name, row in solo.items() if "-static-" in name), None)
+    if static:
+        lines += ["", f"One client, {ONE_CLIENT_JOBS} requests of {report['long']} new tokens one after another "
+                  "(batchSize 4): what continuous batching costs where nothing can join.", "",
+                  "| server | tokens/s | static / this (overhead) | all answers = generate |", "| --- | --- | --- | --- |"]
+        for name, row in solo.items():
+            lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {static['tokens_per_s'] / row['tokens_per_s']:.3f}x | "
+                         f"{'yes' if row['exact'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

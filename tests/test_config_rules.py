@@ -580,3 +580,23 @@ def test_overriding_a_merged_key_is_not_a_duplicate():
 def test_section_names_that_merely_contain_a_key_pass(section):
     report = validate_text(f"minWorkers: 1\n{section}:\n  foo: 1\n")
     assert report.findings == [], report.text()
+
+
+def test_the_worker_validates_the_parsed_config_with_the_archived_files_positions(tmp_path):
+    from types import SimpleNamespace
+
+    from ts_plugin.handlers.base import check_worker_config
+
+    (tmp_path / "model-config.yaml").write_text("minWorkers: 1\nhandler:\n  max_new_tokens: \"16\"\n")
+    parsed = {"minWorkers": 1, "handler": {"max_new_tokens": "16"}}  # what TorchServe hands the handler
+    context = SimpleNamespace(manifest={"model": {"configFile": "model-config.yaml"}}, model_yaml_config=parsed)
+    report = check_worker_config(context, tmp_path, gpus=0)
+    assert [(f.code, f.line, f.column) for f in report.errors] == [("TSP110", 3, 3)]
+    assert parsed == {"minWorkers": 1, "handler": {"max_new_tokens": "16"}}  # not edited in place
+    # without the file the same finding, at 1:1
+    report = check_worker_config(SimpleNamespace(manifest={}, model_yaml_config=parsed), tmp_path, gpus=0)
+    assert [(f.code, f.line, f.column) for f in report.errors] == [("TSP110", 1, 1)]
+    # a file TorchServe could not parse (it then serves every default): the file's own syntax error
+    (tmp_path / "model-config.yaml").write_text("minWorkers: [1\n")
+    context = SimpleNamespace(manifest={"model": {"configFile": "model-config.yaml"}}, model_yaml_config={})
+    assert [f.code for f in check_worker_config(context, tmp_path, gpus=0).errors] == ["TSP101"]

@@ -239,12 +239,14 @@ LOAD_FAILURE_SCRIPT = textwrap.dedent(r'''
     from types import SimpleNamespace
 
     import torch.distributed as dist
+    import yaml
 
     from ts_plugin.handlers.pipeline import PipelineHandler
 
     model_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    config = yaml.safe_load((model_dir / "pp-chunks1.yaml").read_text())  # TorchServe hands the parsed file over
     context = SimpleNamespace(system_properties={"model_dir": str(model_dir)},
-                              manifest={"model": {"configFile": "pp-chunks1.yaml"}}, model_yaml_config=None)
+                              manifest={"model": {"configFile": "pp-chunks1.yaml"}}, model_yaml_config=config)
     handler = PipelineHandler()
     try:
         handler.initialize(context)

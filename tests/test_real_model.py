@@ -29,7 +29,7 @@ def test_the_gguf_file_becomes_a_model_folder_once():
 def test_convert_gguf_refuses_a_missing_file_and_an_unknown_dtype(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
         convert_gguf(tmp_path / "nothing.gguf", tmp_path / "out")
-    with pytest.raises(ValueError, match="float32, bfloat16, float16"):
+    with pytest.raises(ValueError, match="float32, float16, bfloat16"):
         convert_gguf(tmp_path / "nothing.gguf", tmp_path / "out", dtype="int4")
     assert cli.main(["convert-gguf", str(tmp_path / "nothing.gguf"), str(tmp_path / "out")]) == 2
     assert "no GGUF file" in capsys.readouterr().err

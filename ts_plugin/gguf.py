@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import Union, get_args
 
-DTYPES = ("float32", "bfloat16", "float16")
+from .config.schema import DTypeName
+
+DTYPES = get_args(DTypeName)
 _MARKER = "ts_plugin_gguf.json"  # records which file a folder came from, so a second call reuses it
 
 

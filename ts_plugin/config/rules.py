@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -145,12 +146,12 @@ class Report:
 
 
 class _Collector:
-    def __init__(self, loaded: Optional[LoadedYaml]):
+    def __init__(self, loaded: LoadedYaml):
         self.loaded = loaded
         self.findings: List[Finding] = []
 
     def add(self, rule: Rule, path: Tuple[Any, ...], message: str, hint: str) -> None:
-        line, column = self.loaded.position(path) if self.loaded else (1, 1)
+        line, column = self.loaded.position(path)
         self.findings.append(Finding(rule.code, rule.severity, key_name(path), line, column, message, hint))
 
 
@@ -167,7 +168,6 @@ def validate_text(text: str, source: str = "model-config.yaml", context: Optiona
         >>> [f.code for f in report.errors]
         ['TSP202']
     """
-    context = context or ValidationContext()
     report = Report(source)
     if not text.strip():
         report.findings.append(Finding(EMPTY_FILE.code, "error", "<file>", 1, 1, "the file is empty",
@@ -180,21 +180,35 @@ def validate_text(text: str, source: str = "model-config.yaml", context: Optiona
                                        f"YAML syntax error: {err}",
                                        "fix the YAML; TorchServe would log this and serve with all defaults"))
         return report
-    out = _Collector(loaded)
-    if loaded.data is None:
+    return validate_data(loaded.data, source, context, positions=loaded)
+
+
+def validate_data(data: Any, source: str = "model-config.yaml", context: Optional[ValidationContext] = None,
+                  positions: Optional[LoadedYaml] = None) -> Report:
+    """Validate a model-config already parsed, as TorchServe hands it to the handler (`context.model_yaml_config`).
+    `positions` (the file's `load_yaml`) gives each finding its line and column; without it they are all 1:1.
+
+    Example:
+        >>> [f.code for f in validate_data({"parallelType": "tp", "parallelLevel": 2}).errors]
+        ['TSP202']
+    """
+    context = context or ValidationContext()
+    report = Report(source)
+    out = _Collector(positions or LoadedYaml(data))
+    if data is None:
         out.add(EMPTY_FILE, (), "the file holds only comments", "write at least `minWorkers: 1`, or leave --config-file out")
         report.findings = out.findings
         return report
-    if not isinstance(loaded.data, dict):
-        out.add(NOT_A_MAPPING, (), f"the top level is a {type(loaded.data).__name__}, not a mapping",
+    if not isinstance(data, dict):
+        out.add(NOT_A_MAPPING, (), f"the top level is a {type(data).__name__}, not a mapping",
                 "write `key: value` lines at the top level, e.g. `parallelType: tp`")
         report.findings = out.findings
         return report
-    for path in loaded.duplicates:
+    for path in out.loaded.duplicates:
         out.add(DUPLICATE_KEY, path, f"`{path[-1]}` is set more than once; only the last value counts",
                 "keep one of them")
-    _check_keys(loaded.data, out)
-    config = _parse(loaded.data, out)
+    _check_keys(data, out)
+    config = _parse(data, out)
     layout = ParallelLayout.of(config)
     _check_parallel(config, layout, out)
     _check_devices(config, layout, out, context)
@@ -221,25 +235,11 @@ def _normalise(key: str) -> str:
     return key.lower().replace("-", "").replace("_", "")
 
 
-def _edit_distance(a: str, b: str) -> int:
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, 1):
-        current = [i]
-        for j, char_b in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return previous[-1]
-
-
 def _near_miss(key: str, known: List[str]) -> Optional[str]:
-    """A known key that `key` differs from only by case, `-`/`_`, or a typo or two (longer keys)."""
-    wanted = _normalise(key)
-    best, best_distance = None, None
-    for candidate in known:
-        distance = _edit_distance(wanted, _normalise(candidate))
-        if distance <= max(1, len(candidate) // 6) and (best_distance is None or distance < best_distance):
-            best, best_distance = candidate, distance
-    return best
+    """A known key that `key` differs from only by case, `-`/`_`, or a typo or two."""
+    by_normal = {_normalise(candidate): candidate for candidate in known}
+    close = difflib.get_close_matches(_normalise(key), list(by_normal), n=1, cutoff=0.9)
+    return by_normal[close[0]] if close else None
 
 
 def _check_keys(data: Dict[str, Any], out: _Collector) -> None:
@@ -322,17 +322,13 @@ def _report_value_error(error: Dict[str, Any], path: Tuple[Any, ...], out: _Coll
         out.add(INVALID_CHOICE, path, f"`{key}` is {shown}; allowed: {expected}",
                 f"use one of {expected}")
     elif error["type"] in _RANGE_ERRORS:
-        out.add(OUT_OF_RANGE, path, f"`{key}` is {shown}; {error['msg'].lower()}", f"set `{key}` to an allowed number")
+        out.add(OUT_OF_RANGE, path, f"`{key}` is {shown}: {error['msg']}", f"set `{key}` to an allowed number")
     else:
-        expected = error["msg"].replace("Input should be ", "").replace("a valid integer", "an integer")
-        if not error["msg"].startswith("Input should be"):
-            expected = error["msg"][0].lower() + error["msg"][1:]
-            hint = f"fix `{key}`: {expected}"
-        elif isinstance(value, str) and error["type"] in {"int_type", "float_type", "bool_type", "int_parsing"}:
-            hint = f"write {expected} without quotes"
+        if isinstance(value, str) and error["type"] in {"int_type", "float_type", "bool_type", "int_parsing"}:
+            hint = f"write {value} without quotes"
         else:
-            hint = f"write {expected}"
-        out.add(WRONG_TYPE, path, f"`{key}` is {shown} ({type(value).__name__}); expected {expected}",
+            hint = f"give `{key}` a value of the type the message names"
+        out.add(WRONG_TYPE, path, f"`{key}` is {shown} ({type(value).__name__}): {error['msg']}",
                 hint + "; TorchServe would ignore this value and keep its default")
 
 

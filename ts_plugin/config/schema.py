@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 ParallelType = Literal["pp", "tp", "pptp", "custom"]
 DeviceType = Literal["cpu", "gpu"]
 DeviceMapStrategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
-DTypeName = Literal["float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"]
+DTypeName = Literal["float32", "float16", "bfloat16"]
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}  # accepted, stored canonical
 
 PARALLEL_TYPES = get_args(ParallelType)
 TORCHRUN_PARALLEL_TYPES = tuple(t for t in PARALLEL_TYPES if t != "custom")  # custom runs one process
@@ -22,6 +23,11 @@ DEVICE_MAP_STRATEGIES = get_args(DeviceMapStrategy)
 # The frontend compares these case-insensitively (ModelConfig.java setParallelMode/setDeviceType).
 def _lowercase(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
+
+
+def _canonical_dtype(value: Any) -> Any:
+    value = _lowercase(value)
+    return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
 
 
 class _Section(BaseModel):
@@ -73,7 +79,8 @@ class DeepSpeedConfig(_Section):
 
     config: Optional[str] = Field(None, description="A DeepSpeed inference JSON file inside the archive.")
     checkpoint: Optional[str] = Field(None, description="A DeepSpeed checkpoint JSON file inside the archive.")
-    dtype: Optional[DTypeName] = Field(None, description="Default fp16 on GPU, fp32 on CPU.")
+    dtype: Optional[DTypeName] = Field(
+        None, description="Default fp16 on GPU, fp32 on CPU; fp32, fp16, half and bf16 are read as their full names.")
     replace_with_kernel_inject: bool = Field(False, description="Kernel injection; GPU only.")
     tensor_parallel: Optional[TensorParallelConfig] = None
     mp_size: Optional[int] = Field(None, ge=1, description="Deprecated spelling of tensor_parallel.tp_size.")
@@ -82,8 +89,8 @@ class DeepSpeedConfig(_Section):
 
     @field_validator("dtype", mode="before")
     @classmethod
-    def _dtype_lower(cls, value: Any) -> Any:
-        return _lowercase(value)
+    def _dtype_canonical(cls, value: Any) -> Any:
+        return _canonical_dtype(value)
 
 
 class HandlerConfig(_Section):
@@ -94,7 +101,8 @@ class HandlerConfig(_Section):
     max_length: Optional[int] = Field(None, ge=1, description="Upper bound on prompt + generated tokens.")
     max_new_tokens: int = Field(64, ge=1, description="Upper bound (and default) for generated tokens per request.")
     manual_seed: int = Field(42, description="Seed set identically on every rank.")
-    dtype: Optional[DTypeName] = Field(None, description="Model dtype; default fp16 on GPU, fp32 on CPU.")
+    dtype: Optional[DTypeName] = Field(
+        None, description="Model dtype; default fp16 on GPU, fp32 on CPU; fp32, fp16, half and bf16 are read as their full names.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model folder; off by default.")
     max_request_bytes: int = Field(1_000_000, ge=1, description="Requests with a larger body get a 413.")
     chat_template: Optional[str] = Field(
@@ -115,8 +123,8 @@ class HandlerConfig(_Section):
 
     @field_validator("dtype", mode="before")
     @classmethod
-    def _dtype_lower(cls, value: Any) -> Any:
-        return _lowercase(value)
+    def _dtype_canonical(cls, value: Any) -> Any:
+        return _canonical_dtype(value)
 
 
 class ModelConfig(_Section):

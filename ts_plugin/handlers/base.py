@@ -31,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from ..config import ModelConfig, ParallelLayout, Report, ValidationContext, validate_text
+from ..config import ModelConfig, ParallelLayout, Report, ValidationContext, validate_data, validate_text
+from ..config._loader import YamlSyntaxError, load_yaml
 from ..requests import Limits, RequestError, TextRequest, check_lengths
 from ..continuous import ContinuousBatch
 from ..engines import Follower, Loaded, LoadContext
@@ -42,25 +43,24 @@ from ._tgi import parse_request
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
 class ConfigError(ValueError):
     """model-config.yaml fails the rules: the load fails with the validator's message."""
 
 
 def check_worker_config(context: Any, model_dir: Path, gpus: Optional[int]) -> Report:
-    """Run the validator on the archive's model-config.yaml (with its line numbers) at worker start."""
-    import yaml
-
+    """Run the validator at worker start on the config TorchServe parsed, with the line numbers of the archived
+    model-config.yaml where the archive holds it."""
     name = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("configFile")
     path = model_dir / name if name else None
+    validation = ValidationContext(model_dir=model_dir, gpus=gpus)
+    positions = None
     if path is not None and path.is_file():
-        text, source = path.read_text(encoding="utf-8"), name
-    else:
-        text, source = yaml.safe_dump(context.model_yaml_config or {}, sort_keys=False), "model-config.yaml"
-    return validate_text(text, source, ValidationContext(model_dir=model_dir, gpus=gpus))
+        text = path.read_text(encoding="utf-8")
+        try:
+            positions = load_yaml(text)
+        except YamlSyntaxError:  # TorchServe then serves with every default: report the file's own error
+            return validate_text(text, name, validation)
+    return validate_data(context.model_yaml_config or {}, name or "model-config.yaml", validation, positions)
 
 
 def torch_dtype(name: Optional[str], device_type: str):
@@ -69,7 +69,7 @@ def torch_dtype(name: Optional[str], device_type: str):
 
     if name is None:
         return torch.float16 if device_type == "cuda" else torch.float32
-    return getattr(torch, DTYPES[name])
+    return getattr(torch, name)  # the schema stores the canonical name
 
 
 class LLMHandler:

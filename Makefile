@@ -14,3 +14,4 @@ bench: venv
 	.venv/bin/python -m pip install -q -e ".[bench]"
 	.venv/bin/python -m bench.run
 	.venv/bin/python -m bench.serving
+	.venv/bin/python -m bench.serving --model smollm2

@@ -162,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         names.append(name)
     solo_names = []
     for kind, continuous, steps in ONE_CLIENT:
-        name = f"{kind}-{'continuous' if continuous else 'static'}-steps{steps}-1client"
+        name = f"{kind}-continuous-steps{steps}-1client" if continuous else f"{kind}-static-1client"
         config = model_config(kind, model_dir, long)
         config.update(batchSize=4, maxBatchDelay=50, continuousBatching=continuous)
         if continuous:

@@ -600,3 +600,22 @@ def test_the_worker_validates_the_parsed_config_with_the_archived_files_position
     (tmp_path / "model-config.yaml").write_text("minWorkers: [1\n")
     context = SimpleNamespace(manifest={"model": {"configFile": "model-config.yaml"}}, model_yaml_config={})
     assert [f.code for f in check_worker_config(context, tmp_path, gpus=0).errors] == ["TSP101"]
+
+
+def test_deepspeed_settings_come_from_the_file_the_validator_read(tmp_path):
+    import torch
+
+    from ts_plugin.config import validate_file
+    from ts_plugin.engines.deepspeed import inference_config
+
+    (tmp_path / "ds.json").write_text('{"max_out_tokens": 512, "tensor_parallel": {"tp_size": 2}}')
+    path = tmp_path / "model-config.yaml"
+    path.write_text("parallelType: tp\ntorchrun:\n  nproc-per-node: 2\n  rdzv-endpoint: localhost:29555\n"
+                    "deepspeed:\n  config: ds.json\n  max_out_tokens: 256\n")
+    report = validate_file(path)
+    assert report.ok, report.text()
+    (tmp_path / "ds.json").unlink()  # read once, by the validator: the engine does not open it again
+    settings = inference_config(report.config, report.layout, tmp_path, torch.device("cpu"), torch.float32)
+    assert settings["max_out_tokens"] == 256  # the inline key wins over the file
+    assert settings["tensor_parallel"] == {"tp_size": 2}
+    assert report.config.deepspeed.file_settings == {"max_out_tokens": 512, "tensor_parallel": {"tp_size": 2}}

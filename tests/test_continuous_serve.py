@@ -151,15 +151,15 @@ def test_cancelled_clients_free_their_rows(server, name):
     cancel_one()
     time.sleep(0.5)
     before = _worker_rss(name)
-    for _ in range(25):
+    for _ in range(50):
         cancel_one()
     answer = ts.predict(name, {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 10}})
     assert answer.status_code == 200 and answer.json()["generated_text"] == reference_text(model_dir, PROMPTS[1], 10)
     grown = _worker_rss(name) - before
-    assert grown < 64 * 2**20, f"worker memory grew by {grown / 2**20:.1f} MiB over 25 cancelled requests"
+    assert grown < 64 * 2**20, f"worker memory grew by {grown / 2**20:.1f} MiB over 50 cancelled requests"
     log = (ts.log_dir / "model_log.log").read_text(encoding="utf-8", errors="replace")
     cancelled = sum(1 for line in log.splitlines() if f"{name}_" in line and "its client went away" in line)
-    assert cancelled >= 20, cancelled  # the handler saw the rows leave (on every tp rank: at least once each)
+    assert cancelled >= 40, cancelled  # the handler saw the rows leave (on every tp rank: at least once each)
 
 
 def test_non_streaming_answer_is_one_json_body(server):

@@ -596,6 +596,7 @@ def _check_files(config: ModelConfig, layout: ParallelLayout, out: _Collector, c
             out.add(FILE_NOT_JSON, path, f"{key} {value!r} is not valid JSON: {err}", "fix the JSON file")
             continue
         if path == ("deepspeed", "config") and isinstance(parsed, dict):
+            ds.keep_file_settings(parsed)  # the engine builds DeepSpeed's settings from this, not from the file again
             sizes = []
             tp_section = parsed.get("tensor_parallel")
             if isinstance(tp_section, dict) and isinstance(tp_section.get("tp_size"), int):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import json
 import math
 import os
 import select
@@ -25,12 +24,12 @@ from .base import EngineError, HFStepModel, LoadContext, Progress
 
 def inference_config(config: ModelConfig, layout: ParallelLayout, model_dir: Path, device: torch.device,
                      dtype: torch.dtype) -> Dict[str, Any]:
-    """DeepSpeed init_inference settings: the JSON file, then the inline `deepspeed` keys on top."""
+    """DeepSpeed init_inference settings: the JSON file (as the validator read it), then the inline `deepspeed` keys
+    on top."""
     section = config.deepspeed
     settings: Dict[str, Any] = {}
-    if section is not None and section.config:
-        settings.update(json.loads((model_dir / section.config).read_text(encoding="utf-8")))
     if section is not None:
+        settings.update(section.file_settings)
         inline = section.model_dump(exclude_none=True, exclude={"config", "checkpoint"}, exclude_unset=True)
         settings.update(inline)
     settings.pop("mp_size", None)  # deprecated spelling, validated equal to tp_size

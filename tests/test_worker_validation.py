@@ -35,4 +35,4 @@ def test_worker_start_fails_with_the_validator_message(tmp_path):
             time.sleep(1)
         log = ts.log_tail(400)
     assert "model-config.yaml:5:3: error TSP110 [handler.max_new_tokens]" in log, log
-    assert "write an integer without quotes" in log
+    assert "write 16 without quotes" in log

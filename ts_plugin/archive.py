@@ -68,7 +68,7 @@ def _parse_archiver_args(argv: List[str]):
         sys.argv = saved
 
 
-def archive(argv: List[str], out=sys.stdout, err=sys.stderr) -> int:
+def archive(argv: List[str], out=None, err=None) -> int:
     """Validate, then package exactly as `torch-model-archiver argv...` would. Returns an exit code.
 
     Example:
@@ -78,6 +78,7 @@ def archive(argv: List[str], out=sys.stdout, err=sys.stderr) -> int:
     from model_archiver.model_packaging import generate_model_archive
     from model_archiver.model_packaging_utils import ModelExportUtils
 
+    out, err = out or sys.stdout, err or sys.stderr  # per call: a default bound at import keeps that moment's stream
     config = _parse_archiver_args(argv)  # argparse exits 2 on usage errors, like torch-model-archiver
     if config.config_file:
         if not os.path.isfile(config.config_file):

@@ -114,13 +114,12 @@ def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], par
     stream_lock = threading.Lock()  # one intermediate response at a time on the worker's socket
 
     def run(rows: range) -> List[SequenceResult]:
-        callback = None
-        if on_text is not None:
-            def callback(row: int, text: str, finished: bool) -> None:
-                with stream_lock:
-                    on_text(rows[row], text, finished)
+        def in_batch_order(row: int, text: str, finished: bool) -> None:
+            with stream_lock:
+                on_text(rows[row], text, finished)
+
         return _generate_batch(model, tokenizer, [prompts[i] for i in rows], [params[i] for i in rows],
-                               default_seed + rows.start, eos_ids, callback)
+                               default_seed + rows.start, eos_ids, in_batch_order if on_text is not None else None)
 
     with ThreadPoolExecutor(len(groups), thread_name_prefix="generate-rows") as pool:
         futures = [pool.submit(run, rows) for rows in groups]

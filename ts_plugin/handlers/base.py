@@ -43,6 +43,7 @@ from ._tgi import parse_request
 
 logger = logging.getLogger(__name__)
 
+
 class ConfigError(ValueError):
     """model-config.yaml fails the rules: the load fails with the validator's message."""
 

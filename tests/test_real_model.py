@@ -23,7 +23,7 @@ def test_the_gguf_file_becomes_a_model_folder_once():
     t0 = time.perf_counter()
     assert prepare_smollm2() == folder
     assert time.perf_counter() - t0 < 5, "a folder converted from the same file is reused"
-    assert pptp_tp_size(folder, pp_size=2) == 3
+    assert pptp_tp_size(folder) == 3
 
 
 def test_convert_gguf_refuses_a_missing_file_and_an_unknown_dtype(tmp_path, capsys):

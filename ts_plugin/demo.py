@@ -68,12 +68,12 @@ def _archive(store: Path, name: str, handler: str, config: Path) -> None:
         raise RuntimeError(f"ts-plugin archive {name} failed:\n{err.getvalue()}")
 
 
-def pptp_tp_size(model_dir: Path, pp_size: int) -> int:
+def pptp_tp_size(model_dir: Path) -> int:
     """The smallest tp size above 1 that splits the model's attention and key/value heads evenly."""
+    from .config.rules import attention_tp_sizes
+
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    return next(tp for tp in range(2, heads + 1) if heads % tp == 0 and kv_heads % tp == 0)
+    return next(tp for tp in attention_tp_sizes(config) if tp > 1)
 
 
 def _write_config(ptype: str, model_dir: Path, workdir: Path, world_size: Optional[int] = None) -> Path:
@@ -109,7 +109,7 @@ def _reference_answers(model_dir: Path) -> Dict[str, str]:
 
 def run_demo(workdir: Path, parallel_types: Optional[Sequence[str]] = None, model: Optional[str] = None) -> int:
     from ._torchserve import TorchServe
-    from .config import ValidationContext, validate_file
+    from .config import validate_file
     from .tiny_model import make_tiny_model
 
     if model is None:
@@ -145,12 +145,12 @@ def run_demo(workdir: Path, parallel_types: Optional[Sequence[str]] = None, mode
 
     configs = {p: _write_config(p, model_dir, workdir) for p in chosen}
     if "pptp" in chosen:
-        report = validate_file(configs["pptp"], ValidationContext())
+        report = validate_file(configs["pptp"])
         if not report.ok:  # the example's 2 x 2 may not split this model's heads: show why, then pick a size
             _step("the validator on examples/pptp with this model")
             print(report.text())
-            pp_size = yaml.safe_load(configs["pptp"].read_text(encoding="utf-8"))["pippy"]["pp_size"]
-            world = pp_size * pptp_tp_size(model_dir, pp_size)
+            pp_size = report.config.pippy.pp_size
+            world = pp_size * pptp_tp_size(model_dir)
             configs["pptp"] = _write_config("pptp", model_dir, workdir, world_size=world)
             _step(f"pptp as {pp_size} stages x {world // pp_size} tensor-parallel ranks instead")
 

@@ -640,16 +640,30 @@ PPTP_HEADS_HINT = ("use a tp size that divides both (nproc-per-node = pippy.pp_s
                    "with parallelType tp (DeepSpeed splits uneven heads)")
 
 
-def attention_split_problem(hf_config: Dict[str, Any], tp_size: int) -> Optional[str]:
-    """Why a model's attention heads cannot be split evenly over `tp_size` ranks (torch's ColwiseParallel cuts a
-    projection into equal chunks, so each rank must get whole heads), or None. `hf_config`: config.json's dict."""
+def _head_counts(hf_config: Dict[str, Any]) -> Optional[Tuple[int, int]]:
     heads = hf_config.get("num_attention_heads", hf_config.get("n_head"))
     if not isinstance(heads, int):
         return None
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    if heads % tp_size == 0 and kv_heads % tp_size == 0:
+    return heads, hf_config.get("num_key_value_heads") or heads
+
+
+def attention_tp_sizes(hf_config: Dict[str, Any]) -> Optional[List[int]]:
+    """The tp sizes that give every rank whole attention and key/value heads, or None when config.json's dict
+    does not say how many heads there are."""
+    counts = _head_counts(hf_config)
+    if counts is None:
         return None
-    fits = [t for t in range(1, heads + 1) if heads % t == 0 and kv_heads % t == 0]
+    heads, kv_heads = counts
+    return [t for t in range(1, heads + 1) if heads % t == 0 and kv_heads % t == 0]
+
+
+def attention_split_problem(hf_config: Dict[str, Any], tp_size: int) -> Optional[str]:
+    """Why a model's attention heads cannot be split evenly over `tp_size` ranks (torch's ColwiseParallel cuts a
+    projection into equal chunks, so each rank must get whole heads), or None. `hf_config`: config.json's dict."""
+    fits = attention_tp_sizes(hf_config)
+    if fits is None or tp_size in fits:
+        return None
+    heads, kv_heads = _head_counts(hf_config)
     return (f"the model's {heads} attention heads and {kv_heads} key/value heads do not both divide by {tp_size}; "
             f"tp sizes that work: {', '.join(map(str, fits))}")
 

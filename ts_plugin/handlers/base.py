@@ -281,9 +281,9 @@ class LLMHandler:
 
     def _continuous_step(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
         """One call of TorchServe's ContinuousBatching aggregator: the running requests (rows without a body: the
-        frontend has them cached here) plus new ones. handler.steps_per_call steps for all; a request stays while its answer says
-        `ts_stream_next: true` (context.stopping_criteria). Streaming requests get their JSON line each step,
-        the others an empty chunk (written as nothing) until their whole answer."""
+        frontend has them cached here) plus new ones. Up to handler.steps_per_call steps for all; a request stays
+        while its answer says `ts_stream_next: true` (context.stopping_criteria). Streaming requests get their JSON
+        line each call, the others an empty chunk (written as nothing) until their whole answer."""
         self.context = context
         request_ids = [context.request_ids[index] for index in range(len(data))]
         for request_id in self.continuous.keep_only(request_ids):

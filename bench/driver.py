@@ -221,17 +221,10 @@ class Job:
         if command.get("allreduce") == "gloo":
             # tp: this request as DeepSpeed ships it: its own layer forwards and inference all-reduce (gloo's
             # allreduce), every rank alike
-            import deepspeed.comm.comm as ds_comm
+            from ts_plugin.engines._cpu_tp import deepspeed_layer_forwards
 
-            from ts_plugin.engines.deepspeed import deepspeed_layer_forwards
-
-            patched = ds_comm.cdb.inference_all_reduce
-            ds_comm.cdb.inference_all_reduce = getattr(patched, "__wrapped__", patched)
-            try:
-                with deepspeed_layer_forwards(self.handler.model.model):
-                    return self._maybe_profiled(command)
-            finally:
-                ds_comm.cdb.inference_all_reduce = patched
+            with deepspeed_layer_forwards(self.handler.model.model):
+                return self._maybe_profiled(command)
         return self._maybe_profiled(command)
 
     def comm_bench(self, rounds: int = 7, iterations: int = 30) -> Dict[str, Any]:

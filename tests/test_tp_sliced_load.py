@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(r'''
 
     import torch
 
-    from ts_plugin.engines.deepspeed import deepspeed_layer_forwards
+    from ts_plugin.engines._cpu_tp import deepspeed_layer_forwards
     from ts_plugin.handlers.tensor_parallel import DeepSpeedHandler
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -1,16 +1,10 @@
 """parallelType tp: DeepSpeed inference (AutoTP by default) over the worker's ranks."""
 from __future__ import annotations
 
-import contextlib
-import functools
 import itertools
 import math
-import os
-import select
-import struct
-import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,6 +13,7 @@ from ..config import ModelConfig, ParallelLayout
 from ..distributed import any_rank_failed, broadcast_tokens
 from ._checkpoint import (build_meta_model, checkpoint_index, checkpoint_key, checkpoint_names, load_causal_lm,
                           peak_rss_mb, read_tensors, release_memory, tied_names)
+from ._cpu_tp import use_lean_forwards, use_shared_memory_all_reduce
 from .base import EngineError, HFStepModel, LoadContext, Progress
 
 
@@ -63,26 +58,20 @@ def _injection_policy(model: torch.nn.Module, policy: Dict[str, Any]) -> Dict[ty
 def load(context: LoadContext) -> HFStepModel:
     """Shard the model with DeepSpeed on every rank; returns this rank's step model. Each rank reads only its own
     slices of the checkpoint where `_load_slices` can, else the whole model (`_load_whole`)."""
-    import deepspeed
-
     config, layout, ranks, device, dtype = context.config, context.layout, context.ranks, context.device, context.dtype
     progress = context.progress
     settings = inference_config(config, layout, context.model_dir, device, dtype)
-    if device.type == "cpu":
-        # DeepSpeed's JIT shared-memory allreduce crashes on CPU hosts (see README); gloo's is used instead.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if device.type == "cpu" and ranks.world_size > 1:
+        use_shared_memory_all_reduce(ranks, progress)
     module = _load_slices(config, layout, settings, context.model_path, device, dtype, progress)
     if module is None:
         module = _load_whole(config, layout, settings, context.model_path, device, dtype, progress)
-    share = broadcast_tokens if ranks.world_size > 1 else None
-    if device.type == "cpu" and ranks.world_size == 2:
-        pair = _use_pair_all_reduce(layout.process_group_timeout_s, progress)
-        if pair is not None:
-            progress(f"{_use_lean_forwards(module, pair)} tensor-parallel linear layers run the lean CPU forward")
-            share = pair.broadcast
+    if device.type == "cpu":
+        progress(f"{use_lean_forwards(module)} tensor-parallel linear layers run the lean CPU forward")
     _check_it_runs(module, device)
     release_memory()
     progress(f"shard ready (peak RSS {peak_rss_mb():.0f} MiB)")
+    share = broadcast_tokens if ranks.world_size > 1 else None
     return HFStepModel(module, device, share=share, samples_here=ranks.is_driver)
 
 
@@ -322,252 +311,3 @@ def _own_memory(module: torch.nn.Module) -> None:
             for name, buffer in child._buffers.items():
                 if buffer is not None:
                     child._buffers[name] = buffer.clone()
-
-
-_NOTHING = memoryview(b"")
-
-
-def _bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
-
-
-# A rank asleep in poll() woke ~0.1 ms after the other's bytes came (2-vCPU VM), at times only after milliseconds (as
-# if woken on the other rank's busy CPU); a decode step waits 37 times. Like an OpenMP thread, spin before sleeping.
-_SPIN_S = 0.002
-
-
-def _spin_seconds() -> float:
-    """How long a rank busy-waits for the other rank's bytes before it sleeps in poll(): 0 under OpenMP's
-    OMP_WAIT_POLICY=PASSIVE, or where the ranks have fewer CPUs than ranks (a spinning rank would take the other's).
-    """
-    if os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
-        return 0.0
-    return _SPIN_S if len(os.sched_getaffinity(0)) >= dist.get_world_size() else 0.0
-
-
-class _RankPair:
-    """A Unix stream socket between the two ranks of a worker on one host, to all-reduce over.
-
-    Rank 0 listens on an abstract socket name the kernel picks (autobind), sends the name to rank 1 over the
-    process group, and accepts only the connection whose SO_PEERCRED pid is rank 1's. The socket is non-blocking:
-    each exchange sends and receives at once, busy-waits up to `spin_s` when neither moves, then sleeps in poll().
-    It times out after `timeout_s` (the process group's timeout); a peer that exits closes the socket, and the
-    waiting rank fails at once.
-    """
-
-    def __init__(self, timeout_s: float, spin_s: float):
-        import socket
-
-        self.first = dist.get_rank() == 0
-        pids: list = [None, None]
-        dist.all_gather_object(pids, os.getpid())
-        server = None
-        name: list = [None]
-        if self.first:
-            try:
-                server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                server.bind("")  # Linux autobind: a unique abstract name, nothing on the file system
-                server.listen(1)
-                name[0] = server.getsockname()
-            except OSError as error:
-                name[0] = error  # rank 1 must still get its answer
-        dist.broadcast_object_list(name, src=0)
-        try:
-            if isinstance(name[0], OSError):
-                raise name[0]
-            if self.first:
-                server.settimeout(timeout_s)
-                while True:
-                    conn, _ = server.accept()
-                    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-                    if struct.unpack("3i", creds)[0] == pids[1]:
-                        break
-                    conn.close()  # not the other rank
-            else:
-                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                conn.settimeout(timeout_s)
-                conn.connect(name[0])
-        finally:
-            if server is not None:
-                server.close()
-        conn.setblocking(False)  # _exchange sends and receives at once, and waits in poll()
-        self.conn = conn
-        self.timeout_s = timeout_s
-        self.spin_s = spin_s
-        self.broken: Optional[str] = None
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` (CPU, contiguous) with the other rank's, in place; a + b is the same IEEE sum on both
-        ranks."""
-        other = torch.empty_like(tensor)
-        self._exchange("all-reduce with", _bytes(tensor), _bytes(other))
-        return tensor.add_(other)
-
-    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Rank 0's `tensor` (CPU, the same shape and dtype on both ranks) on both ranks."""
-        tensor = tensor.contiguous()
-        view = _bytes(tensor)
-        self._exchange("broadcast to", view if self.first else _NOTHING, _NOTHING if self.first else view)
-        return tensor
-
-    def _exchange(self, what: str, send: memoryview, receive: memoryview) -> None:
-        """Send and receive at the same time (non-blocking), so no size can leave both ranks stuck in a send."""
-        if self.broken:
-            raise RuntimeError(f"the tensor-parallel link between the ranks failed earlier ({self.broken}); "
-                               "this worker must be restarted")
-        sent = got = 0
-        idle_since = None
-        try:
-            while sent < len(send) or got < len(receive):
-                moved = False
-                if sent < len(send):
-                    try:
-                        sent += self.conn.send(send[sent:])
-                        moved = True
-                    except BlockingIOError:
-                        pass
-                if got < len(receive):
-                    try:
-                        count = self.conn.recv_into(receive[got:])
-                    except BlockingIOError:
-                        count = None
-                    if count == 0:
-                        raise ConnectionResetError("the other tensor-parallel rank closed the connection")
-                    if count:
-                        got += count
-                        moved = True
-                if moved:
-                    idle_since = None
-                    continue
-                now = time.monotonic()
-                idle_since = idle_since or now
-                if now - idle_since >= self.spin_s:
-                    self._wait(readable=got < len(receive), writable=sent < len(send))
-        except OSError as error:  # timeout, or the other rank is gone: the stream is out of step from here on
-            self.broken = f"{type(error).__name__}: {error}"
-            raise RuntimeError(f"{what} the other tensor-parallel rank failed: {self.broken}") from error
-
-    def _wait(self, readable: bool, writable: bool) -> None:
-        events = (select.POLLIN if readable else 0) | (select.POLLOUT if writable else 0)
-        poller = select.poll()
-        poller.register(self.conn, events)
-        if not poller.poll(self.timeout_s * 1000):
-            raise TimeoutError(f"nothing from the other rank in {self.timeout_s:g} s")
-
-
-def _use_pair_all_reduce(timeout_s: float, progress: Progress) -> Optional[_RankPair]:
-    """On CPU with 2 ranks, all-reduce through a socket between the ranks instead of gloo's allreduce; returns the
-    socket link (None where the ranks fall back to gloo send/recv).
-
-    AutoTP all-reduces twice per decoder layer and once for the LM head, on a few KiB per decode step. On a
-    2-core host one gloo allreduce of 4 KiB took ~0.8 ms (a gloo isend/irecv exchange ~0.5 ms: each message is
-    handed between gloo's threads), the same bytes through a Unix socket ~0.04 ms; the all-reduces were about
-    half of a tp 2 decode step. Other reductions, groups and devices keep DeepSpeed's path; if the socket cannot be
-    set up, the ranks exchange with gloo's isend/irecv.
-    """
-    import deepspeed.comm.comm as ds_comm
-
-    backend = getattr(ds_comm, "cdb", None)
-    original = getattr(backend, "inference_all_reduce", None)
-    if original is None:
-        return None
-    if hasattr(original, "ts_plugin_pair"):  # a model loaded before in this process set it up
-        return original.ts_plugin_pair
-    pair: Optional[_RankPair] = None
-    try:
-        pair = _RankPair(timeout_s, _spin_seconds())
-    except OSError as error:  # no AF_UNIX, a timeout, a refused connection
-        progress(f"all-reduce over a Unix socket unavailable ({error}); using gloo send/recv")
-    if any_rank_failed(pair is None) and pair is not None:  # both ranks take the same path
-        pair.conn.close()
-        pair = None
-
-    def inference_all_reduce(tensor, op=ds_comm.ReduceOp.SUM, group=None):
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-        if (ranks != [0, 1] or tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dim() == 0
-                or backend._reduce_op(op) != dist.ReduceOp.SUM):
-            return original(tensor, op, group)
-        if pair is not None:
-            return pair.all_reduce(tensor)
-        other = torch.empty_like(tensor)
-        peer = 1 - dist.get_rank()
-        for work in (dist.isend(tensor, peer, group=group), dist.irecv(other, peer, group=group)):
-            work.wait()
-        return tensor.add_(other)
-
-    inference_all_reduce.__wrapped__ = original
-    inference_all_reduce.ts_plugin_pair = pair
-    backend.inference_all_reduce = inference_all_reduce
-    return pair
-
-
-class _LeanForward(functools.partial):
-    """A layer's forward set by `_use_lean_forwards` (so that `deepspeed_layer_forwards` knows it)."""
-
-
-def _use_lean_forwards(module: torch.nn.Module, pair: _RankPair) -> int:
-    """Give DeepSpeed's AutoTP linear layers a plain inference forward that all-reduces over `pair`; returns how
-    many layers got one.
-
-    DeepSpeed's forwards wrap every call in autograd Functions (ColumnParallel, RowParallel) and deepspeed.comm's
-    timed wrappers, and multiply by a transposed view; on a 2-core host that Python cost, paid by each rank for
-    every linear layer (seven per Llama decoder layer), made a rank's Python and small ops about 1.7x those of one
-    process running the whole model (tp 2 decode 0.79x of it, 0.85-0.93x with the lean forward). The lean forward is
-    the same arithmetic (F.linear without bias is matmul with weight.t(); the bias is added after the all-reduce,
-    as DeepSpeed does).
-    Layers of other classes, subclasses, and layers set up for gathering, overlap or compiled collectives keep
-    DeepSpeed's forward.
-    """
-    import torch.nn.functional as F
-    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, LmHeadLinearAllreduce
-
-    def column(layer, input):
-        output = F.linear(input, layer.weight)
-        return output if layer.bias is None else output.add_(layer.bias)
-
-    def row(layer, input):
-        output = pair.all_reduce(F.linear(input, layer.weight))
-        return output if layer.bias is None else output.add_(layer.bias)
-
-    def head(layer, columns, input):  # the head's weight holds this rank's columns: multiply them by its slice
-        return row(layer, input[..., columns])
-
-    lean = 0
-    for layer in module.modules():
-        kind = type(layer)
-        if (kind not in (LinearLayer, LinearAllreduce, LmHeadLinearAllreduce) or layer.is_training_mode()
-                or getattr(layer, "defer_collectives_to_compiler", True)):
-            continue
-        if kind is LinearLayer:
-            if layer.gather_output or LinearLayer.tp_overlap_comm:
-                continue
-            layer.forward = _LeanForward(column, layer)
-        elif kind is LinearAllreduce:
-            layer.forward = _LeanForward(row, layer)
-        elif hasattr(layer, "_partition_sizes") and hasattr(layer, "tp_index"):
-            sizes = layer._partition_sizes  # frozen when DeepSpeed cut the weight
-            start = sum(sizes[:layer.tp_index])
-            layer.forward = _LeanForward(head, layer, slice(start, start + sizes[layer.tp_index]))
-        else:
-            continue
-        lean += 1
-    return lean
-
-
-@contextlib.contextmanager
-def deepspeed_layer_forwards(module: torch.nn.Module) -> Iterator[int]:
-    """Within the block, `module`'s layers run DeepSpeed's own forwards instead of the lean ones (for comparing
-    the two); yields how many layers were switched.
-
-    Example::
-
-        with deepspeed_layer_forwards(step_model.model):
-            logits_as_shipped = step_model.model(input_ids=ids).logits
-    """
-    lean = {layer: layer.__dict__.pop("forward") for layer in module.modules()
-            if isinstance(layer.__dict__.get("forward"), _LeanForward)}
-    try:
-        yield len(lean)
-    finally:
-        for layer, forward in lean.items():
-            layer.forward = forward

@@ -1,0 +1,105 @@
+"""The tp engine's CPU all-reduce: DeepSpeed's own shared-memory op, under real torchrun (gloo on CPU). With it
+on (3 ranks) sums of every size are exact and the same bits on every rank, and no segment name is left in
+/dev/shm; where one rank cannot build it (no compiler), every rank turns it off and sums go over gloo."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_pipeline_engine import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+SCRIPT = textwrap.dedent(r'''
+    import json, os, sys
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    from ts_plugin.distributed import Ranks
+    from ts_plugin.engines._cpu_tp import use_shared_memory_all_reduce
+
+    out_dir, broken_rank = Path(sys.argv[1]), int(sys.argv[2])
+    dist.init_process_group("gloo")
+    ranks = Ranks.from_env()
+    if ranks.rank == broken_rank:  # as on a host without a C++ compiler
+        os.environ["CXX"] = "/bin/false"
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(out_dir / "extensions")
+    log = []
+    on = use_shared_memory_all_reduce(ranks, log.append)
+
+    import deepspeed.comm as ds_comm
+    ds_comm.init_distributed(dist_backend="gloo")  # a no-op where the engine started it
+    sums = []
+    for size in (1, 1024, 3 * 2**20 + 7):  # the last (12 MiB) is past the op's 1 MiB small-message path
+        part = torch.arange(size, dtype=torch.float32) * (ranks.rank + 1) + 0.1 * ranks.rank
+        total = sum(torch.arange(size, dtype=torch.float32) * (r + 1) + 0.1 * r for r in range(ranks.world_size))
+        ds_comm.comm.cdb.inference_all_reduce(part, ds_comm.ReduceOp.SUM)
+        sums.append(torch.allclose(part, total))
+        gathered = [torch.empty_like(part) for _ in range(ranks.world_size)]
+        dist.all_gather(gathered, part)
+        sums.append(all(torch.equal(g, part) for g in gathered))
+    dist.barrier()
+    port = os.environ["MASTER_PORT"]
+    left = [name for name in os.listdir("/dev/shm") if f"_{port}_" in name]
+    (out_dir / f"rank{ranks.rank}.json").write_text(json.dumps(
+        {"on": on, "log": log, "sums": sums, "left": left,
+         "op": hasattr(torch.ops, "deepspeed") and hasattr(torch.ops.deepspeed, "inference_all_reduce_")}))
+    os._exit(0)
+''')
+
+
+def run_ranks(root: Path, nproc: int, broken_rank: int):
+    script = root / "all_reduce_script.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
+           str(free_port()), str(script), str(root), str(broken_rank)]
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    return [json.loads((root / f"rank{rank}.json").read_text()) for rank in range(nproc)]
+
+
+def test_the_shared_memory_op_sums_every_size_alike_and_leaves_no_names(tmp_path):
+    for out in run_ranks(tmp_path, 3, broken_rank=-1):
+        assert out["on"] and out["op"], out["log"]
+        assert any("shared-memory all-reduce is loaded" in line for line in out["log"]), out["log"]
+        assert out["sums"] == [True] * 6
+        assert out["left"] == []
+
+
+def test_a_rank_that_cannot_build_it_turns_it_off_on_every_rank(tmp_path):
+    ranks = run_ranks(tmp_path, 2, broken_rank=1)
+    for out in ranks:
+        assert not out["on"]
+        assert any("all-reduces go over gloo" in line for line in out["log"]), out["log"]
+        assert out["sums"] == [True] * 6
+    assert "another rank cannot use it" in ranks[0]["log"][-1]
+    assert "another rank" not in ranks[1]["log"][-1]
+
+
+@pytest.mark.parametrize("local_world_size", ["1", None])
+def test_ranks_on_other_hosts_keep_gloo(monkeypatch, local_world_size):
+    """Without this check DeepSpeed's op would skip its set-up (LOCAL_SIZE short of the world) and segfault."""
+    import deepspeed
+
+    import ts_plugin.engines._cpu_tp as cpu_tp
+    from ts_plugin.distributed import Ranks
+
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)
+
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    monkeypatch.setattr(cpu_tp, "any_rank_failed", lambda failed: failed)
+    log = []
+    assert not cpu_tp.use_shared_memory_all_reduce(Ranks(0, 2, 0), log.append)
+    assert "the ranks are not all on this host" in log[-1]

@@ -1,10 +1,10 @@
-"""The benchmark's model: a random-weight Llama made locally from a config, saved as sharded safetensors,
-with the locally trained tokenizer of ts_plugin.tiny_model. Nothing is downloaded."""
+"""The benchmark's model: a random-weight Llama made locally from a config, saved as sharded safetensors, with
+ts_plugin.testing's locally trained tokenizer (nothing is downloaded); and HF generate's answers, the ground truth."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Iterable, List, Tuple
 
 #: about 200M parameters: 18 decoder layers of hidden 1024 (16 heads of 64, 4 KV heads), MLP 2816
 FULL = dict(hidden=1024, intermediate=2816, layers=18, heads=16, kv_heads=4, shards=8)
@@ -12,41 +12,36 @@ FULL = dict(hidden=1024, intermediate=2816, layers=18, heads=16, kv_heads=4, sha
 SMOKE = dict(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, shards=2)
 
 
-def make_model(path: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, shards: int,
-               seed: int = 0, init_range: float = 0.3) -> Dict[str, int]:
-    """Save the model (if not already there) and return {"parameters", "bytes"} of its weights.
+def make_model(path: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+               shards: int) -> Dict[str, int]:
+    """Save the model with ts_plugin.testing's tiny-model builder (unless it is already there) and return
+    {"parameters", "bytes"} of its weights."""
+    from ts_plugin.testing import make_tiny_model
 
-    `init_range` 0.3 (as in ts_plugin.tiny_model) makes the random model's logits peaked, so that greedy
-    decoding does not hinge on near-ties that float rounding differences between layouts would flip.
-    """
-    path = Path(path)
+    path, spec = Path(path), dict(hidden=hidden, intermediate=intermediate, layers=layers, heads=heads,
+                                  kv_heads=kv_heads, shards=shards)
     marker = path / "bench-model.json"
-    spec = dict(hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads,
-                shards=shards, seed=seed, init_range=init_range)
-    if marker.is_file():
-        saved = json.loads(marker.read_text())
-        if saved.get("spec") == spec:
-            return saved["size"]
+    if not marker.is_file() or json.loads(marker.read_text()).get("spec") != spec:
+        make_tiny_model(path, "llama", layers=layers, hidden=hidden, shards=shards, intermediate_size=intermediate,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512)
+        weights = sum(file.stat().st_size for file in path.glob("*.safetensors"))  # fp32 (headers: a few KiB)
+        marker.write_text(json.dumps({"spec": spec, "size": {"parameters": weights // 4, "bytes": weights}}))
+    return json.loads(marker.read_text())["size"]
+
+
+def reference_answers(model, tokenizer, jobs: Iterable[Tuple[str, int]]) -> List[Tuple[List[int], str]]:
+    """Greedy HF `generate`, one (prompt, max new tokens) at a time: the ground truth every layout must match, as
+    (token ids up to the end of sequence, text)."""
     import torch
-    import transformers
 
-    from ts_plugin.tiny_model import make_tokenizer
-
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(path)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        tie_word_embeddings=False, initializer_range=init_range, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    with torch.device("cpu"):
-        model = transformers.LlamaForCausalLM(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    parameters = model.num_parameters()
-    size = {"parameters": parameters, "bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "vocab": len(tokenizer)}
-    shard_kb = max(1, size["bytes"] // shards // 1024 + 1)
-    model.save_pretrained(str(path), safe_serialization=True, max_shard_size=f"{shard_kb}KB")
-    marker.write_text(json.dumps({"spec": spec, "size": size}))
-    return size
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    answers = []
+    for prompt, max_new in jobs:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            new = model.generate(**ids, max_new_tokens=max_new, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        new = new.tolist()
+        new = new[:next((i for i, token in enumerate(new) if token in eos_ids), len(new))]
+        answers.append((new, tokenizer.decode(new, skip_special_tokens=True)))
+    return answers

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 import requests
 import yaml
 
-from .model import FULL, SMOKE, make_model
+from .model import FULL, SMOKE, make_model, reference_answers
 from .run import REPO, archive, log, model_config
 
 #: (parallelType, continuous batching, batchSize): static and continuous at batchSize 4 as the issue compares them;
@@ -91,18 +91,12 @@ def p99(values: List[float]) -> float:
 
 def references(model_dir: Path, jobs: List[Dict[str, Any]]) -> Dict[str, str]:
     """Single-process greedy generate for every distinct (prompt, max_tokens)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    out = {}
-    for prompt, max_tokens in sorted({(j["prompt"], j["max_tokens"]) for j in jobs}):
-        ids = tokenizer(prompt, return_tensors="pt")
-        with torch.inference_mode():
-            new = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)[0, ids["input_ids"].shape[1]:]
-        out[f"{max_tokens}|{prompt}"] = tokenizer.decode(new, skip_special_tokens=True)
-    return out
+    distinct = sorted({(job["prompt"], job["max_tokens"]) for job in jobs})
+    answers = reference_answers(model, AutoTokenizer.from_pretrained(str(model_dir)), distinct)
+    return {f"{max_tokens}|{prompt}": text for (prompt, max_tokens), (_, text) in zip(distinct, answers)}
 
 
 def start_anchor(model_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
@@ -133,11 +127,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--model", choices=["bench", "smollm2"], default="bench",
                         help="the random bench model, or SmolLM2-135M-Instruct (the demo's real model)")
     args = parser.parse_args(argv)
-    from ts_plugin._torchserve import TorchServe, free_ports
+    from ts_plugin.testing import TorchServe, free_ports
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ts_plugin-serving-"))
     if args.model == "smollm2":
-        from ts_plugin.demo import prepare_smollm2
+        from ts_plugin.testing.demo import prepare_smollm2
 
         model_dir = prepare_smollm2()
         size = {"parameters": (model_dir / "model.safetensors").stat().st_size // 4, "name": "SmolLM2-135M-Instruct"}
@@ -149,29 +143,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     solo_jobs = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": long} for i in range(ONE_CLIENT_JOBS)]
     store = workdir / "store"
     store.mkdir(parents=True, exist_ok=True)
-    names = []
+    servers = {}  # name -> (parallelType, config changes, handler changes, one client)
     for kind, continuous, batch in SERVERS:
         name = f"{kind}-{'continuous' if continuous else 'static'}" + ("" if batch == 4 else f"-b{batch}")
-        config = model_config(kind, model_dir, long)
-        config.update(batchSize=batch, maxBatchDelay=50, continuousBatching=continuous)
-        if continuous and "pippy" in config:
-            config["pippy"].pop("chunks", None)  # not used with continuous batching (TSP216)
-        path = workdir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        archive(store, name, kind, path)
-        names.append(name)
-    solo_names = []
+        servers[name] = (kind, {"batchSize": batch, "continuousBatching": continuous}, {}, False)
     for kind, continuous, steps in ONE_CLIENT:
         name = f"{kind}-continuous-steps{steps}-1client" if continuous else f"{kind}-static-1client"
+        servers[name] = (kind, {"batchSize": 4, "continuousBatching": continuous},
+                         {"steps_per_call": steps} if continuous else {}, True)
+    for name, (kind, changes, handler, _) in servers.items():
         config = model_config(kind, model_dir, long)
-        config.update(batchSize=4, maxBatchDelay=50, continuousBatching=continuous)
-        if continuous:
-            config["handler"]["steps_per_call"] = steps
-        path = workdir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        archive(store, name, kind, path)
-        solo_names.append(name)
-    log(f"model {size['parameters'] / 1e6:.0f}M parameters; {count} requests, {len(names)} servers + the anchor")
+        config.update(maxBatchDelay=50, **changes)
+        config["handler"].update(handler)
+        (workdir / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        archive(store, name, kind, workdir / f"{name}.yaml")
+    log(f"model {size['parameters'] / 1e6:.0f}M parameters; {count} requests, {len(servers)} servers + the anchor")
     expected = references(model_dir, jobs + solo_jobs)
     runs: Dict[str, List[Dict[str, Any]]] = {}
     solo: Dict[str, List[Dict[str, Any]]] = {}
@@ -179,18 +165,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         ts.start(models={})
         headers = ts._headers()
         for _ in range(args.rounds):
-            for name in names + solo_names:
+            for name, (*_, one_client) in servers.items():
                 ts.register(name, name)
                 ts.wait_ready(name)
                 url = f"{ts.inference_url}/predictions/{name}/1.0/v1/completions"
                 stream_one(url, {"model": name, "prompt": PROMPTS[0], "max_tokens": 2}, headers)  # warm-up
-                if name in solo_names:
-                    solo.setdefault(name, []).append(run_workload(url, name, solo_jobs, 1, headers))
-                    log(f"{name}: {solo[name][-1]['tokens_per_s']:.1f} tok/s")
-                else:
-                    runs.setdefault(name, []).append(run_workload(url, name, jobs, 8, headers))
-                    log(f"{name}: {runs[name][-1]['tokens_per_s']:.1f} tok/s")
-                requests.delete(f"{ts.management_url}/models/{name}", headers=ts._headers(management=True), timeout=300)
+                into = solo if one_client else runs
+                into.setdefault(name, []).append(run_workload(url, name, solo_jobs if one_client else jobs,
+                                                              1 if one_client else 8, headers))
+                log(f"{name}: {into[name][-1]['tokens_per_s']:.1f} tok/s")
+                requests.delete(f"{ts.management_url}/models/{name}", headers=ts._headers(management=True),
+                                timeout=300)
                 time.sleep(3)  # its worker processes go away
             port = free_ports(1)[0]
             anchor = start_anchor(model_dir, port, workdir / "anchor.log")
@@ -206,7 +191,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     one_client = summarize(solo, expected)
     report = {"model": size, "requests": count, "short": short, "long": long, "clients": 8, "rounds": args.rounds,
               "date": time.strftime("%Y-%m-%d %H:%M"), "summary": summary, "one_client": one_client,
-              "runs": {name: [{k: v for k, v in run.items() if k != "results"} for run in r] for name, r in runs.items()}}
+              "runs": {name: [{k: v for k, v in run.items() if k != "results"} for run in rounds]
+                       for name, rounds in runs.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "serving-benchmark" + ("-smollm2" if args.model == "smollm2" else "")
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
@@ -227,42 +213,40 @@ def summarize(runs: Dict[str, List[Dict[str, Any]]], expected: Dict[str, str]) -
 
     out = {}
     for name, rounds in runs.items():
-        exact = all(r["text"] == expected[f"{r['max_tokens']}|{r['prompt']}"] for run in rounds for r in run["results"])
         out[name] = {key: statistics.median(run[key] for run in rounds)
                      for key in ("tokens_per_s", "short_p99_s", "ttft_p99_s", "wall_s")}
-        out[name]["exact"] = exact
+        out[name]["exact"] = all(r["text"] == expected[f"{r['max_tokens']}|{r['prompt']}"]
+                                 for run in rounds for r in run["results"])
     return out
 
 
 def render(report: Dict[str, Any]) -> str:
-    s = report["summary"]
-    anchor = s.get("transformers-serve-cb")
+    summary, anchor = report["summary"], report["summary"].get("transformers-serve-cb")
+
+    def ratios(row, other, keys):
+        return ", ".join(f"{row[key] / other[key]:.2f}x" for key in keys) if other and row is not other else ""
+
     lines = [f"# Serving benchmark ({report['date']})", "",
              f"{report['requests']} streamed greedy requests from {report['clients']} concurrent clients, half "
              f"{report['short']} and half {report['long']} new tokens, shuffled; OpenAI streaming v1/completions; "
-             f"model {report['model'].get('name', 'random bench model')} {report['model']['parameters'] / 1e6:.0f}M parameters (fp32, CPU); median of {report['rounds']} "
-             "round(s). Ratios: continuous / static of the same parallelType, and / the anchor "
-             "(`transformers serve --continuous-batching`).", "",
+             f"model {report['model'].get('name', 'random bench model')} {report['model']['parameters'] / 1e6:.0f}M "
+             f"parameters (fp32, CPU); median of {report['rounds']} round(s). Ratios: continuous / static of the "
+             "same parallelType, and / the anchor (`transformers serve --continuous-batching`).", "",
              "| server | tokens/s | short p99 (s) | TTFT p99 (s) | vs static: tok/s, short p99, TTFT p99 | "
-             "vs anchor: tok/s, short p99 | all answers = generate |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, row in s.items():
-        static = s.get(name.split("-")[0] + "-static") if "continuous" in name else None
-        vs_static = (f"{row['tokens_per_s'] / static['tokens_per_s']:.2f}x, {row['short_p99_s'] / static['short_p99_s']:.2f}x, "
-                     f"{row['ttft_p99_s'] / static['ttft_p99_s']:.2f}x") if static else ""
-        vs_anchor = (f"{row['tokens_per_s'] / anchor['tokens_per_s']:.2f}x, {row['short_p99_s'] / anchor['short_p99_s']:.2f}x"
-                     if anchor and row is not anchor else "")
+             "vs anchor: tok/s, short p99 | all answers = generate |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in summary.items():
+        static = summary.get(name.split("-")[0] + "-static") if "continuous" in name else None
         lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {row['short_p99_s']:.2f} | {row['ttft_p99_s']:.2f} | "
-                     f"{vs_static} | {vs_anchor} | {'yes' if row['exact'] else 'no'} |")
+                     f"{ratios(row, static, ('tokens_per_s', 'short_p99_s', 'ttft_p99_s'))} | "
+                     f"{ratios(row, anchor, ('tokens_per_s', 'short_p99_s'))} | {'yes' if row['exact'] else 'no'} |")
     solo = report.get("one_client") or {}
     static = next((row for name, row in solo.items() if "-static-" in name), None)
     if static:
         lines += ["", f"One client, {ONE_CLIENT_JOBS} requests of {report['long']} new tokens one after another "
                   "(batchSize 4): what continuous batching costs where nothing can join.", "",
                   "| server | tokens/s | static / this (overhead) | all answers = generate |", "| --- | --- | --- | --- |"]
-        for name, row in solo.items():
-            lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {static['tokens_per_s'] / row['tokens_per_s']:.3f}x | "
-                         f"{'yes' if row['exact'] else 'no'} |")
+        lines += [f"| {name} | {row['tokens_per_s']:.1f} | {static['tokens_per_s'] / row['tokens_per_s']:.3f}x | "
+                  f"{'yes' if row['exact'] else 'no'} |" for name, row in solo.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -1,8 +1,10 @@
-"""Helpers shared by the serving tests: tiny models, archives, references."""
+"""Helpers shared by the tests: configs, archives, a served TorchServe, references, a handler load on two ranks."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import textwrap
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -11,13 +13,14 @@ from typing import List
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
 PROMPTS = ["hello world how are", "the quick brown fox jumps over the lazy dog .", "a request"]
 
 
 def write_config(path: Path, base: Path, **overrides) -> Path:
     """An example config with some keys replaced (nested dicts merge). A torchrun model gets a free
     rendezvous port of its own, so models and test runs never share one (see rule TSP212)."""
-    from torchserve_harness import free_ports
+    from ts_plugin.testing import free_ports
 
     config = yaml.safe_load(base.read_text())
     for key, value in overrides.items():
@@ -40,10 +43,50 @@ def archive(store: Path, name: str, handler: str, model_dir: Path, config: Path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# Runs on both ranks: initializes a handler as a worker does and writes what the load ended in
+LOAD_SCRIPT = textwrap.dedent(r'''
+    import os, sys
+    from pathlib import Path
+
+    import yaml
+
+    from ts_plugin import handlers
+    from ts_plugin.testing import worker_context
+
+    handler_name, model_dir, config_file, out_dir = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+    config = yaml.safe_load((model_dir / config_file).read_text())  # TorchServe hands the parsed file over
+    handler = getattr(handlers, handler_name)()
+    try:
+        handler.initialize(worker_context(model_dir, config, config_file=config_file))
+        message = "loaded"
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+    (out_dir / f"load{handler.ranks.rank}.txt").write_text(message)
+    # leave without C++ teardown: destroying the gloo group while the peer is already gone can abort
+    # ("terminate called without an active exception") on a loaded machine, which is not what is tested here
+    os._exit(0)
+''')
+
+
+def load_on_two_ranks(handler: str, model_dir: Path, config_file: str, workdir: Path) -> List[str]:
+    """What initializing `handler` (a class name in ts_plugin.handlers) with `model_dir / config_file` under
+    `torchrun --nproc-per-node 2` on the CPU ended in, per rank: "loaded" or "ErrorType: message"."""
+    from ts_plugin.testing import free_ports
+
+    script = workdir / "load_on_two_ranks.py"
+    script.write_text(LOAD_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(workdir)}
+    result = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                             str(free_ports(1)[0]), str(script), handler, str(model_dir), config_file, str(workdir)],
+                            cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    return [(workdir / f"load{rank}.txt").read_text() for rank in (0, 1)]
+
+
 @contextmanager
 def serving(workdir: Path, store: Path, names):
     """A TorchServe over `store` with every model in `names` READY."""
-    from torchserve_harness import TorchServe
+    from ts_plugin.testing import TorchServe
 
     with TorchServe(workdir, store) as ts:
         ts.start(models={name: name for name in names})

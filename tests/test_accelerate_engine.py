@@ -24,13 +24,14 @@ from ts_plugin.engines import LoadContext  # noqa: E402
 from ts_plugin.engines import accelerate as engine  # noqa: E402
 from ts_plugin.engines._checkpoint import build_meta_model  # noqa: E402
 from ts_plugin.handlers.base import ConfigError  # noqa: E402
+from ts_plugin.testing import worker_context  # noqa: E402
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("acc") / "llama", arch="llama", shards=3)
 
@@ -65,21 +66,12 @@ IDS = torch.tensor([[1, 17, 45, 99, 3, 250, 7, 31]])
 
 # --- a handler without TorchServe ----------------------------------------------------------------
 
-def context(model_dir: Path, config: dict, size: int = 0):
-    from ts.context import Context, RequestProcessor
-
-    ctx = Context("acc", str(model_dir), None, 4, None, "0.12.0", metrics=None, model_yaml_config=config)
-    ctx.request_ids = {i: f"req-{i}" for i in range(size)}
-    ctx.request_processor = [RequestProcessor({}) for _ in range(size)]
-    return ctx
-
-
 def make_handler(model_dir: Path, **config):
     from accelerate_handler import AccelerateHandler
 
     config = {"parallelType": "custom", "deviceType": "cpu", **config}
     handler = AccelerateHandler()
-    handler.initialize(context(model_dir, config))
+    handler.initialize(worker_context(model_dir, config))
     return handler
 
 
@@ -88,7 +80,7 @@ def rows(*bodies) -> list:
 
 
 def ask(handler, bodies: list):
-    ctx = context(handler.model_dir, {}, len(bodies))
+    ctx = worker_context(handler.model_dir, {}, batch_size=len(bodies))
     result = handler.handle(rows(*bodies), ctx)
     if asyncio.iscoroutine(result):
         result = asyncio.run(result)
@@ -227,7 +219,7 @@ def test_low_cpu_mem_usage_false_loads_then_dispatches(llama, model_bytes):
 
 @pytest.mark.parametrize("arch", ["gpt2", "opt"])
 def test_other_architectures_tied_embeddings(tmp_path, arch):
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / arch, arch=arch, shards=2)
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
@@ -267,7 +259,7 @@ def test_handler_refuses_other_parallel_types(llama, config, words):
 
     handler = AccelerateHandler()
     with pytest.raises(ConfigError, match=words):
-        handler.initialize(context(llama, {k: v for k, v in config.items() if v is not None}))
+        handler.initialize(worker_context(llama, {k: v for k, v in config.items() if v is not None}))
 
 
 def test_async_mode_handle_is_awaitable_and_runs_one_batch_at_a_time(llama):
@@ -290,7 +282,7 @@ def test_async_mode_handle_is_awaitable_and_runs_one_batch_at_a_time(llama):
     handler.inference = counted
 
     async def many():
-        contexts = [context(llama, {}, 1) for _ in PROMPTS]
+        contexts = [worker_context(llama, {}) for _ in PROMPTS]
         calls = [handler.handle(rows({"inputs": p, "parameters": {"max_new_tokens": 6 + i}}), ctx)
                  for i, (p, ctx) in enumerate(zip(PROMPTS, contexts))]
         assert all(asyncio.iscoroutine(c) for c in calls)
@@ -322,7 +314,7 @@ def test_async_mode_failure_answers_each_request_not_the_whole_worker(llama):
 
 def test_sync_mode_handle_returns_the_list(llama):
     handler = make_handler(llama, handler={"max_new_tokens": 8})
-    ctx = context(llama, {}, 1)
+    ctx = worker_context(llama, {})
     result = handler.handle(rows({"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 5}}), ctx)
     assert isinstance(result, list) and result[0]["generated_text"] == reference_text(llama, PROMPTS[2], 5)
 
@@ -365,7 +357,7 @@ print(json.dumps({"peak_over_baseline": status()["VmHWM"] - base, "cpu_part": si
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
 def test_loading_holds_about_one_shard_not_the_whole_model(tmp_path):
     """A 74 MiB model in 5 shards (18 MiB the largest), 12 MB of cpu, the rest offloaded to disk."""
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / "big", arch="llama", layers=8, hidden=512, shards=4)
     files = list(model_dir.glob("*.safetensors"))
@@ -384,7 +376,7 @@ def test_loading_holds_about_one_shard_not_the_whole_model(tmp_path):
 def test_weights_missing_from_the_checkpoint_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / "holed", arch="llama")
     weights = load_file(str(model_dir / "model.safetensors"))
@@ -398,7 +390,7 @@ def test_weights_missing_from_the_checkpoint_are_refused(tmp_path):
 def test_every_architecture_loads_with_its_checkpoint_key_mapping(tmp_path, arch):
     """transformers renames checkpoint keys on load (GPT-NeoX's embed_out is the model's lm_head): loading into
     the device map, half of it on disk, must apply that mapping and give from_pretrained's logits."""
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / arch, arch=arch, shards=3)
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from torchserve_harness import java_available
+from ts_plugin.testing import java_available
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 

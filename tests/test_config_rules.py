@@ -189,8 +189,6 @@ TRIPS = [
     pytest.param("TSP214", "continuousBatching: true\nbatchSize: 4\nsequenceBatching: true\n", "sequenceBatching",
                  (3, 1), None, id="214"),
     pytest.param("TSP215", "continuousBatching: true\nbatchSize: 1\n", "batchSize", (2, 1), None, id="215"),
-    pytest.param("TSP216", "parallelType: pp\ntorchrun:\n  nproc-per-node: 2\ncontinuousBatching: true\nbatchSize: 4\n"
-                 "pippy:\n  chunks: 2\n", "pippy.chunks", (7, 3), None, id="216"),
     pytest.param("TSP217", "minWorkers: 1\nbatchSize: 4\n", "batchSize", (2, 1), None, id="217"),
     pytest.param("TSP218", "handler:\n  steps_per_call: 4\n", "handler.steps_per_call", (2, 3), None, id="218"),
 ]
@@ -278,8 +276,6 @@ NEAR = [
     pytest.param("TSP213", "asyncCommunication: true\nbatchSize: 1\n", None, id="213"),
     pytest.param("TSP214", "sequenceBatching: true\n", None, id="214"),
     pytest.param("TSP215", "continuousBatching: true\nbatchSize: 2\n", None, id="215"),
-    pytest.param("TSP216", "parallelType: pp\ntorchrun:\n  nproc-per-node: 2\nbatchSize: 4\npippy:\n  chunks: 2\n",
-                 None, id="216"),
     pytest.param("TSP217", "batchSize: 4\ncontinuousBatching: false\n", None, id="217-static-chosen"),
     pytest.param("TSP217", "batchSize: 4\nasyncCommunication: true\n", None, id="217-async"),
     pytest.param("TSP218", "continuousBatching: true\nbatchSize: 4\nhandler:\n  steps_per_call: 4\n", None, id="218"),
@@ -583,22 +579,21 @@ def test_section_names_that_merely_contain_a_key_pass(section):
 
 
 def test_the_worker_validates_the_parsed_config_with_the_archived_files_positions(tmp_path):
-    from types import SimpleNamespace
-
     from ts_plugin.handlers.base import check_worker_config
+    from ts_plugin.testing import worker_context
 
     (tmp_path / "model-config.yaml").write_text("minWorkers: 1\nhandler:\n  max_new_tokens: \"16\"\n")
     parsed = {"minWorkers": 1, "handler": {"max_new_tokens": "16"}}  # what TorchServe hands the handler
-    context = SimpleNamespace(manifest={"model": {"configFile": "model-config.yaml"}}, model_yaml_config=parsed)
+    context = worker_context(tmp_path, parsed, config_file="model-config.yaml")
     report = check_worker_config(context, tmp_path, gpus=0)
     assert [(f.code, f.line, f.column) for f in report.errors] == [("TSP110", 3, 3)]
     assert parsed == {"minWorkers": 1, "handler": {"max_new_tokens": "16"}}  # not edited in place
     # without the file the same finding, at 1:1
-    report = check_worker_config(SimpleNamespace(manifest={}, model_yaml_config=parsed), tmp_path, gpus=0)
+    report = check_worker_config(worker_context(tmp_path, parsed), tmp_path, gpus=0)
     assert [(f.code, f.line, f.column) for f in report.errors] == [("TSP110", 1, 1)]
     # a file TorchServe could not parse (it then serves every default): the file's own syntax error
     (tmp_path / "model-config.yaml").write_text("minWorkers: [1\n")
-    context = SimpleNamespace(manifest={"model": {"configFile": "model-config.yaml"}}, model_yaml_config={})
+    context = worker_context(tmp_path, {}, config_file="model-config.yaml")
     assert [f.code for f in check_worker_config(context, tmp_path, gpus=0).errors] == ["TSP101"]
 
 

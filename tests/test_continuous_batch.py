@@ -16,7 +16,7 @@ from ts_plugin.requests import SamplingParams
 def model(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     path = make_tiny_model(tmp_path_factory.mktemp("cb") / request.param, arch=request.param)
     hf = AutoModelForCausalLM.from_pretrained(str(path)).eval()
@@ -111,7 +111,7 @@ def test_caches_with_sliding_window_layers_are_refused(tmp_path):
     from transformers import AutoConfig, DynamicCache
 
     from ts_plugin.engines.base import EngineError, check_row_editable
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     check_row_editable(DynamicCache(config=AutoConfig.from_pretrained(make_tiny_model(tmp_path / "l", arch="llama"))))
     mistral = AutoConfig.from_pretrained(make_tiny_model(tmp_path / "m", arch="mistral"))

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from _llm import PROMPTS, REPO, archive, reference_text, serving, stream_text, write_config
-from torchserve_harness import java_available
+from ts_plugin.testing import java_available
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
@@ -19,14 +19,14 @@ LONG = 100  # new tokens of the long request, on PROMPTS[2] (the tiny model ends
 MODELS = {  # name -> (example, handler, overrides)
     "cb-custom": ("custom", "accelerate_handler.py", {}),
     "cb-tp": ("tp", "deepspeed_handler.py", {}),
-    "cb-pp": ("pp", "pipeline_handler.py", {"pippy": {"chunks": 1}}),
+    "cb-pp": ("pp", "pipeline_handler.py", {}),  # the example's chunks 2: two groups of rows, one per stage
     "cb-pptp": ("pptp", "pptp_handler.py", {}),
 }
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("cb")
     store = root / "store"

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from _llm import PROMPTS, archive, greedy_bodies, predict_concurrently, reference_text, stream_events, stream_text
-from torchserve_harness import TorchServe, java_available
+from ts_plugin.testing import TorchServe, java_available
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
@@ -23,7 +23,7 @@ BASE = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 200, 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("custom")
     model_dir = make_tiny_model(root / "llama", arch="llama", shards=3)

@@ -1,4 +1,5 @@
-"""The README's reference and the examples are generated from / checked against the code."""
+"""The README's reference and the examples are generated from / checked against the code, and keep token
+authorization on."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,3 +51,10 @@ def test_every_parallel_type_has_an_example_and_a_handler_named_after_its_engine
 
 def test_invalid_example_is_refused():
     assert not validate_file(REPO / "examples/invalid/model-config.yaml").ok
+
+
+def test_readme_and_examples_keep_token_authorization_on():
+    texts = [(REPO / "README.md").read_text(encoding="utf-8")]
+    texts += [p.read_text(encoding="utf-8") for p in (REPO / "examples").rglob("*") if p.is_file()]
+    for text in texts:
+        assert "disable-token-auth" not in text and "disable_token_authorization" not in text

@@ -10,7 +10,7 @@ import psutil
 import pytest
 import requests
 
-from torchserve_harness import TorchServe, TorchServeError, java_available
+from ts_plugin.testing import TorchServe, TorchServeError, java_available
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 

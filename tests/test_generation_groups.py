@@ -122,7 +122,7 @@ def test_incremental_decoding_gives_the_text_of_the_whole_sequence(tmp_path):
     import random
 
     from ts_plugin.generation import advance, new_sequence
-    from ts_plugin.tiny_model import make_tokenizer
+    from ts_plugin.testing import make_tokenizer
 
     tokenizer = make_tokenizer(tmp_path)
     rng = random.Random(1)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from torchserve_harness import java_available
+from ts_plugin.testing import java_available
 
 SCRIPT = Path(__file__).resolve().parent / "gpu" / "check.sh"
 

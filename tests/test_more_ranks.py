@@ -6,32 +6,29 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from _llm import PROMPTS, REPO
-from test_pipeline_engine import free_port
+from _llm import PROMPTS, REPO, TORCHRUN
+from ts_plugin.testing import free_ports, make_tiny_model
 
-TORCHRUN = Path(sys.executable).parent / "torchrun"
 MAX_NEW = [9, 4, 7]
 
 SCRIPT = textwrap.dedent(r'''
     import json, logging, os, sys
     from pathlib import Path
-    from types import SimpleNamespace
 
     from ts_plugin.handlers import DeepSpeedHandler, PipelineHandler, PPTPHandler
+    from ts_plugin.testing import worker_context
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     model_dir, prompts, max_new = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
     config = json.loads((model_dir / "ranks.json").read_text())
     handler = {"tp": DeepSpeedHandler, "pp": PipelineHandler, "pptp": PPTPHandler}[config["parallelType"]]()
-    handler.initialize(SimpleNamespace(system_properties={"model_dir": str(model_dir)}, manifest={"model": {}},
-                                       model_yaml_config=config))
+    handler.initialize(worker_context(model_dir, config))
     if handler.follower is not None:
         handler.follower.thread.join(timeout=240)  # until rank 0's STOP
     else:
@@ -73,8 +70,6 @@ def reference_ids(model_dir: Path):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_more_ranks_match_single_process_generate(tmp_path, case):
-    from ts_plugin.tiny_model import make_tiny_model
-
     kind, ranks, arch, overrides = CASES[case]
     model_dir = make_tiny_model(tmp_path / case, arch=arch, shards=2, **overrides)
     config = {"parallelType": kind, "deviceType": "cpu", "torchrun": {"nproc-per-node": ranks},
@@ -86,7 +81,7 @@ def test_more_ranks_match_single_process_generate(tmp_path, case):
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
     result = subprocess.run([str(TORCHRUN), "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
-                             "--master-port", str(free_port()), str(script), str(model_dir), json.dumps(PROMPTS),
+                             "--master-port", str(free_ports(1)[0]), str(script), str(model_dir), json.dumps(PROMPTS),
                              json.dumps(MAX_NEW)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     expected = reference_ids(model_dir)

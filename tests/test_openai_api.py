@@ -7,10 +7,10 @@ import json
 import pytest
 
 from _llm import PROMPTS, REPO, archive, reference_text, serving, write_config
-from torchserve_harness import java_available
 from ts_plugin.generation import SequenceResult
 from ts_plugin.handlers._openai import CHAT, COMPLETIONS, OpenAIFormat, parse_openai
 from ts_plugin.requests import Limits, RequestError
+from ts_plugin.testing import java_available
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -19,7 +19,7 @@ LIMITS = Limits(max_new_tokens=32, max_request_bytes=10_000)
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from ts_plugin.tiny_model import make_tokenizer
+    from ts_plugin.testing import make_tokenizer
 
     return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
@@ -98,7 +98,7 @@ MODELS = {  # name -> (example, handler, continuous batching)
 def server(tmp_path_factory):
     if not java_available():
         pytest.skip("TorchServe needs Java 11+")
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("oa")
     store = root / "store"

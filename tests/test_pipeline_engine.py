@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).parent / "torchrun"
+from _llm import REPO, TORCHRUN, load_on_two_ranks
+from ts_plugin.testing import free_ports
+
 PROMPTS = ["hello world how are", "the quick brown fox jumps over the lazy dog .", "a request"]
 MAX_NEW = [12, 5, 9]
 
@@ -32,12 +31,12 @@ CONFIG = {
 SCRIPT = textwrap.dedent(r'''
     import json, logging, os, sys, time
     from pathlib import Path
-    from types import SimpleNamespace
 
     import torch.distributed as dist
     import yaml
 
     from ts_plugin.handlers.pipeline import PipelineHandler
+    from ts_plugin.testing import failed_statuses, start_batch, worker_context
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
@@ -45,29 +44,19 @@ SCRIPT = textwrap.dedent(r'''
     prompts, max_new = json.loads(sys.argv[4]), json.loads(sys.argv[5])
 
 
-    class Context(SimpleNamespace):
-        def set_response_status(self, code, phrase, idx=0):
-            self.statuses[idx] = code
-
-        def set_response_content_type(self, idx, value):
-            pass
-
-
-    def context(config_file):
-        return Context(system_properties={"model_dir": str(model_dir)},
-                       manifest={"model": {"configFile": config_file}},
-                       model_yaml_config=yaml.safe_load((model_dir / config_file).read_text()),
-                       metrics=None, request_ids={}, statuses={})
-
-
     def row(body):
         return {"body": json.dumps(body).encode() if isinstance(body, dict) else body}
+
+
+    def handle_batch(handler, bodies, ctx):
+        start_batch(ctx, len(bodies))  # as the worker does before each batch
+        return handler.handle([row(body) for body in bodies], ctx)
 
 
     results = {}
     for config_file, idle, exit_without_stop in cases:
         handler = PipelineHandler()
-        ctx = context(config_file)
+        ctx = worker_context(model_dir, yaml.safe_load((model_dir / config_file).read_text()), config_file=config_file)
         handler.initialize(ctx)
         rank = handler.ranks.rank
         if rank != 0:
@@ -88,29 +77,27 @@ SCRIPT = textwrap.dedent(r'''
         case = {"chunks": handler.model.chunks}
         # three prompts of different lengths in one batch
         bodies = [{"inputs": p, "parameters": {"max_new_tokens": n}} for p, n in zip(prompts, max_new)]
-        case["batch"] = handler.handle([row(b) for b in bodies], ctx)
+        case["batch"] = handle_batch(handler, bodies, ctx)
         # the same batch through inference(), for the token ids
         parsed = handler.preprocess([row(b) for b in bodies])
         case["token_ids"] = [r.token_ids for r in handler.inference(parsed)]
         # a bad request (invalid JSON) in a batch of its own, then in a batch between two good ones; then a batch
         # smaller than chunks
-        ctx.statuses = {}
-        case["bad"] = handler.handle([row(b"{not json")], ctx)
-        case["bad_status"] = dict(ctx.statuses)
-        ctx.statuses = {}
-        case["mixed"] = handler.handle([row(bodies[1]), row(b"{not json"), row(bodies[2])], ctx)
-        case["mixed_status"] = dict(ctx.statuses)
-        case["single"] = handler.handle([row(bodies[0])], ctx)  # smaller than chunks
+        case["bad"] = handle_batch(handler, [b"{not json"], ctx)
+        case["bad_status"] = failed_statuses(ctx)
+        case["mixed"] = handle_batch(handler, [bodies[1], b"{not json", bodies[2]], ctx)
+        case["mixed_status"] = failed_statuses(ctx)
+        case["single"] = handle_batch(handler, [bodies[0]], ctx)  # smaller than chunks
         # a stage fails on another rank: this batch fails on rank 0 too, the next one works
         try:
-            handler.handle([row({"inputs": "hello " * 60}), row(bodies[2])], ctx)
+            handle_batch(handler, [{"inputs": "hello " * 60}, bodies[2]], ctx)
             case["stage_failure"] = None
         except RuntimeError as error:
             case["stage_failure"] = str(error)
-        case["after_failure"] = handler.handle([row(bodies[2])], ctx)
+        case["after_failure"] = handle_batch(handler, [bodies[2]], ctx)
         # longer idle than the process-group timeout: the followers wait for the next job without timing out
         time.sleep(idle)
-        case["plain"] = handler.handle([row(prompts[1].encode())], ctx)  # the handler's default max_new_tokens
+        case["plain"] = handle_batch(handler, [prompts[1].encode()], ctx)  # the handler's default max_new_tokens
         results[config_file] = case
         if exit_without_stop:
             # the worker goes away without a word: the follower loop must end on its own
@@ -122,12 +109,6 @@ SCRIPT = textwrap.dedent(r'''
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 ''')
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def legacy_bin_checkpoint(folder: Path, strip_prefix: str = "") -> Path:
@@ -150,7 +131,7 @@ def legacy_bin_checkpoint(folder: Path, strip_prefix: str = "") -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("pp-engine")
     return {"llama": make_tiny_model(root / "llama", arch="llama", shards=2),  # sharded safetensors
@@ -181,7 +162,7 @@ def run_pipeline(tmp_path: Path, model_dir: Path, cases) -> tuple:
         (model_dir / config_file).write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
     plan = [[config_file, idle, i == len(cases) - 1] for i, (config_file, _, _, idle) in enumerate(cases)]
-    cmd = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+    cmd = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_ports(1)[0]),
            str(script), str(model_dir), str(tmp_path), json.dumps(plan), json.dumps(PROMPTS), json.dumps(MAX_NEW)]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     log = result.stdout + result.stderr
@@ -233,34 +214,6 @@ def test_pipeline_matches_single_process_generate(tmp_path, models, arch):
     assert "model.layers.0..0 + input embedding" in log if arch == "llama" else "transformer.h.0..0" in log
 
 
-LOAD_FAILURE_SCRIPT = textwrap.dedent(r'''
-    import json, sys
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    import torch.distributed as dist
-    import yaml
-
-    from ts_plugin.handlers.pipeline import PipelineHandler
-
-    model_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
-    config = yaml.safe_load((model_dir / "pp-chunks1.yaml").read_text())  # TorchServe hands the parsed file over
-    context = SimpleNamespace(system_properties={"model_dir": str(model_dir)},
-                              manifest={"model": {"configFile": "pp-chunks1.yaml"}}, model_yaml_config=config)
-    handler = PipelineHandler()
-    try:
-        handler.initialize(context)
-        message = "loaded"
-    except Exception as error:
-        message = f"{type(error).__name__}: {error}"
-    (out_dir / f"load{handler.ranks.rank}.txt").write_text(message)
-    # leave without C++ teardown: destroying the gloo group while the peer is already gone can abort
-    # ("terminate called without an active exception") on a loaded machine, which is not what is tested here
-    import os
-    os._exit(0)
-''')
-
-
 def test_a_rank_that_cannot_load_its_stage_fails_the_load_on_every_rank(tmp_path, models):
     """Only the last stage misses a tensor (lm_head): both ranks fail promptly, none waits in a collective."""
     import shutil
@@ -274,18 +227,10 @@ def test_a_rank_that_cannot_load_its_stage_fails_the_load_on_every_rank(tmp_path
     del state["lm_head.weight"]
     torch.save(state, model_dir / "pytorch_model.bin")
     (model_dir / "pp-chunks1.yaml").write_text(yaml.safe_dump(CONFIG, sort_keys=False))
-    script = tmp_path / "load_failure.py"
-    script.write_text(LOAD_FAILURE_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
-    result = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                             str(free_port()), str(script), str(model_dir), str(tmp_path)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    assert (tmp_path / "load0.txt").read_text() == ("PipelineError: another pipeline rank failed to load its stage; "
-                                                   "its model log says why")
-    assert (tmp_path / "load1.txt").read_text().startswith(
-        "PipelineError: 1 tensor(s) of stage 1 are not in the checkpoint")
-    assert "lm_head.weight" in (tmp_path / "load1.txt").read_text()
+    first, last = load_on_two_ranks("PipelineHandler", model_dir, "pp-chunks1.yaml", tmp_path)
+    assert first == "PipelineError: another pipeline rank failed to load its stage; its model log says why"
+    assert last.startswith("PipelineError: 1 tensor(s) of stage 1 are not in the checkpoint")
+    assert "lm_head.weight" in last
 
 
 # --- in-process: splitting and load errors -----------------------------------------------------------------------
@@ -313,7 +258,7 @@ def test_even_split_and_split_points():
 def test_layer_list_is_found(tmp_path, arch, path):
     from ts_plugin.engines._checkpoint import build_meta_model
     from ts_plugin.engines.pipeline import find_layer_list
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     import torch
 
@@ -363,7 +308,7 @@ def test_other_families_split_in_process(tmp_path, family, stages):
     from ts_plugin.engines.pipeline import PipelineStage, find_layer_list, materialize_stage, stage_bounds
     from ts_plugin.generation import generate
     from ts_plugin.requests import SamplingParams
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     path = make_tiny_model(tmp_path / family, arch=family)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -406,43 +351,34 @@ def test_other_families_split_in_process(tmp_path, family, stages):
 
 def test_single_rank_pipeline_serves_in_process(tmp_path, monkeypatch, models):
     """parallelType pp with nproc-per-node 1 (a pipeline of one stage): no process group, same answers."""
-    from types import SimpleNamespace
-
     from ts_plugin.handlers.pipeline import PipelineHandler
+    from ts_plugin.testing import failed_statuses, worker_context
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     model_dir = models["gpt2"]
     config = {**CONFIG, "torchrun": {"nproc-per-node": 1}, "pippy": {"chunks": 2}}
     (model_dir / "pp-single.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    statuses = {}
-    context = SimpleNamespace(system_properties={"model_dir": str(model_dir)},
-                              manifest={"model": {"configFile": "pp-single.yaml"}}, model_yaml_config=config,
-                              metrics=None, request_ids={},
-                              set_response_status=lambda code, phrase, idx=0: statuses.update({idx: code}),
-                              set_response_content_type=lambda idx, value: None)
-    handler = PipelineHandler()
-    handler.initialize(context)
     rows = [{"body": json.dumps({"inputs": p, "parameters": {"max_new_tokens": n}}).encode()}
             for p, n in zip(PROMPTS, MAX_NEW)] + [{"body": b"{not json"}]
+    context = worker_context(model_dir, config, config_file="pp-single.yaml", batch_size=len(rows))
+    handler = PipelineHandler()
+    handler.initialize(context)
     answers = handler.handle(rows, context)
     for answer, prompt, n in zip(answers, PROMPTS, MAX_NEW):
         assert answer["generated_text"] == reference_ids(model_dir, prompt, n)[1]
-    assert statuses == {3: 400}
+    assert failed_statuses(context) == {3: 400}
     handler.shutdown()
 
 
 def test_handler_refuses_other_parallel_types(tmp_path, monkeypatch, models):
-    from types import SimpleNamespace
-
     from ts_plugin.handlers.base import ConfigError
     from ts_plugin.handlers.pipeline import PipelineHandler
+    from ts_plugin.testing import worker_context
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     config = {"parallelType": "custom", "deviceType": "cpu", "handler": {"max_new_tokens": 8}}
     (models["llama"] / "custom.yaml").write_text(yaml.safe_dump(config))
-    context = SimpleNamespace(system_properties={"model_dir": str(models["llama"])},
-                              manifest={"model": {"configFile": "custom.yaml"}}, model_yaml_config=config)
     with pytest.raises(ConfigError, match="serves parallelType pp, not custom"):
-        PipelineHandler().initialize(context)
+        PipelineHandler().initialize(worker_context(models["llama"], config, config_file="custom.yaml"))

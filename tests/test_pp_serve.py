@@ -10,7 +10,7 @@ import pytest
 from _llm import (PROMPTS, REPO, archive, greedy_bodies, predict_concurrently,
                   reference_text, stream_events, stream_text, write_config)
 from test_pipeline_engine import legacy_bin_checkpoint
-from torchserve_harness import TorchServe, free_ports, java_available
+from ts_plugin.testing import TorchServe, free_ports, java_available
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
@@ -22,7 +22,7 @@ MAX_NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("pp")
     store = root / "store"

@@ -6,7 +6,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("plan")
     return {arch: make_tiny_model(root / arch, arch=arch) for arch in ("llama", "gpt2", "opt", "phi3")}

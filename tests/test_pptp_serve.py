@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 
 from _llm import PROMPTS, REPO, archive, greedy_bodies, predict_concurrently, reference_text, stream_text, write_config
-from torchserve_harness import TorchServe, java_available
+from ts_plugin.testing import TorchServe, java_available
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("pptp")
     store = root / "store"

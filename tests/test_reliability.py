@@ -17,7 +17,6 @@ Everything talks to 127.0.0.1 only; every loop is bounded in count and time.
 """
 from __future__ import annotations
 
-import ast
 import json
 import os
 import signal
@@ -34,8 +33,8 @@ import pytest
 import yaml
 
 from _llm import PROMPTS, REPO, archive, reference_text, stream_text
-from torchserve_harness import TorchServe, free_ports, java_available
 from ts_plugin.engines.base import StepModel
+from ts_plugin.testing import TorchServe, free_ports, java_available
 
 needs_java = pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")
 
@@ -53,26 +52,11 @@ def _log(message: str) -> None:
 
 # --- security: no server needed -------------------------------------------------------------------------------------
 
-UNSAFE_YAML = ("load", "load_all", "unsafe_load", "unsafe_load_all", "full_load", "full_load_all", "Loader",
-               "FullLoader", "UnsafeLoader", "CLoader", "CFullLoader", "CUnsafeLoader")
+PYTHON_TAGS = ["!!python/object/apply:os.system", "!!python/object/new:os.system", "!!python/name:os.system",
+               "!!python/object:builtins.object"]
 
 
-def _python_files() -> List[Path]:
-    return sorted(list((REPO / "ts_plugin").rglob("*.py")) + list((REPO / "handlers").glob("*.py")))
-
-
-def test_yaml_is_only_loaded_safely():
-    unsafe = []
-    for path in _python_files():
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "yaml"
-                    and node.attr in UNSAFE_YAML):
-                unsafe.append(f"{path.relative_to(REPO)}:{node.lineno} yaml.{node.attr}")
-    assert not unsafe, unsafe
-
-
-@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system", "!!python/object/new:os.system",
-                                 "!!python/name:os.system", "!!python/object:builtins.object"])
+@pytest.mark.parametrize("tag", PYTHON_TAGS)
 def test_python_tags_in_model_config_are_refused_not_run(tag, tmp_path):
     from ts_plugin.config import validate_file
 
@@ -82,6 +66,22 @@ def test_python_tags_in_model_config_are_refused_not_run(tag, tmp_path):
     report = validate_file(config)
     assert [f.code for f in report.findings] == ["TSP101"], report.text()
     assert not report.ok and not marker.exists()
+
+
+@pytest.mark.parametrize("tag", PYTHON_TAGS)
+def test_a_worker_refuses_a_python_tag_in_the_archived_config_and_does_not_run_it(tag, tmp_path, monkeypatch):
+    from ts_plugin.handlers import LLMHandler
+    from ts_plugin.handlers.base import ConfigError
+    from ts_plugin.testing import worker_context
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    marker = tmp_path / "pwned"
+    (tmp_path / "model-config.yaml").write_text(f"minWorkers: 1\nhandler: {tag} ['touch {marker}']\n")
+    # TorchServe's own safe_load fails on the tag, and the worker then gets no config at all
+    with pytest.raises(ConfigError, match="TSP101"):
+        LLMHandler().initialize(worker_context(tmp_path, {}, config_file="model-config.yaml"))
+    assert not marker.exists()
 
 
 def test_archive_refuses_a_python_tag(tmp_path):
@@ -122,26 +122,45 @@ def test_trust_remote_code_is_off_unless_asked_and_then_a_warning():
     assert report.config.handler.trust_remote_code is True
 
 
-def test_every_auto_class_load_passes_trust_remote_code():
-    # AutoTokenizer/AutoConfig/AutoModel*.from_pretrained/from_config must be told (handler.trust_remote_code)
-    missing = []
-    for path in _python_files():
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in ("from_pretrained", "from_config") and isinstance(node.func.value, ast.Name)
-                    and node.func.value.id.startswith("Auto")
-                    and "trust_remote_code" not in {k.arg for k in node.keywords}):
-                missing.append(f"{path.relative_to(REPO)}:{node.lineno}")
-    assert not missing, missing
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from ts_plugin.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("trust") / "llama", arch="llama", layers=2)
 
 
-def test_demo_and_examples_keep_token_authorization():
-    demo = (REPO / "ts_plugin" / "demo.py").read_text(encoding="utf-8")
-    assert "token_auth=True" in demo and "refused" in demo
-    texts = [demo, (REPO / "README.md").read_text(encoding="utf-8")]
-    texts += [p.read_text(encoding="utf-8") for p in (REPO / "examples").rglob("*") if p.is_file()]
-    for text in texts:
-        assert "disable-token-auth" not in text and "disable_token_authorization" not in text
+@pytest.mark.parametrize("trust", [None, True], ids=["unset", "true"])
+@pytest.mark.parametrize("parallel_type, extra", [("custom", {}), ("pp", {"torchrun": {"nproc-per-node": 1}})])
+def test_trust_remote_code_reaches_every_transformers_load(tiny_llama, monkeypatch, parallel_type, extra, trust):
+    """Each AutoConfig / AutoTokenizer / AutoModelForCausalLM load that ts_plugin makes while a worker starts is
+    told handler.trust_remote_code: False unless the config turns it on."""
+    import transformers
+
+    from ts_plugin.handlers import AccelerateHandler, PipelineHandler
+    from ts_plugin.testing import worker_context
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    passed = []
+    loads = [(transformers.AutoConfig, "from_pretrained"), (transformers.AutoTokenizer, "from_pretrained"),
+             (transformers.AutoModelForCausalLM, "from_pretrained"), (transformers.AutoModelForCausalLM, "from_config")]
+    for auto_class, method in loads:
+        def recording(*args, load=getattr(auto_class, method), where=f"{auto_class.__name__}.{method}", **kwargs):
+            # only ts_plugin's own calls: transformers' inner ones pass on what they were given
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("ts_plugin"):
+                passed.append((where, kwargs.get("trust_remote_code", "not passed")))
+            return load(*args, **kwargs)
+
+        monkeypatch.setattr(auto_class, method, recording)
+    handler_config = {"max_new_tokens": 4} if trust is None else {"max_new_tokens": 4, "trust_remote_code": trust}
+    config = {"parallelType": parallel_type, "deviceType": "cpu", "handler": handler_config, **extra}
+    handler = {"custom": AccelerateHandler, "pp": PipelineHandler}[parallel_type]()
+    handler.initialize(worker_context(tiny_llama, config))
+    handler.shutdown()
+    loaded = {where for where, _ in passed}
+    assert {"AutoTokenizer.from_pretrained", "AutoConfig.from_pretrained"} <= loaded, passed
+    assert loaded & {"AutoModelForCausalLM.from_pretrained", "AutoModelForCausalLM.from_config"}, passed
+    assert {value for _, value in passed} == {bool(trust)}, passed
 
 
 # --- rank helpers: no server needed ---------------------------------------------------------------------------------
@@ -263,7 +282,7 @@ HANDLERS = {"tp": "deepspeed_handler.py", "pp": "pipeline_handler.py", "custom":
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("reliability")
     model_dir = make_tiny_model(root / "llama", arch="llama", shards=2)

@@ -11,7 +11,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_pipeline_engine import free_port
+
+from ts_plugin.testing import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -61,7 +62,7 @@ def run_ranks(root: Path, nproc: int, broken_rank: int):
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
-           str(free_port()), str(script), str(root), str(broken_rank)]
+           str(free_ports(1)[0]), str(script), str(root), str(broken_rank)]
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     return [json.loads((root / f"rank{rank}.json").read_text()) for rank in range(nproc)]

@@ -9,15 +9,16 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from test_pipeline_engine import free_port, legacy_bin_checkpoint
+import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).parent / "torchrun"
+from _llm import REPO, TORCHRUN, load_on_two_ranks
+from test_pipeline_engine import legacy_bin_checkpoint
+from ts_plugin.testing import free_ports, make_tiny_model, make_tokenizer
+
 PROMPTS = ["hello world how are", "the quick brown fox jumps over the lazy dog .", "a request"]
 MAX_NEW = 10
 
@@ -26,12 +27,12 @@ MAX_NEW = 10
 SCRIPT = textwrap.dedent(r'''
     import json, logging, os, sys
     from pathlib import Path
-    from types import SimpleNamespace
 
     import torch
 
     from ts_plugin.engines._cpu_tp import deepspeed_layer_forwards
     from ts_plugin.handlers.tensor_parallel import DeepSpeedHandler
+    from ts_plugin.testing import worker_context
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     lines = []
@@ -43,11 +44,9 @@ SCRIPT = textwrap.dedent(r'''
     for case in sys.argv[4:]:
         model_dir = out_dir / case
         config = json.loads((model_dir / "tp.json").read_text())
-        context = SimpleNamespace(system_properties={"model_dir": str(model_dir)}, manifest={"model": {}},
-                                  model_yaml_config=config, metrics=None, request_ids={}, statuses={})
         lines.clear()
         handler = DeepSpeedHandler()
-        handler.initialize(context)
+        handler.initialize(worker_context(model_dir, config))
         rows = [{"body": json.dumps({"inputs": p, "parameters": {"max_new_tokens": max_new}}).encode()}
                 for p in prompts]
         answers = handler.inference(handler.preprocess(rows))
@@ -68,18 +67,10 @@ CONFIG = {"minWorkers": 1, "maxWorkers": 1, "responseTimeout": 120, "deviceType"
           "handler": {"max_new_tokens": 16, "max_length": 128}}
 
 
-def make_tiny_model(*args, **kwargs) -> Path:
-    from ts_plugin.tiny_model import make_tiny_model
-
-    return make_tiny_model(*args, **kwargs)
-
-
 def save_model(path: Path, family: str, shards: int = 2, **overrides) -> Path:
     """A random-weight model of `family` (GQA where it has it) with the local tokenizer, as sharded safetensors."""
     import torch
     import transformers
-
-    from ts_plugin.tiny_model import make_tokenizer
 
     tokenizer = make_tokenizer(path)
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -152,7 +143,7 @@ def runs(tmp_path_factory):
     script = root / "tp_sliced_script.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(root)}
-    cmd = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+    cmd = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_ports(1)[0]),
            str(script), str(root), json.dumps(PROMPTS), str(MAX_NEW), *cases]
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-8000:]
@@ -202,41 +193,12 @@ def test_other_architectures_match_generate(runs, arch):
         assert rank[arch]["token_ids"] == expected, rank[arch]["log"]
 
 
-REFUSED_SCRIPT = textwrap.dedent(r'''
-    import json, os, sys
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    from ts_plugin.handlers import DeepSpeedHandler
-
-    model_dir = Path(sys.argv[1])
-    context = SimpleNamespace(system_properties={"model_dir": str(model_dir)}, manifest={"model": {}},
-                              model_yaml_config=json.loads((model_dir / "tp.json").read_text()))
-    handler = DeepSpeedHandler()
-    try:
-        handler.initialize(context)
-        message = "loaded"
-    except Exception as error:
-        message = f"{type(error).__name__}: {error}"
-    (model_dir / f"load{handler.ranks.rank}.txt").write_text(message)
-    os._exit(0)
-''')
-
-
 def test_a_model_autotp_shards_but_cannot_run_is_refused_at_load(tmp_path):
     """AutoTP splits Phi-3's fused qkv_proj, but transformers' Phi-3 slices its output by the whole model's head
     counts: DeepSpeed's own forward fails on every request. The worker must not reach READY with it."""
     model_dir = make_tiny_model(tmp_path / "phi3", arch="phi3", layers=2)
-    (model_dir / "tp.json").write_text(json.dumps(CONFIG))
-    script = tmp_path / "refused.py"
-    script.write_text(REFUSED_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
-    result = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                             str(free_port()), str(script), str(model_dir)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    for rank in (0, 1):
-        message = (model_dir / f"load{rank}.txt").read_text()
+    (model_dir / "model-config.yaml").write_text(yaml.safe_dump(CONFIG))
+    for message in load_on_two_ranks("DeepSpeedHandler", model_dir, "model-config.yaml", tmp_path):
         assert message.startswith("EngineError: DeepSpeed sharded Phi3ForCausalLM over the ranks, but the sharded "
                                   "model cannot run"), message
         assert "parallelType pp or custom" in message

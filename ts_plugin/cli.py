@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from .config import ValidationContext, validate_file
-from .demo import DEMO_MODELS
 from .gguf import DTYPES as GGUF_DTYPES
+from .testing.demo import DEMO_MODELS
 
 FORMATS = ("text", "json", "github")
 
@@ -82,7 +82,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .testing.demo import run_demo
 
     try:
         return run_demo(workdir=Path(args.workdir), parallel_types=args.only, model=args.model)

@@ -18,12 +18,18 @@ DeepSpeed-sharded rank or a pp stage with some layers is outside it) and has one
 seeded request here must give the same tokens alone or beside others; so only the engines' own forward is used.
 The price of left padding: a long-running row keeps the batch as wide as its history; cropping reclaims it
 when that row leaves.
+
+Where the engine splits a batch into row groups (pp with `pippy.chunks`: at most one group per stage),
+`ContinuousGroups` keeps one ContinuousBatch per group and steps them in threads of their own, as `generate`
+does for a static batch: while stage 1 runs one group's step, stage 0 runs another's.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -58,6 +64,8 @@ class ContinuousBatch:
         while not out["req-1"].result:
             out = batch.step([])  # one token per live row
     """
+
+    groups = 1  # row groups stepped concurrently (ContinuousGroups has more)
 
     def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int):
         self.model = model
@@ -188,3 +196,61 @@ class ContinuousBatch:
         self.mask = mask[:, crop:]
         self.rows = [self.rows[i] for i in kept]
         self.positions, self.tokens = self.positions[kept], self.tokens[kept]
+
+
+class ContinuousGroups:
+    """The live rows of one worker in `groups` ContinuousBatches, stepped concurrently; the same calls as one
+    ContinuousBatch. A new request joins the group with the fewest rows. An unseeded request gets its seed in the
+    order requests joined, as in one batch."""
+
+    def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int, groups: int):
+        self.batches = [ContinuousBatch(model, tokenizer, eos_ids, default_seed) for _ in range(groups)]
+        self.default_seed = default_seed
+        self._joined = 0
+        self.groups = groups
+        self._pool = ThreadPoolExecutor(groups, thread_name_prefix="continuous-rows")
+
+    def __contains__(self, request_id: str) -> bool:
+        return any(request_id in batch for batch in self.batches)
+
+    def __len__(self) -> int:
+        return sum(len(batch) for batch in self.batches)
+
+    def keep_only(self, request_ids: Sequence[str]) -> List[str]:
+        return [cancelled for batch in self.batches for cancelled in batch.keep_only(request_ids)]
+
+    def steps(self, joining: Sequence[Tuple[str, List[int], SamplingParams]], count: int) -> Dict[str, StepOutput]:
+        parts: List[list] = [[] for _ in self.batches]
+        for request_id, prompt, params in joining:
+            if params.seed is None:
+                params = dataclasses.replace(params, seed=self.default_seed + self._joined)
+            self._joined += 1
+            group = min(range(len(self.batches)), key=lambda i: len(self.batches[i]) + len(parts[i]))
+            parts[group].append((request_id, prompt, params))
+        futures = [self._pool.submit(batch.steps, part, count)
+                   for batch, part in zip(self.batches, parts) if part or len(batch)]
+        outputs: Dict[str, StepOutput] = {}
+        failure: Optional[BaseException] = None
+        for future in futures:
+            try:
+                outputs.update(future.result())
+            except BaseException as error:  # noqa: BLE001 - raised below, once every group has stopped
+                failure = failure or error
+        if failure is not None:
+            self.reset()  # the handler fails every running request with this call
+            raise failure
+        return outputs
+
+    def reset(self) -> None:
+        for batch in self.batches:
+            batch.reset()
+
+
+def continuous_batch(model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int,
+                     batch_size: int) -> Union[ContinuousBatch, ContinuousGroups]:
+    """The live rows for `model`: one ContinuousBatch, or ContinuousGroups where the model generates a batch of
+    `batch_size` rows in several groups."""
+    groups = len(model.row_groups(batch_size))
+    if groups > 1:
+        return ContinuousGroups(model, tokenizer, eos_ids, default_seed, groups)
+    return ContinuousBatch(model, tokenizer, eos_ids, default_seed)

@@ -42,7 +42,7 @@ def reference(model_dir: Path) -> list:
 
 
 def configs(gpus: int, model_bytes: int) -> dict:
-    from ts_plugin._torchserve import free_ports
+    from ts_plugin.testing import free_ports
 
     tp_port, pp_port = free_ports(2)
     ranks = min(gpus, 2)
@@ -66,9 +66,8 @@ def configs(gpus: int, model_bytes: int) -> dict:
 
 
 def main() -> int:
-    from ts_plugin._torchserve import TorchServe
     from ts_plugin.archive import archive
-    from ts_plugin.tiny_model import make_tiny_model
+    from ts_plugin.testing import TorchServe, make_tiny_model
 
     if DRY_RUN:
         gpus = 1

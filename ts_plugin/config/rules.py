@@ -56,12 +56,11 @@ SINGLE_RANK = _rule("TSP210", "warning", "a pp/tp/pptp worker with a single rank
 SHARED_RENDEZVOUS = _rule("TSP212", "warning", "torchrun on the host-wide default rendezvous localhost:29400 "
                           "(one model's restart restarts the others)")
 CB_ASYNC = _rule("TSP213", "error", "continuousBatching with asyncCommunication (the async worker re-sends running "
-                 "requests without waiting for their answers)")
-CB_SEQUENCE = _rule("TSP214", "error", "continuousBatching with sequenceBatching (the frontend's sequence batcher "
-                    "is used instead, with a quota of twice batchSize)")
-CB_BATCH_ONE = _rule("TSP215", "warning", "continuousBatching with batchSize 1 (one request at a time: nothing joins)")
-CB_CHUNKS = _rule("TSP216", "warning", "continuousBatching with pippy.chunks > 1 (the live rows step through the "
-                  "stages as one group)")
+                 "requests without waiting for their answers, then drops the worker)")
+CB_SEQUENCE = _rule("TSP214", "error", "continuousBatching with sequenceBatching (the frontend's "
+                    "SequenceContinuousBatching is used instead: a sequence per request, maxNumSequence at once)")
+CB_BATCH_ONE = _rule("TSP215", "warning", "continuousBatching with batchSize 1 (one request at a time: a request "
+                     "that arrives while another streams waits until it ends)")
 CB_UNSET = _rule("TSP217", "warning", "batchSize > 1 with continuousBatching not set (static batching: a request that "
                  "arrives while a batch generates waits for the batch's longest request)")
 STEPS_UNUSED = _rule("TSP218", "warning", "handler.steps_per_call without continuousBatching (only continuous "
@@ -419,22 +418,22 @@ def _check_continuous(config: ModelConfig, out: _Collector) -> None:
     if config.async_communication:
         out.add(CB_ASYNC, ("asyncCommunication",),
                 "continuousBatching with asyncCommunication: TorchServe 0.12's async worker sends the running requests "
-                "again and again without waiting for the answers, so every step would run many times",
+                "again and again without waiting for the answers (hundreds of copies a second), and the first answer "
+                "after a request's last piece makes the frontend drop the worker ('Unexpected job in "
+                "sendResponse()'): every other request in flight fails with 500 'Worker died.'",
                 "remove `asyncCommunication` (continuous batching already lets requests join at every step)")
     if config.sequence_batching:
         out.add(CB_SEQUENCE, ("sequenceBatching",),
-                "continuousBatching with sequenceBatching: the frontend then uses its sequence batcher (stateful "
-                "sessions, a quota of twice batchSize), which ts_plugin's handlers do not serve",
+                "continuousBatching with sequenceBatching: the frontend then uses its SequenceContinuousBatching "
+                "(each request a sequence of its own, calls of up to twice batchSize rows); at most maxNumSequence "
+                "requests (default 1) run at once, the others get 503 while the sequences live, and without "
+                "sequenceMaxIdleMSec every request fails with 500 (NullPointerException)",
                 "remove `sequenceBatching`")
     if config.batch_size == 1:
         out.add(CB_BATCH_ONE, ("batchSize",),
-                "continuousBatching with batchSize 1: the batch holds one request, so none can join a running one",
+                "continuousBatching with batchSize 1: the batch holds one request, so a request that arrives while "
+                "another streams waits until it ends",
                 "set `batchSize` to the number of requests that may generate together, e.g. 8")
-    if config.pippy is not None and config.pippy.chunks > 1 and config.parallel_type in ("pp", "pptp"):
-        out.add(CB_CHUNKS, ("pippy", "chunks"),
-                f"pippy.chunks {config.pippy.chunks} is not used with continuousBatching: the live rows step through "
-                "the stages as one group",
-                "remove `chunks`, or set `continuousBatching: false` for micro-batches that overlap across stages")
 
 
 DEFAULT_RDZV_PORT = 29400  # torchrun's c10d default (torch.distributed.elastic.rendezvous)

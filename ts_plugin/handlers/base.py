@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Union
 from ..config import ModelConfig, ParallelLayout, Report, ValidationContext, validate_data, validate_text
 from ..config._loader import YamlSyntaxError, load_yaml
 from ..requests import Limits, RequestError, TextRequest, check_lengths
-from ..continuous import ContinuousBatch
+from ..continuous import ContinuousBatch, ContinuousGroups, continuous_batch
 from ..engines import Follower, Loaded, LoadContext
 from ..engines.base import check_row_editable
 from ..engines import load as load_engine
@@ -97,7 +97,7 @@ class LLMHandler:
         self._batches = 0
         self._batch_lock = threading.Lock()
         self._executor: Optional[ThreadPoolExecutor] = None
-        self.continuous: Optional[ContinuousBatch] = None  # continuousBatching: the live rows
+        self.continuous: Optional[Union[ContinuousBatch, ContinuousGroups]] = None  # continuousBatching: live rows
         self._live: Dict[str, tuple] = {}  # continuousBatching: request id -> (its request, its response format)
 
     # --- start-up -------------------------------------------------------------------------------
@@ -182,12 +182,15 @@ class LLMHandler:
                               self.dtype, self.log_progress)
         return load_engine(context)
 
-    def _continuous_batch(self) -> "ContinuousBatch":
+    def _continuous_batch(self) -> Union[ContinuousBatch, ContinuousGroups]:
         from transformers import DynamicCache
 
         check_row_editable(DynamicCache(config=self.hf_config()))
-        self.log_progress("continuousBatching: requests join and leave the running batch at every step")
-        return ContinuousBatch(self.model, self.tokenizer, self.eos_token_ids, self.config.handler.manual_seed)
+        live = continuous_batch(self.model, self.tokenizer, self.eos_token_ids, self.config.handler.manual_seed,
+                                self.config.batch_size)
+        self.log_progress(f"continuousBatching: requests join and leave the running batch at every step "
+                          f"({live.groups} group(s) of rows)")
+        return live
 
     @property
     def asynchronous(self) -> bool:

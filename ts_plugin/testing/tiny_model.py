@@ -3,7 +3,7 @@
 Used by the tests, the demo and the benchmark.
 
 Example:
-    >>> from ts_plugin.tiny_model import make_tiny_model
+    >>> from ts_plugin.testing.tiny_model import make_tiny_model
     >>> make_tiny_model("/tmp/tiny-llama", arch="llama")  # doctest: +SKIP
 """
 from __future__ import annotations

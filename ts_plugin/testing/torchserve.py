@@ -15,8 +15,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,25 +24,13 @@ from typing import Dict, List, Optional, Union
 import psutil
 import requests
 
+from .processes import free_ports, kill_process_tree
+
 BIN = Path(sys.executable).parent
 
 
 class TorchServeError(RuntimeError):
     """TorchServe did not do what a test asked; the message ends with the tail of its logs."""
-
-
-def free_ports(count: int) -> List[int]:
-    """`count` distinct TCP ports that are free on 127.0.0.1 right now."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _tail(path: Path, n: int) -> str:
@@ -183,45 +169,11 @@ class TorchServe:
         except subprocess.TimeoutExpired:
             pass
         finally:
-            self._kill_leftovers(process, descendants)
+            kill_process_tree(process, descendants)
             if self._output is not None:
                 self._output.close()
                 self._output = None
             self._keys = None
-
-    @staticmethod
-    def _kill_leftovers(process: subprocess.Popen, descendants: List[psutil.Process]) -> None:
-        def alive() -> List[psutil.Process]:
-            left = []
-            for proc in descendants:
-                try:
-                    if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                        left.append(proc)
-                except psutil.Error:
-                    pass
-            return left
-
-        deadline = time.monotonic() + 15
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(process.pid, sig)  # the session/group started in start()
-            except (ProcessLookupError, PermissionError):
-                pass
-            for proc in alive():  # torchrun puts its ranks in sessions of their own
-                try:
-                    proc.send_signal(sig)
-                except psutil.Error:
-                    pass
-            psutil.wait_procs(alive(), timeout=10)
-            if process.poll() is None:
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    continue
-            if not alive():
-                break
 
     # --- authorisation ---------------------------------------------------------------------------
 

@@ -126,7 +126,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--model", choices=["bench", "smollm2"], default="bench",
                         help="the random bench model, or SmolLM2-135M-Instruct (the demo's real model)")
+    parser.add_argument("--only", default="custom,tp,pp,anchor",
+                        help="the servers to run: parallelTypes and `anchor`, comma-separated")
     args = parser.parse_args(argv)
+    only = set(args.only.split(","))
     from ts_plugin.testing import TorchServe, free_ports
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ts_plugin-serving-"))
@@ -151,6 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         name = f"{kind}-continuous-steps{steps}-1client" if continuous else f"{kind}-static-1client"
         servers[name] = (kind, {"batchSize": 4, "continuousBatching": continuous},
                          {"steps_per_call": steps} if continuous else {}, True)
+    servers = {name: server for name, server in servers.items() if server[0] in only}
     for name, (kind, changes, handler, _) in servers.items():
         config = model_config(kind, model_dir, long)
         config.update(maxBatchDelay=50, **changes)
@@ -177,6 +181,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 requests.delete(f"{ts.management_url}/models/{name}", headers=ts._headers(management=True),
                                 timeout=300)
                 time.sleep(3)  # its worker processes go away
+            if "anchor" not in only:
+                continue
             port = free_ports(1)[0]
             anchor = start_anchor(model_dir, port, workdir / "anchor.log")
             try:
@@ -194,7 +200,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               "runs": {name: [{k: v for k, v in run.items() if k != "results"} for run in rounds]
                        for name, rounds in runs.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "serving-benchmark" + ("-smollm2" if args.model == "smollm2" else "")
+    stem = ("serving-benchmark" + ("-smollm2" if args.model == "smollm2" else "")
+            + ("" if only == set(parser.get_default("only").split(",")) else "-" + "-".join(sorted(only))))
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     target = args.out / f"{stem}.md"
     notes = ""  # the hand-written "## Notes" (causes, measurements outside this script) survive a re-run

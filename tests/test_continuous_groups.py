@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from _llm import PROMPTS
+from test_continuous_batch import reference
 from ts_plugin.continuous import ContinuousBatch, ContinuousGroups, continuous_batch
 from ts_plugin.engines.base import HFStepModel
 from ts_plugin.requests import SamplingParams
@@ -31,15 +32,6 @@ def model(tmp_path_factory):
 
     path = make_tiny_model(tmp_path_factory.mktemp("groups") / "llama", arch="llama")
     return AutoModelForCausalLM.from_pretrained(str(path)).eval(), AutoTokenizer.from_pretrained(str(path))
-
-
-def reference(hf, ids, max_new_tokens):
-    with torch.inference_mode():
-        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, len(ids):].tolist()
-    eos = hf.generation_config.eos_token_id
-    return new[:new.index(eos)] if eos in new else new
 
 
 def run(live, schedule, steps):

@@ -133,8 +133,14 @@ class Served:
         assert not any(thread.is_alive() for thread in threads), "a client hung"
         return results
 
-    def ts_log(self) -> str:
-        return (self.server.log_dir / "ts_log.log").read_text(encoding="utf-8", errors="replace")
+    def ts_log(self, *waited_for: str, timeout: float = 20) -> str:
+        """The frontend's log, once it holds every line in `waited_for` (log4j writes it a little later)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = (self.server.log_dir / "ts_log.log").read_text(encoding="utf-8", errors="replace")
+            if all(line in log for line in waited_for) or time.monotonic() > deadline:
+                return log
+            time.sleep(0.2)
 
 
 def pieces(name: str, n: int) -> list:
@@ -227,7 +233,7 @@ def test_async_resends_running_requests_and_kills_the_worker(server, work):
     frontend closes the worker's channel, and the other request in flight fails with 500 "Worker died."."""
     with Served(server, work, "cb_async") as served:
         got = served.run([("a", 3, None), ("b", 1000, "begin:a")], timeout=40)
-        calls, log = served.calls(), served.ts_log()
+        calls, log = served.calls(), served.ts_log("Worker disconnected", "Retry worker")
     a_calls = [call for call in calls if any(row["name"] == "a" for row in call["rows"])]
     a_rows = [row for call in a_calls for row in call["rows"] if row["name"] == "a"]
     assert len({row["id"] for row in a_rows}) == 1  # one request id ...

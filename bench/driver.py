@@ -1,7 +1,7 @@
 """ts_plugin's handler in processes of its own, driven over pipes: the "without TorchServe" side of the benchmark.
 
-    torchrun --nproc-per-node 2 -m bench.driver --parallel tp --config C
-    python -m bench.driver --parallel custom --config C --threads 2   # the single process
+    torchrun --nproc-per-node 2 -m bench.driver --config C   # the config's parallelType picks the engine
+    python -m bench.driver --config C --threads 2   # custom: the single process
 
 The handler gets a real TorchServe `Context` and is called with `handle(rows, context)` as TorchServe's worker
 calls it: the same engine and generation loop, only no frontend, no socket protocol and no batching delay.
@@ -12,6 +12,7 @@ timeout, so idle ranks wait without spinning.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -25,9 +26,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from bench.procs import ANSWER, proc_memory
-
-HANDLERS = {"tp": "DeepSpeedHandler", "pp": "PipelineHandler", "pptp": "PPTPHandler", "custom": "AccelerateHandler"}
+from bench.procs import ANSWER
 
 
 class Job:
@@ -44,12 +43,12 @@ class Job:
     def _load_handler(self) -> None:
         import yaml
 
-        import ts_plugin.handlers as handlers
+        from ts_plugin.handlers import LLMHandler
         from ts_plugin.testing import worker_context
 
         config = yaml.safe_load(Path(self.args.config).read_text())
         self.context = worker_context(config["handler"]["model_path"], config)
-        self.handler = getattr(handlers, HANDLERS[self.args.parallel])()
+        self.handler = LLMHandler()  # the engine of the config's parallelType
         self.handler.initialize(self.context)  # pp: ranks 1.. start their follower loop here
 
     def serve(self) -> None:
@@ -64,11 +63,6 @@ class Job:
                 result = {"ok": True, **(self.execute(command) or {})}
             except Exception as error:  # noqa: BLE001 - reported to the benchmark, which raises
                 result = {"ok": False, "error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"}
-            if command["op"] == "memory":
-                ranks = [result.pop("mine", None)] * self.world
-                if self.world > 1:
-                    dist.all_gather_object(ranks, ranks[0], group=self.group)
-                result["ranks"] = ranks
             self._answer(result)
             if command["op"] == "stop":
                 return
@@ -78,23 +72,21 @@ class Job:
             print(ANSWER + json.dumps(result), flush=True)
 
     def execute(self, command: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        op = command["op"]
-        if op == "stop":
+        if command["op"] == "stop":
             if self.rank == 0:
                 self.handler.shutdown()
             return None
-        if op == "memory":
-            return {"mine": {"rank": self.rank, "pid": os.getpid(), **proc_memory()}}
-        if op == "generate":
-            if self.args.parallel == "pp" and self.rank != 0:
-                return None  # the follower loop does this rank's work
-            if command.get("deepspeed_forwards"):  # tp: DeepSpeed's own layer forwards, every rank alike
-                from ts_plugin.engines._cpu_tp import deepspeed_layer_forwards
+        if command["op"] != "generate":
+            raise ValueError(f"unknown op {command['op']!r}")
+        if self.handler.layout.parallel_type == "pp" and self.rank != 0:
+            return None  # the follower loop does this rank's work
+        forwards = contextlib.nullcontext()
+        if command.get("deepspeed_forwards"):  # tp: DeepSpeed's own layer forwards, every rank alike
+            from ts_plugin.engines._cpu_tp import deepspeed_layer_forwards
 
-                with deepspeed_layer_forwards(self.handler.model.model):
-                    return self.generate(command["prompts"], command["max_new_tokens"], command.get("chunks"))
+            forwards = deepspeed_layer_forwards(self.handler.model.model)
+        with forwards:
             return self.generate(command["prompts"], command["max_new_tokens"], command.get("chunks"))
-        raise ValueError(f"unknown op {op!r}")
 
     def generate(self, prompts: List[str], max_new: int, chunks: Optional[int]) -> Dict[str, Any]:
         if chunks is not None:
@@ -127,7 +119,6 @@ class Job:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.driver")
-    parser.add_argument("--parallel", choices=sorted(HANDLERS), required=True)
     parser.add_argument("--config", required=True, help="model-config.yaml")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 other jobs use."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import psutil
 
@@ -87,26 +88,6 @@ class Driver:
         kill_process_tree(self.process, self._descendants, grace_s=0)
 
 
-def worker_ranks(frontend_pid: int) -> Dict[int, psutil.Process]:
-    """rank -> process of every model worker under a TorchServe frontend (torchrun ranks have RANK set; a plain
-    worker is rank 0). The benchmark registers one model at a time, so these are that model's."""
-    ranks: Dict[int, psutil.Process] = {}
-    try:
-        procs = psutil.Process(frontend_pid).children(recursive=True)
-    except psutil.Error:
-        return ranks
-    for proc in procs:
-        try:
-            cmdline = proc.cmdline()
-            if not any(arg.endswith("model_service_worker.py") for arg in cmdline) or any(
-                    arg.endswith("torchrun") or arg == "torch.distributed.run" for arg in cmdline):
-                continue  # java, torchrun agents (their arguments name the worker script too)
-            ranks[int(proc.environ().get("RANK", 0))] = proc
-        except psutil.Error:
-            continue
-    return ranks
-
-
 def memory_of(procs: Dict[int, psutil.Process]) -> Dict[int, Dict[str, float]]:
     out = {}
     for rank, proc in procs.items():
@@ -117,28 +98,27 @@ def memory_of(procs: Dict[int, psutil.Process]) -> Dict[int, Dict[str, float]]:
     return out
 
 
-class RssSampler:
-    """Samples VmRSS of some processes every `interval` s in a thread; `peak` is the largest seen per rank."""
+@contextlib.contextmanager
+def peak_rss(procs: Dict[int, psutil.Process], interval: float = 0.05) -> Iterator[Dict[int, float]]:
+    """`with peak_rss(procs) as peak: ...`: rank -> the largest VmRSS (MiB) seen, sampled every `interval` s in a
+    thread while the block runs."""
+    peak: Dict[int, float] = {}
+    stop = threading.Event()
 
-    def __init__(self, procs: Dict[int, psutil.Process], interval: float = 0.05):
-        self.procs, self.interval, self.peak = procs, interval, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
+    def sample() -> None:
         while True:
-            for rank, memory in memory_of(self.procs).items():
-                self.peak[rank] = max(self.peak.get(rank, 0.0), memory["rss_mib"])
-            if self._stop.wait(self.interval):
+            for rank, memory in memory_of(procs).items():
+                peak[rank] = max(peak.get(rank, 0.0), memory["rss_mib"])
+            if stop.wait(interval):
                 return
 
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
 
 
 BASELINE_IMPORTS = {  # what a worker of each parallelType has imported once its handler and engine are loaded
@@ -163,28 +143,24 @@ def bare_rss(kind: str) -> float:
     raise BenchError(f"baseline import for {kind} failed:\n{result.stderr[-4000:]}")
 
 
-class ForeignCpu:
-    """CPU used by processes outside this benchmark during a block (other jobs on a shared machine, plus time the
-    hypervisor stole), averaged over the block, in cores: `with ForeignCpu() as load: ...; load.cores`."""
+def _cpu_seconds(proc: psutil.Process) -> float:
+    try:
+        times = proc.cpu_times()
+        return times.user + times.system
+    except psutil.Error:
+        return 0.0
 
-    FIELDS = ("user", "nice", "system", "irq", "softirq", "steal")
 
-    @staticmethod
-    def _cpu(proc: psutil.Process) -> float:
-        try:
-            times = proc.cpu_times()
-            return times.user + times.system
-        except psutil.Error:
-            return 0.0
-
-    def __enter__(self) -> "ForeignCpu":
-        me = psutil.Process()
-        self._mine = {proc: self._cpu(proc) for proc in [me, *me.children(recursive=True)]}
-        self._system, self._started = psutil.cpu_times(), time.monotonic()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        system, wall = psutil.cpu_times(), time.monotonic() - self._started
-        busy = sum(getattr(system, f, 0.0) - getattr(self._system, f, 0.0) for f in self.FIELDS)
-        mine = sum(max(0.0, self._cpu(proc) - start) for proc, start in self._mine.items())
-        self.cores = max(0.0, busy - mine) / wall if wall > 0 else float("nan")
+@contextlib.contextmanager
+def foreign_cpu() -> Iterator[List[float]]:
+    """`with foreign_cpu() as cores: ...; cores[0]`: CPU used by processes outside this benchmark during the block
+    (other jobs on a shared machine, plus time the hypervisor stole), averaged over the block, in cores."""
+    me = psutil.Process()
+    mine = {proc: _cpu_seconds(proc) for proc in [me, *me.children(recursive=True)]}
+    system, started, cores = psutil.cpu_times(), time.monotonic(), []
+    yield cores
+    wall, now = time.monotonic() - started, psutil.cpu_times()
+    busy = sum(getattr(now, f, 0.0) - getattr(system, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq",
+                                                                        "steal"))
+    used = sum(max(0.0, _cpu_seconds(proc) - start) for proc, start in mine.items())
+    cores.append(max(0.0, busy - used) / wall if wall > 0 else float("nan"))

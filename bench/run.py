@@ -24,29 +24,36 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import requests
-import torch
-import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from ts_plugin.testing import TorchServe, free_ports
+from ts_plugin.engines import ENGINES
+from ts_plugin.testing import TorchServe, archive_model, make_tiny_model, reference_answers, write_config
 from ts_plugin.testing.tiny_model import _CORPUS
 
-from . import model as bench_model
-from .procs import REPO, BenchError, Driver, ForeignCpu, RssSampler, bare_rss, base_env, memory_of, worker_ranks
+from .report import WORLD, write_report
+from .procs import REPO, BenchError, Driver, bare_rss, base_env, foreign_cpu, memory_of, peak_rss
 
-KINDS = ("pp", "tp", "pptp", "custom")
-HANDLER_FILES = {"tp": "deepspeed_handler.py", "pp": "pipeline_handler.py", "pptp": "pptp_handler.py",
-                 "custom": "accelerate_handler.py"}
-WORLD = {"pp": 2, "tp": 2, "pptp": 4, "custom": 1}
+KINDS = tuple(WORLD)
 ORDER = ("custom", "pp", "pptp", "tp")  # per start-up round; tp last, so the last round's tp serves figure 2
 
 
+#: the bench model: a random-weight Llama of about 200M parameters (18 layers of hidden 1024, 16 heads of 64, 4 KV
+#: heads, MLP 2816) in 8 fp32 safetensors shards, or a tiny one for the smoke run (--smoke)
+MODELS = {False: dict(layers=18, hidden=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
+                      shards=8),
+          True: dict(layers=4, hidden=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                     shards=2)}
 #: the smoke run (a tiny model, once) and the full run
-PLANS = {True: dict(model=bench_model.SMOKE, parity_prompts=4, parity_new_tokens=8, startup_rounds=1, pair_rounds=1,
-                    latency_new_tokens=8, batch_new_tokens=8, prefill_prompt_words=24),
-         False: dict(model=bench_model.FULL, parity_prompts=20, parity_new_tokens=16, startup_rounds=3, pair_rounds=8,
-                     latency_new_tokens=32, batch_new_tokens=32, prefill_prompt_words=96)}
+PLANS = {True: dict(parity_prompts=4, parity_new_tokens=8, startup_rounds=1, pair_rounds=1, latency_new_tokens=8,
+                    batch_new_tokens=8, prefill_prompt_words=24),
+         False: dict(parity_prompts=20, parity_new_tokens=16, startup_rounds=3, pair_rounds=8, latency_new_tokens=32,
+                     batch_new_tokens=32, prefill_prompt_words=96)}
+
+
+def make_model(path: Path, smoke: bool) -> Dict[str, Any]:
+    """The bench model, made locally with ts_plugin.testing's tiny-model builder and tokenizer (nothing is
+    downloaded): its spec, parameters and bytes."""
+    make_tiny_model(path, "llama", max_position_embeddings=512, **MODELS[smoke])
+    weights = sum(file.stat().st_size for file in Path(path).glob("*.safetensors"))  # fp32 (headers: a few KiB)
+    return {**MODELS[smoke], "parameters": weights // 4, "bytes": weights}
 
 
 def log(message: str) -> None:
@@ -65,24 +72,14 @@ def make_prompts(count: int, seed: int) -> List[str]:
     return prompts
 
 
-def model_config(kind: str, model_dir: Path, max_new: int = 64) -> Dict[str, Any]:
-    """examples/<kind>/model-config.yaml with the model folder, CPU, a rendezvous of its own and bounds that fit."""
-    config = yaml.safe_load((REPO / "examples" / kind / "model-config.yaml").read_text())
-    config.update(deviceType="cpu", responseTimeout=600, startupTimeout=600)
-    if kind != "custom":
-        config["torchrun"] = {**config.get("torchrun", {}), "rdzv-endpoint": f"127.0.0.1:{free_ports(1)[0]}"}
-    config["handler"] = {**config.get("handler", {}), "model_path": str(model_dir), "max_new_tokens": max_new,
-                         "max_length": 512}
-    return config
-
-
-def archive(store: Path, name: str, kind: str, config_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "ts_plugin", "archive", "--model-name", name, "--version", "1.0",
-                           "--handler", str(REPO / "handlers" / HANDLER_FILES[kind]), "--config-file", str(config_path),
-                           "--export-path", str(store), "--archive-format", "no-archive", "--force"],
-                          capture_output=True, text=True, cwd=REPO)
-    if done.returncode != 0:
-        raise BenchError(f"archiving {name} failed:\n{done.stdout}\n{done.stderr}")
+def package(store: Path, name: str, kind: str, model_dir: Path, max_new: int = 64, **overrides) -> None:
+    """Archive examples/<kind>/model-config.yaml with the model folder, CPU, a rendezvous of its own and bounds
+    that fit (and `overrides`) as `name` into `store`."""
+    handler = {"model_path": str(model_dir), "max_new_tokens": max_new, "max_length": 512,
+               **overrides.pop("handler", {})}
+    config = write_config(store.parent / f"{name}.yaml", REPO / "examples" / kind / "model-config.yaml",
+                          deviceType="cpu", responseTimeout=600, startupTimeout=600, handler=handler, **overrides)
+    archive_model(store, name, f"{ENGINES[kind]}_handler.py", config)
 
 
 def fresh_from_pretrained(model_dir: Path) -> float:
@@ -137,14 +134,12 @@ class Bench:
 
     def setup(self) -> None:
         plan = self.plan
-        log(f"model {plan.model} in {self.model_dir}")
-        self.results["model"] = {**bench_model.make_model(self.model_dir, **plan.model), **plan.model}
+        log(f"model {MODELS[plan.smoke]} in {self.model_dir}")
+        self.results["model"] = make_model(self.model_dir, plan.smoke)
         store = self.workdir / "store"
         store.mkdir(exist_ok=True)
         for kind in KINDS:
-            path = self.workdir / f"{kind}.yaml"
-            path.write_text(yaml.safe_dump(model_config(kind, self.model_dir), sort_keys=False))
-            archive(store, f"bench-{kind}", kind, path)
+            package(store, f"bench-{kind}", kind, self.model_dir)
         log("starting TorchServe and the bare-import baselines; HF generate's answers")
         self.ts = TorchServe(self.workdir / "ts", store)
         with ThreadPoolExecutor(6) as pool:
@@ -152,13 +147,8 @@ class Bench:
             serving = pool.submit(self.ts.start, None, 300)
             self.prompts = make_prompts(plan.parity_prompts, seed=8)
             candidates = make_prompts(12, seed=21)
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
-            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-            self.reference = bench_model.reference_answers(model, tokenizer, [(prompt, plan.parity_new_tokens)
-                                                                              for prompt in self.prompts])
-            lengths = bench_model.reference_answers(model, tokenizer, [(prompt, plan.latency_new_tokens)
-                                                                       for prompt in candidates])
-            del model
+            self.reference = reference_answers(self.model_dir, [(p, plan.parity_new_tokens) for p in self.prompts])
+            lengths = reference_answers(self.model_dir, [(p, plan.latency_new_tokens) for p in candidates])
             serving.result()
             self.results["bare_rss_mib"] = {kind: future.result() for kind, future in baselines.items()}
         # the latency prompt: one whose greedy answer runs the full length (no early end of sequence)
@@ -185,13 +175,13 @@ class Bench:
                 started = time.perf_counter()
                 self.ts.register(name, name, timeout=900)
                 startup[kind].append(time.perf_counter() - started)
-                ranks = worker_ranks(self.ts.process.pid)
+                ranks = self.ts.workers()
                 at_load = memory_of(ranks)
                 if len(at_load) != WORLD[kind]:
                     raise BenchError(f"{kind}: expected {WORLD[kind]} worker ranks, found {sorted(at_load)}")
                 prompts = self.prompts if round_index == 0 else self.prompts[:4]
                 bodies = [{"inputs": p, "parameters": {"max_new_tokens": plan.parity_new_tokens}} for p in prompts]
-                with RssSampler(ranks) as sampler, ThreadPoolExecutor(len(bodies)) as pool:
+                with peak_rss(ranks) as peak, ThreadPoolExecutor(len(bodies)) as pool:
                     responses = list(pool.map(lambda body: self.ts.predict(name, body, timeout=600), bodies))
                 bad = [r for r in responses if r.status_code != 200]
                 if bad:
@@ -200,29 +190,20 @@ class Bench:
                     parity[kind] = [r.json()["generated_text"] == text and r.json()["details"]["completion_tokens"]
                                     == len(ids) for r, (ids, text) in zip(responses, self.reference)]
                 memory[kind].append({"load_hwm_mib": [at_load[r]["hwm_mib"] for r in sorted(at_load)],
-                                     "serving_peak_mib": [sampler.peak.get(r, 0.0) for r in sorted(at_load)]})
+                                     "serving_peak_mib": [peak.get(r, 0.0) for r in sorted(at_load)]})
                 log(f"round {round_index + 1}/{plan.startup_rounds} {kind}: READY in {startup[kind][-1]:.1f} s; "
                     f"peak RSS per rank {memory[kind][-1]} MiB")
                 if not (kind == "tp" and round_index == plan.startup_rounds - 1):
-                    self._unregister(name)
+                    self.ts.unregister(name)
         self.results.update(startup_s=startup, fresh_from_pretrained_s=fresh, memory=memory, parity=parity)
-
-    def _unregister(self, name: str, timeout: float = 120) -> None:
-        requests.delete(f"{self.ts.management_url}/models/{name}", timeout=timeout)
-        deadline = time.monotonic() + timeout
-        while worker_ranks(self.ts.process.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for proc in worker_ranks(self.ts.process.pid).values():
-            log(f"{name}: a worker is still there {timeout:.0f} s after unregistering; killing it")
-            proc.kill()
 
     def side_by_side(self) -> None:
         """Figures 2-4, interleaved rounds: TorchServe against the same handler under torchrun, tp 2 against one
         process, pp chunks 4 against 1."""
         plan, n = self.plan, self.plan.latency_new_tokens
         log("starting the in-process drivers: tp 2 and pp 2 under torchrun, custom in one process with 2 threads")
-        drivers = [self._driver(kind, ["--parallel", kind, "--config", str(self.workdir / f"{kind}.yaml"),
-                                       "--threads", str(threads)], nproc, threads)
+        drivers = [self._driver(kind, ["--config", str(self.workdir / f"bench-{kind}.yaml"), "--threads", str(threads)],
+                                nproc, threads)
                    for kind, nproc, threads in (("tp", 2, 1), ("pp", 2, 1), ("custom", 1, 2))]
         for driver in drivers:
             driver.wait_ready()
@@ -266,9 +247,9 @@ class Bench:
         for index in range(plan.pair_rounds):
             loads = []
             for step in (steps if index % 2 == 0 else steps[::-1]):  # A B .. B A: drift falls on both sides
-                with ForeignCpu() as load:
+                with foreign_cpu() as cores:
                     step()
-                loads.append(load.cores)
+                loads.append(cores[0])
             foreign.append(max(loads))
             log(f"figures 2-4: round {index + 1}/{plan.pair_rounds}; other jobs used up to {foreign[-1]:.2f} cores")
         self.results.update(pairs=samples, foreign_cores=foreign, latency_answers_identical=len(texts) == 1)
@@ -292,8 +273,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  ("torch", "transformers", "deepspeed", "accelerate", "torchserve")}}
         # the raw measurements first: a report that fails to render can be rendered again from them
         (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
-        from .report import write_report
-
         write_report(results, args.out)
         log(f"wrote {args.out / 'benchmarks.md'} in {results['wall_s'] / 60:.1f} min")
     finally:

@@ -5,12 +5,12 @@ The workload: 32 streamed greedy requests from 8 concurrent clients, half 8 and 
 order, all through OpenAI's streaming v1/completions (ours under /predictions/<model>/1.0/). Figures per server:
 completion tokens/s, p99 latency of the 8-token requests, p99 time to first token, and whether every answer
 equals single-process generate. Servers run one after another, each alone on the host; `--rounds` repeats the
-whole sequence, interleaved. Writes docs/serving-benchmark.json and the table of docs/serving-benchmark.md,
-keeping that file's hand-written "## Notes" section.
+whole sequence, interleaved. Writes docs/serving-benchmark.json and its table into docs/benchmarks.md (the block
+between its `bench:serving` markers; the text around it is written by hand).
 
     python -m bench.serving            # the bench model (~200M parameters), 1 round
     python -m bench.serving --smoke    # a tiny model, 8 requests (a check that it runs)
-    python -m bench.serving --model smollm2   # the demo's real model; writes serving-benchmark-smollm2.*
+    python -m bench.serving --model smollm2   # the demo's real model (serving-benchmark-smollm2.json)
 """
 from __future__ import annotations
 
@@ -27,18 +27,28 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import requests
-import yaml
 
-from .model import FULL, SMOKE, make_model, reference_answers
-from .run import REPO, archive, log, model_config
+from ts_plugin.testing import reference_answers
 
-#: (parallelType, continuous batching, batchSize): static and continuous at batchSize 4 as the issue compares them;
-#: batchSize 8 admits all 8 clients at once, as the anchor's scheduler does
-SERVERS = [(kind, continuous, 4) for kind in ("custom", "tp", "pp") for continuous in (False, True)]
-SERVERS += [("custom", True, 8), ("tp", True, 8)]
-#: one client, one request at a time: what continuous batching costs where nothing can join, with 1 and 4
-#: decode steps per frontend call (handler.steps_per_call)
-ONE_CLIENT = [("custom", False, 1), ("custom", True, 1), ("custom", True, 4)]
+from .report import write_block
+from .run import REPO, log, make_model, package
+
+#: name -> (parallelType, batchSize, continuousBatching, handler changes, concurrent clients). Static and continuous
+#: at batchSize 4, as the issue compares them; pp continuous with the 8 steps per call that TSP219 advises for its row
+#: groups; tp also with 4 steps per call (fewer round trips through the frontend, which shares the 2 CPUs with the
+#: ranks); batchSize 8 admits all 8 clients at once, as the anchor's scheduler does; one client, one request at a
+#: time: what continuous batching costs where nothing can join, with 1 and 4 decode steps per frontend call
+SERVERS = {
+    "custom-static": ("custom", 4, False, {}, 8), "custom-continuous": ("custom", 4, True, {}, 8),
+    "tp-static": ("tp", 4, False, {}, 8), "tp-continuous": ("tp", 4, True, {}, 8),
+    "pp-static": ("pp", 4, False, {}, 8), "pp-continuous": ("pp", 4, True, {"steps_per_call": 8}, 8),
+    "tp-continuous-steps4": ("tp", 4, True, {"steps_per_call": 4}, 8),
+    "custom-continuous-b8": ("custom", 8, True, {}, 8), "tp-continuous-b8": ("tp", 8, True, {}, 8),
+    "custom-static-1client": ("custom", 4, False, {}, 1),
+    "custom-continuous-steps1-1client": ("custom", 4, True, {"steps_per_call": 1}, 1),
+    "custom-continuous-steps4-1client": ("custom", 4, True, {"steps_per_call": 4}, 1),
+}
+ANCHOR = "transformers-serve-cb"
 ONE_CLIENT_JOBS = 4  # requests of `long` new tokens, one after another
 PROMPTS = ["the quick brown fox jumps over the lazy dog .", "hello world ! how are you today ?",
            "a request carries a prompt and parameters ,", "tokens flow through stages ; ranks agree on every step ."]
@@ -91,31 +101,38 @@ def p99(values: List[float]) -> float:
 
 def references(model_dir: Path, jobs: List[Dict[str, Any]]) -> Dict[str, str]:
     """Single-process greedy generate for every distinct (prompt, max_tokens)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     distinct = sorted({(job["prompt"], job["max_tokens"]) for job in jobs})
-    answers = reference_answers(model, AutoTokenizer.from_pretrained(str(model_dir)), distinct)
-    return {f"{max_tokens}|{prompt}": text for (prompt, max_tokens), (_, text) in zip(distinct, answers)}
+    return {f"{max_tokens}|{prompt}": text
+            for (prompt, max_tokens), (_, text) in zip(distinct, reference_answers(model_dir, distinct))}
 
 
-def start_anchor(model_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
-    exe = Path(sys.executable).parent / "transformers"
-    process = subprocess.Popen([str(exe), "serve", "--continuous-batching", "--host", "127.0.0.1", "--port",
-                                str(port), "--device", "cpu", str(model_dir)],
+def run_anchor(model_dir: Path, jobs: List[Dict[str, Any]], log_path: Path) -> Dict[str, Any]:
+    """The workload against `transformers serve --continuous-batching` on the same model, started for it."""
+    from ts_plugin.testing import free_ports
+
+    port = free_ports(1)[0]
+    process = subprocess.Popen([str(Path(sys.executable).parent / "transformers"), "serve", "--continuous-batching",
+                                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", str(model_dir)],
                                stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                return process
-        except requests.RequestException:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"transformers serve exited; see {log_path}")
-        time.sleep(1)
-    process.kill()
-    raise RuntimeError("transformers serve did not come up in 300 s")
+    try:
+        deadline = time.monotonic() + 300
+        while not _healthy(f"http://127.0.0.1:{port}/health"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"transformers serve did not come up in 300 s; see {log_path}")
+            time.sleep(1)
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        stream_one(url, {"model": str(model_dir), "prompt": PROMPTS[0], "max_tokens": 2}, {})  # warm-up
+        return run_workload(url, str(model_dir), jobs, 8, {})
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).ok
+    except requests.RequestException:
+        return False
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -130,7 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="the servers to run: parallelTypes and `anchor`, comma-separated")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
-    from ts_plugin.testing import TorchServe, free_ports
+    from ts_plugin.testing import TorchServe
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ts_plugin-serving-"))
     if args.model == "smollm2":
@@ -140,75 +157,46 @@ def main(argv: Optional[List[str]] = None) -> int:
         size = {"parameters": (model_dir / "model.safetensors").stat().st_size // 4, "name": "SmolLM2-135M-Instruct"}
     else:
         model_dir = workdir / "model"
-        size = make_model(model_dir, **(SMOKE if args.smoke else FULL))
+        size = make_model(model_dir, args.smoke)
     count, short, long = (8, 4, 16) if args.smoke else (32, 8, 128)
     jobs = workload(count, short, long)
     solo_jobs = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": long} for i in range(ONE_CLIENT_JOBS)]
     store = workdir / "store"
     store.mkdir(parents=True, exist_ok=True)
-    servers = {}  # name -> (parallelType, config changes, handler changes, one client)
-    for kind, continuous, batch in SERVERS:
-        name = f"{kind}-{'continuous' if continuous else 'static'}" + ("" if batch == 4 else f"-b{batch}")
-        servers[name] = (kind, {"batchSize": batch, "continuousBatching": continuous}, {}, False)
-    for kind, continuous, steps in ONE_CLIENT:
-        name = f"{kind}-continuous-steps{steps}-1client" if continuous else f"{kind}-static-1client"
-        servers[name] = (kind, {"batchSize": 4, "continuousBatching": continuous},
-                         {"steps_per_call": steps} if continuous else {}, True)
-    servers = {name: server for name, server in servers.items() if server[0] in only}
-    for name, (kind, changes, handler, _) in servers.items():
-        config = model_config(kind, model_dir, long)
-        config.update(maxBatchDelay=50, **changes)
-        config["handler"].update(handler)
-        (workdir / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        archive(store, name, kind, workdir / f"{name}.yaml")
+    servers = {name: server for name, server in SERVERS.items() if server[0] in only}
+    for name, (kind, batch, continuous, handler, _) in servers.items():
+        package(store, name, kind, model_dir, long, maxBatchDelay=50, batchSize=batch, continuousBatching=continuous,
+                handler=handler)
     log(f"model {size['parameters'] / 1e6:.0f}M parameters; {count} requests, {len(servers)} servers + the anchor")
     expected = references(model_dir, jobs + solo_jobs)
     runs: Dict[str, List[Dict[str, Any]]] = {}
-    solo: Dict[str, List[Dict[str, Any]]] = {}
     with TorchServe(workdir / "ts", store) as ts:
         ts.start(models={})
         headers = ts._headers()
         for _ in range(args.rounds):
-            for name, (*_, one_client) in servers.items():
+            for name, (*_, clients) in servers.items():
                 ts.register(name, name)
-                ts.wait_ready(name)
                 url = f"{ts.inference_url}/predictions/{name}/1.0/v1/completions"
                 stream_one(url, {"model": name, "prompt": PROMPTS[0], "max_tokens": 2}, headers)  # warm-up
-                into = solo if one_client else runs
-                into.setdefault(name, []).append(run_workload(url, name, solo_jobs if one_client else jobs,
-                                                              1 if one_client else 8, headers))
-                log(f"{name}: {into[name][-1]['tokens_per_s']:.1f} tok/s")
-                requests.delete(f"{ts.management_url}/models/{name}", headers=ts._headers(management=True),
-                                timeout=300)
-                time.sleep(3)  # its worker processes go away
-            if "anchor" not in only:
-                continue
-            port = free_ports(1)[0]
-            anchor = start_anchor(model_dir, port, workdir / "anchor.log")
-            try:
-                url = f"http://127.0.0.1:{port}/v1/completions"
-                stream_one(url, {"model": str(model_dir), "prompt": PROMPTS[0], "max_tokens": 2}, {})
-                runs.setdefault("transformers-serve-cb", []).append(run_workload(url, str(model_dir), jobs, 8, {}))
-                log(f"anchor: {runs['transformers-serve-cb'][-1]['tokens_per_s']:.1f} tok/s")
-            finally:
-                anchor.terminate()
-                anchor.wait(60)
+                runs.setdefault(name, []).append(run_workload(url, name, solo_jobs if clients == 1 else jobs, clients,
+                                                              headers))
+                log(f"{name}: {runs[name][-1]['tokens_per_s']:.1f} tok/s")
+                ts.unregister(name)
+            if "anchor" in only:
+                runs.setdefault(ANCHOR, []).append(run_anchor(model_dir, jobs, workdir / "anchor.log"))
+                log(f"anchor: {runs[ANCHOR][-1]['tokens_per_s']:.1f} tok/s")
     summary = summarize(runs, expected)
-    one_client = summarize(solo, expected)
     report = {"model": size, "requests": count, "short": short, "long": long, "clients": 8, "rounds": args.rounds,
-              "date": time.strftime("%Y-%m-%d %H:%M"), "summary": summary, "one_client": one_client,
+              "date": time.strftime("%Y-%m-%d %H:%M"),
+              "summary": summary,
               "runs": {name: [{k: v for k, v in run.items() if k != "results"} for run in rounds]
                        for name, rounds in runs.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = ("serving-benchmark" + ("-smollm2" if args.model == "smollm2" else "")
             + ("" if only == set(parser.get_default("only").split(",")) else "-" + "-".join(sorted(only))))
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-    target = args.out / f"{stem}.md"
-    notes = ""  # the hand-written "## Notes" (causes, measurements outside this script) survive a re-run
-    if target.is_file() and "\n## Notes" in target.read_text(encoding="utf-8"):
-        notes = "\n## Notes" + target.read_text(encoding="utf-8").split("\n## Notes", 1)[1]
-    target.write_text(render(report) + notes, encoding="utf-8")
-    log(f"wrote {target}")
+    write_block(args.out / "benchmarks.md", stem.replace("-benchmark", ""), render(report))
+    log(f"wrote {args.out / f'{stem}.json'} and its table in {args.out / 'benchmarks.md'}")
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
@@ -228,32 +216,27 @@ def summarize(runs: Dict[str, List[Dict[str, Any]]], expected: Dict[str, str]) -
 
 
 def render(report: Dict[str, Any]) -> str:
-    summary, anchor = report["summary"], report["summary"].get("transformers-serve-cb")
+    summary, anchor = report["summary"], report["summary"].get(ANCHOR)
 
     def ratios(row, other, keys):
         return ", ".join(f"{row[key] / other[key]:.2f}x" for key in keys) if other and row is not other else ""
 
-    lines = [f"# Serving benchmark ({report['date']})", "",
-             f"{report['requests']} streamed greedy requests from {report['clients']} concurrent clients, half "
-             f"{report['short']} and half {report['long']} new tokens, shuffled; OpenAI streaming v1/completions; "
-             f"model {report['model'].get('name', 'random bench model')} {report['model']['parameters'] / 1e6:.0f}M "
-             f"parameters (fp32, CPU); median of {report['rounds']} round(s). Ratios: continuous / static of the "
-             "same parallelType, and / the anchor (`transformers serve --continuous-batching`).", "",
+    lines = [f"Run of {report['date']}: {report['requests']} streamed greedy requests from {report['clients']} "
+             f"concurrent clients, half {report['short']} and half {report['long']} new tokens, shuffled; OpenAI "
+             f"streaming v1/completions; model {report['model'].get('name', 'random bench model')} "
+             f"{report['model']['parameters'] / 1e6:.0f}M parameters (fp32, CPU); median of {report['rounds']} "
+             f"round(s); `-1client`: one client sending {ONE_CLIENT_JOBS} requests of the long length one after "
+             "another, where nothing can join. Ratios: continuous / static of the same parallelType (and client "
+             "count), and / the anchor (`transformers serve --continuous-batching`).", "",
              "| server | tokens/s | short p99 (s) | TTFT p99 (s) | vs static: tok/s, short p99, TTFT p99 | "
              "vs anchor: tok/s, short p99 | all answers = generate |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in summary.items():
-        static = summary.get(name.split("-")[0] + "-static") if "continuous" in name else None
+        solo = name.endswith("-1client")
+        static = summary.get(name.split("-")[0] + "-static" + "-1client" * solo) if "continuous" in name else None
         lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {row['short_p99_s']:.2f} | {row['ttft_p99_s']:.2f} | "
                      f"{ratios(row, static, ('tokens_per_s', 'short_p99_s', 'ttft_p99_s'))} | "
-                     f"{ratios(row, anchor, ('tokens_per_s', 'short_p99_s'))} | {'yes' if row['exact'] else 'no'} |")
-    solo = report.get("one_client") or {}
-    static = next((row for name, row in solo.items() if "-static-" in name), None)
-    if static:
-        lines += ["", f"One client, {ONE_CLIENT_JOBS} requests of {report['long']} new tokens one after another "
-                  "(batchSize 4): what continuous batching costs where nothing can join.", "",
-                  "| server | tokens/s | static / this (overhead) | all answers = generate |", "| --- | --- | --- | --- |"]
-        lines += [f"| {name} | {row['tokens_per_s']:.1f} | {static['tokens_per_s'] / row['tokens_per_s']:.3f}x | "
-                  f"{'yes' if row['exact'] else 'no'} |" for name, row in solo.items()]
+                     f"{ratios(row, None if solo else anchor, ('tokens_per_s', 'short_p99_s'))} | "
+                     f"{'yes' if row['exact'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

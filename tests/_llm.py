@@ -6,41 +6,14 @@ import subprocess
 import sys
 import textwrap
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
-import yaml
+from ts_plugin.testing import reference_answers
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 PROMPTS = ["hello world how are", "the quick brown fox jumps over the lazy dog .", "a request"]
-
-
-def write_config(path: Path, base: Path, **overrides) -> Path:
-    """An example config with some keys replaced (nested dicts merge). A torchrun model gets a free
-    rendezvous port of its own, so models and test runs never share one (see rule TSP212)."""
-    from ts_plugin.testing import free_ports
-
-    config = yaml.safe_load(base.read_text())
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    if isinstance(config.get("torchrun"), dict) and "rdzv-endpoint" not in overrides.get("torchrun", {}):
-        config["torchrun"]["rdzv-endpoint"] = f"localhost:{free_ports(1)[0]}"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def archive(store: Path, name: str, handler: str, model_dir: Path, config: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "ts_plugin", "archive", "--model-name", name, "--version", "1.0",
-         "--handler", str(REPO / "handlers" / handler), "--extra-files", str(model_dir),
-         "--config-file", str(config), "--export-path", str(store), "--archive-format", "no-archive", "--force"],
-        capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # Runs on both ranks: initializes a handler as a worker does and writes what the load ended in
@@ -83,6 +56,14 @@ def load_on_two_ranks(handler: str, model_dir: Path, config_file: str, workdir: 
     return [(workdir / f"load{rank}.txt").read_text() for rank in (0, 1)]
 
 
+def tiny_llama_and_store(root: Path) -> Tuple[Path, Path]:
+    """A tiny Llama in two safetensors shards (root/llama) and an empty model store (root/store)."""
+    from ts_plugin.testing import make_tiny_model
+
+    (root / "store").mkdir()
+    return make_tiny_model(root / "llama", arch="llama", shards=2), root / "store"
+
+
 @contextmanager
 def serving(workdir: Path, store: Path, names):
     """A TorchServe over `store` with every model in `names` READY."""
@@ -95,22 +76,9 @@ def serving(workdir: Path, store: Path, names):
         yield ts
 
 
-@lru_cache(maxsize=None)
-def _reference_model(model_dir: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
-
-
 def reference_text(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
     """Greedy single-process HF generate, the ground truth for every parallel layout."""
-    import torch
-
-    model, tokenizer = _reference_model(str(model_dir))
-    ids = tokenizer(prompt, return_tensors="pt")
-    with torch.inference_mode():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return reference_answers(model_dir, [(prompt, max_new_tokens)])[0][1]
 
 
 def greedy_bodies(lengths: List[int]) -> List[dict]:

@@ -37,3 +37,23 @@ def test_smoke_benchmark_writes_every_figure(tmp_path):
         if line.startswith("| 1. Parity"):
             assert "| 100% |" in line, line
     assert (out / "benchmarks.png").stat().st_size > 10_000
+
+
+def test_serving_smoke_benchmark_writes_its_table(tmp_path):
+    """bench.serving on a tiny model, custom only (no anchor): every server answers like single-process generate
+    and its rows land in the serving block of benchmarks.md, next to hand-written text that stays."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "benchmarks.md").write_text("# written by hand\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "bench.serving", "--smoke", "--only", "custom", "--out", str(out),
+                             "--workdir", str(tmp_path / "work")],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-8000:]
+    page = (out / "benchmarks.md").read_text()
+    assert page.startswith("# written by hand\n")
+    block = page.split("<!-- bench:serving-custom:begin", 1)[1].split("<!-- bench:serving-custom:end -->")[0]
+    rows = {line.split(" | ")[0][2:]: line for line in block.splitlines() if line.startswith("| custom-")}
+    assert set(rows) == {"custom-static", "custom-continuous", "custom-continuous-b8", "custom-static-1client",
+                         "custom-continuous-steps1-1client", "custom-continuous-steps4-1client"}
+    assert all(line.endswith("| yes |") for line in rows.values()), rows
+    assert (out / "serving-benchmark-custom.json").is_file()

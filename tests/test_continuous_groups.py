@@ -98,3 +98,22 @@ def test_a_failure_in_one_group_resets_every_group(model):
     with pytest.raises(RuntimeError, match="this stage failed"):
         live.steps([("other", short, SamplingParams(20)), ("bad", short * 8, SamplingParams(20))], 1)
     assert len(live) == 0 and all(batch.cache is None for batch in live.batches)
+
+
+def test_several_steps_per_call_stop_in_every_group_once_one_frees_a_slot(model):
+    """With steps_per_call, a group whose row finishes stops the call for all groups: the other group does not
+    step on alone (on pp its stages would take turns), and its text of the steps it did run is kept."""
+    hf, tokenizer = model
+    live = ContinuousGroups(TwoGroups(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0, 2)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    outputs = live.steps([("long", prompts[0], SamplingParams(14)), ("short", prompts[1], SamplingParams(2))], 8)
+    assert [len(batch) for batch in live.batches] == [1, 0]  # "short" finished and left its group
+    assert outputs["short"].result is not None and outputs["long"].result is None
+    long_row = live.batches[0].rows[0]
+    assert 2 <= len(long_row.seq.token_ids) <= 3  # stopped within a step of "short" (not 8 steps alone)
+    assert outputs["long"].text == tokenizer.decode(long_row.seq.token_ids)
+    text = outputs["long"].text
+    while outputs["long"].result is None:  # the rest, 8 steps per call while nothing else finishes
+        outputs = live.steps([], 8)
+        text += outputs["long"].text
+    assert outputs["long"].result.token_ids == reference(hf, prompts[0], 14) and text == outputs["long"].result.text

@@ -10,8 +10,8 @@ import psutil
 import pytest
 import requests
 
-from _llm import PROMPTS, REPO, archive, reference_text, serving, stream_text, write_config
-from ts_plugin.testing import java_available
+from _llm import PROMPTS, REPO, reference_text, serving, stream_text, tiny_llama_and_store
+from ts_plugin.testing import archive_model, java_available, write_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
@@ -26,17 +26,13 @@ MODELS = {  # name -> (example, handler, overrides)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from ts_plugin.testing import make_tiny_model
-
     root = tmp_path_factory.mktemp("cb")
-    store = root / "store"
-    store.mkdir()
-    model_dir = make_tiny_model(root / "llama", arch="llama", shards=2)
+    model_dir, store = tiny_llama_and_store(root)
     for name, (example, handler, overrides) in MODELS.items():
         config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml",
                               continuousBatching=True, batchSize=4, maxBatchDelay=50, deviceType="cpu",
                               handler={"max_new_tokens": LONG, "max_length": 200}, **overrides)
-        archive(store, name, handler, model_dir, config)
+        archive_model(store, name, handler, config, model_dir)
     with serving(root / "ts", store, MODELS) as ts:
         yield ts, model_dir
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from _llm import PROMPTS, archive, greedy_bodies, predict_concurrently, reference_text, stream_events, stream_text
-from ts_plugin.testing import TorchServe, java_available
+from _llm import PROMPTS, greedy_bodies, predict_concurrently, reference_text, stream_events, stream_text
+from ts_plugin.testing import TorchServe, archive_model, java_available
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
@@ -41,7 +41,7 @@ def server(tmp_path_factory):
     for name, config in configs.items():
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        archive(store, name, "accelerate_handler.py", model_dir, path)
+        archive_model(store, name, "accelerate_handler.py", path, model_dir)
     with TorchServe(root / "ts", store) as ts:
         ts.start(models={name: name for name in MODELS}, timeout=300)
         yield ts, model_dir, store

@@ -151,12 +151,18 @@ def names_per_call(calls: list) -> list:
     return [[row["name"] for row in call["rows"]] for call in calls]
 
 
-def test_control_batch2_new_requests_join_the_running_batch(server, work):
-    with Served(server, work, "cb_batch2") as served:
+def run_three(server, work, model: str):
+    """a (5 pieces) at once, then b (5) and c (3) once a has sent a piece; each must get all its pieces."""
+    with Served(server, work, model) as served:
         got = served.run([("a", 5, None), ("b", 5, "a"), ("c", 3, "a")])
         calls = served.calls()
     for name, n in (("a", 5), ("b", 5), ("c", 3)):
         assert (got[name]["status"], got[name]["chunks"], got[name]["error"]) == (200, pieces(name, n), None)
+    return got, calls
+
+
+def test_control_batch2_new_requests_join_the_running_batch(server, work):
+    got, calls = run_three(server, work, "cb_batch2")
     rows = [row for call in calls for row in call["rows"]]
     assert len(rows) == 13  # one row per piece: each request is sent once with its body, then re-sent without
     assert sorted(row["name"] for row in rows if row["body"]) == ["a", "b", "c"]
@@ -173,11 +179,7 @@ def test_control_batch2_new_requests_join_the_running_batch(server, work):
 
 def test_batch1_one_request_at_a_time(server, work):
     """TSP215: with batchSize 1 continuousBatching never puts two requests in one call."""
-    with Served(server, work, "cb_batch1") as served:
-        got = served.run([("a", 5, None), ("b", 5, "a"), ("c", 3, "a")])
-        calls = served.calls()
-    for name, n in (("a", 5), ("b", 5), ("c", 3)):
-        assert (got[name]["status"], got[name]["chunks"], got[name]["error"]) == (200, pieces(name, n), None)
+    got, calls = run_three(server, work, "cb_batch1")
     assert [len(call["rows"]) for call in calls] == [1] * 13  # one step per piece
     # the streams do not overlap: each starts after the one before it ended
     ordered = sorted(got.values(), key=lambda result: result["times"][0])
@@ -230,9 +232,10 @@ def test_async_resends_running_requests_and_kills_the_worker(server, work):
     waiting for answers, so a running request is sent again and again, in parallel copies (with its body
     until its first answer marks it cached in the backend); the client's pieces come from those copies,
     not from steps; the first answer after its last piece hits "Unexpected job in sendResponse()", the
-    frontend closes the worker's channel, and the other request in flight fails with 500 "Worker died."."""
+    frontend closes the worker's channel, and the other request in flight fails with 500 "Worker died." or, in
+    some runs, is never answered at all (the frontend drops it with the worker; its client times out)."""
     with Served(server, work, "cb_async") as served:
-        got = served.run([("a", 3, None), ("b", 1000, "begin:a")], timeout=40)
+        got = served.run([("a", 3, None), ("b", 1000, "begin:a")], timeout=15)
         calls, log = served.calls(), served.ts_log("Worker disconnected", "Retry worker")
     a_calls = [call for call in calls if any(row["name"] == "a" for row in call["rows"])]
     a_rows = [row for call in a_calls for row in call["rows"] if row["name"] == "a"]
@@ -241,6 +244,9 @@ def test_async_resends_running_requests_and_kills_the_worker(server, work):
     # ... while an earlier copy was still in the handler: the frontend did not wait for the answer
     assert any(later["t"] < earlier["t_end"] for earlier, later in zip(a_calls, a_calls[1:]))
     assert got["a"]["status"] == 200 and sorted(got["a"]["chunks"]) == pieces("a", 3)
-    assert got["b"]["status"] == 500 and json.loads("".join(got["b"]["chunks"]))["message"] == "Worker died."
+    if got["b"]["status"] is None:  # the frontend lost it with the worker: its client waits until it gives up
+        assert "ReadTimeout" in got["b"]["error"], got["b"]
+    else:
+        assert got["b"]["status"] == 500 and json.loads("".join(got["b"]["chunks"]))["message"] == "Worker died."
     assert "Unexpected job in sendResponse() with 200 status code: " + a_rows[0]["id"] in log
     assert "Worker disconnected" in log and "Retry worker" in log

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from _llm import PROMPTS, REPO, archive, reference_text, serving, write_config
+from _llm import PROMPTS, REPO, reference_text, serving, tiny_llama_and_store
 from ts_plugin.generation import SequenceResult
 from ts_plugin.handlers._openai import CHAT, COMPLETIONS, OpenAIFormat, parse_openai
 from ts_plugin.requests import Limits, RequestError
-from ts_plugin.testing import java_available
+from ts_plugin.testing import archive_model, java_available, write_config
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -98,18 +98,14 @@ MODELS = {  # name -> (example, handler, continuous batching)
 def server(tmp_path_factory):
     if not java_available():
         pytest.skip("TorchServe needs Java 11+")
-    from ts_plugin.testing import make_tiny_model
-
     root = tmp_path_factory.mktemp("oa")
-    store = root / "store"
-    store.mkdir()
-    model_dir = make_tiny_model(root / "llama", arch="llama", shards=2)
+    model_dir, store = tiny_llama_and_store(root)
     for name, (example, handler, continuous) in MODELS.items():
         extra = {"continuousBatching": True, "maxBatchDelay": 50} if continuous else {}
         config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml",
                               batchSize=4, deviceType="cpu", handler={"max_new_tokens": 32, "chat_template": TEMPLATE},
                               **extra)
-        archive(store, name, handler, model_dir, config)
+        archive_model(store, name, handler, config, model_dir)
     with serving(root / "ts", store, MODELS) as ts:
         yield ts, model_dir
 

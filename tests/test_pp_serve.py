@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from _llm import (PROMPTS, REPO, archive, greedy_bodies, predict_concurrently,
-                  reference_text, stream_events, stream_text, write_config)
+from _llm import PROMPTS, REPO, greedy_bodies, predict_concurrently, reference_text, stream_events, stream_text
 from test_pipeline_engine import legacy_bin_checkpoint
-from ts_plugin.testing import TorchServe, free_ports, java_available
+from ts_plugin.testing import TorchServe, archive_model, free_ports, java_available, write_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
@@ -42,8 +41,8 @@ def server(tmp_path_factory):
                 pippy={"chunks": chunks, "rpc_timeout": 300, "num_worker_threads": 8},
                 handler={"max_new_tokens": MAX_NEW_TOKENS, "max_length": 128})
             # GPT-2 goes through the handler's old file name, which must keep working for existing archives
-            archive(store, name, "pipeline_handler.py" if arch == "llama" else "pippy_handler.py", folders[arch],
-                    config)
+            archive_model(store, name, "pipeline_handler.py" if arch == "llama" else "pippy_handler.py", config,
+                          folders[arch])
     with TorchServe(root / "ts", store) as ts:
         ts.start(models={name: name for name in MODELS})
         yield ts, folders

@@ -3,23 +3,19 @@ from __future__ import annotations
 
 import pytest
 
-from _llm import PROMPTS, REPO, archive, greedy_bodies, predict_concurrently, reference_text, stream_text, write_config
-from ts_plugin.testing import TorchServe, java_available
+from _llm import PROMPTS, REPO, greedy_bodies, predict_concurrently, reference_text, stream_text, tiny_llama_and_store
+from ts_plugin.testing import TorchServe, archive_model, java_available, write_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from ts_plugin.testing import make_tiny_model
-
     root = tmp_path_factory.mktemp("pptp")
-    store = root / "store"
-    store.mkdir()
-    model_dir = make_tiny_model(root / "llama", arch="llama", shards=2)
+    model_dir, store = tiny_llama_and_store(root)
     config = write_config(root / "pptp.yaml", REPO / "examples/pptp/model-config.yaml",
                           maxBatchDelay=300, handler={"max_new_tokens": 24, "max_length": 128})
-    archive(store, "llama-pptp", "pptp_handler.py", model_dir, config)
+    archive_model(store, "llama-pptp", "pptp_handler.py", config, model_dir)
     with TorchServe(root / "ts", store) as ts:
         ts.start(models={"llama-pptp": "llama-pptp"})
         yield ts, model_dir

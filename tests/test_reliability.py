@@ -32,9 +32,9 @@ from typing import Dict, List, Optional
 import pytest
 import yaml
 
-from _llm import PROMPTS, REPO, archive, reference_text, stream_text
+from _llm import PROMPTS, REPO, reference_text, stream_text
 from ts_plugin.engines.base import StepModel
-from ts_plugin.testing import TorchServe, free_ports, java_available
+from ts_plugin.testing import TorchServe, archive_model, free_ports, java_available, reference_answers
 
 needs_java = pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")
 
@@ -292,7 +292,7 @@ def server(tmp_path_factory):
     for name, config in configs.items():
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        archive(store, name, HANDLERS[config["parallelType"]], model_dir, path)
+        archive_model(store, name, HANDLERS[config["parallelType"]], path, model_dir)
     started = time.perf_counter()
     with TorchServe(root / "ts", store) as ts:
         ts.start(models={name: name for name in ("tp", "pp", "custom", "tp-s", "pp-s")}, timeout=300)
@@ -612,16 +612,9 @@ def test_a_shared_rendezvous_endpoint_restarts_the_other_model(server):
 
 def _long_prompt(model_dir: Path) -> str:
     """A prompt whose greedy answer runs the whole MAX_NEW_TOKENS (no end-of-sequence token on the way)."""
-    import torch
-
-    from _llm import _reference_model
-
-    model, tokenizer = _reference_model(str(model_dir))
-    for prompt in LONG_CANDIDATES:
-        ids = tokenizer(prompt, return_tensors="pt")
-        with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        if out.shape[1] - ids["input_ids"].shape[1] == MAX_NEW_TOKENS:
+    answers = reference_answers(model_dir, [(prompt, MAX_NEW_TOKENS) for prompt in LONG_CANDIDATES])
+    for prompt, (ids, _) in zip(LONG_CANDIDATES, answers):
+        if len(ids) == MAX_NEW_TOKENS:
             return prompt
     pytest.skip("no candidate prompt generates MAX_NEW_TOKENS tokens on this model")
 

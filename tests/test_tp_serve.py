@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from _llm import (PROMPTS, REPO, archive, greedy_bodies, predict_concurrently,
-                  reference_text, stream_events, stream_text, write_config)
-from ts_plugin.testing import TorchServe, java_available
+from _llm import PROMPTS, REPO, greedy_bodies, predict_concurrently, reference_text, stream_events, stream_text
+from ts_plugin.testing import TorchServe, archive_model, java_available, write_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
@@ -25,7 +24,7 @@ def server(tmp_path_factory):
                                     safetensors=arch == "llama")
         config = write_config(root / f"{arch}.yaml", REPO / "examples/tp/model-config.yaml",
                               batchSize=4, maxBatchDelay=300, handler={"max_new_tokens": 24, "max_length": 128})
-        archive(store, f"{arch}-tp", "deepspeed_handler.py", model_dir, config)
+        archive_model(store, f"{arch}-tp", "deepspeed_handler.py", config, model_dir)
         models[arch] = model_dir
     with TorchServe(root / "ts", store) as ts:
         ts.start(models={f"{arch}-tp": f"{arch}-tp" for arch in ARCHS})

@@ -26,6 +26,7 @@ does for a static batch: while stage 1 runs one group's step, stage 0 runs anoth
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -122,12 +123,17 @@ class ContinuousBatch:
             self._keep([i for i in range(len(self.rows)) if i not in finished])
         return outputs
 
-    def steps(self, joining: Sequence[Tuple[str, List[int], SamplingParams]], count: int) -> Dict[str, StepOutput]:
-        """Up to `count` steps, the first with `joining`; fewer once a row finishes, since its slot is then free for
-        a new request. Each request's output holds its text of all the steps."""
+    def steps(self, joining: Sequence[Tuple[str, List[int], SamplingParams]], count: int,
+              slot_freed: Optional[threading.Event] = None) -> Dict[str, StepOutput]:
+        """Up to `count` steps, the first with `joining`; fewer once a row finishes (here, or in another group that
+        shares `slot_freed`), since its slot is then free for a new request. Each request's output holds its text
+        of all the steps."""
+        slot_freed = slot_freed or threading.Event()
         outputs = self.step(joining)
         for _ in range(count - 1):
-            if not self.rows or any(output.result for output in outputs.values()):
+            if any(output.result for output in outputs.values()):
+                slot_freed.set()
+            if not self.rows or slot_freed.is_set():
                 break
             for request_id, output in self.step([]).items():
                 outputs[request_id] = StepOutput(outputs[request_id].text + output.text, output.result)
@@ -227,7 +233,9 @@ class ContinuousGroups:
             self._joined += 1
             group = min(range(len(self.batches)), key=lambda i: len(self.batches[i]) + len(parts[i]))
             parts[group].append((request_id, prompt, params))
-        futures = [self._pool.submit(batch.steps, part, count)
+        # the groups stop together once one frees a slot: a group stepping alone would leave the other stages idle
+        slot_freed = threading.Event()
+        futures = [self._pool.submit(batch.steps, part, count, slot_freed)
                    for batch, part in zip(self.batches, parts) if part or len(batch)]
         outputs: Dict[str, StepOutput] = {}
         failure: Optional[BaseException] = None

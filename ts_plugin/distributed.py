@@ -23,10 +23,6 @@ class Ranks:
     world_size: int
     local_rank: int
 
-    @property
-    def is_driver(self) -> bool:
-        return self.rank == 0
-
     @classmethod
     def from_env(cls) -> "Ranks":
         """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (a plain worker is rank 0 of 1)."""

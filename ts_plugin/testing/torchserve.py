@@ -229,6 +229,36 @@ class TorchServe:
                                   + self.log_tail())
         return response.json()
 
+    def unregister(self, name: str, timeout: float = 120) -> None:
+        """Unregister `name` and wait until its worker processes are gone (killed after `timeout`), so that the
+        next model starts on a quiet host."""
+        requests.delete(f"{self.management_url}/models/{name}", headers=self._headers(management=True),
+                        timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while self.workers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for proc in self.workers().values():
+            proc.kill()
+
+    def workers(self) -> Dict[int, psutil.Process]:
+        """rank -> process of every model worker under this frontend (torchrun ranks have RANK set; a plain worker
+        is rank 0): the ranks of one model when one is registered."""
+        ranks: Dict[int, psutil.Process] = {}
+        try:
+            procs = psutil.Process(self.process.pid).children(recursive=True) if self.process else []
+        except psutil.Error:
+            return ranks
+        for proc in procs:
+            try:
+                cmdline = proc.cmdline()
+                if not any(arg.endswith("model_service_worker.py") for arg in cmdline) or any(
+                        arg.endswith("torchrun") or arg == "torch.distributed.run" for arg in cmdline):
+                    continue  # java, torchrun agents (their arguments name the worker script too)
+                ranks[int(proc.environ().get("RANK", 0))] = proc
+            except psutil.Error:
+                continue
+        return ranks
+
     def describe(self, name: str) -> list:
         response = requests.get(f"{self.management_url}/models/{name}", headers=self._headers(management=True),
                                 timeout=30)

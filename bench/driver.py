@@ -25,31 +25,25 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from bench.procs import ANSWER
+from ts_plugin.handlers import LLMHandler
+from ts_plugin.testing import failed_statuses, start_batch, worker_context
 
 
 class Job:
     def __init__(self, args):
-        self.args = args
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if args.threads:
             torch.set_num_threads(args.threads)
-        self._load_handler()
-        # commands travel on a group of their own: an idle rank waits in it for as long as the benchmark does
-        # something else, which the handler's process group (responseTimeout) would not allow
-        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if self.world > 1 else None
-
-    def _load_handler(self) -> None:
-        import yaml
-
-        from ts_plugin.handlers import LLMHandler
-        from ts_plugin.testing import worker_context
-
-        config = yaml.safe_load(Path(self.args.config).read_text())
+        config = yaml.safe_load(Path(args.config).read_text())
         self.context = worker_context(config["handler"]["model_path"], config)
         self.handler = LLMHandler()  # the engine of the config's parallelType
         self.handler.initialize(self.context)  # pp: ranks 1.. start their follower loop here
+        # commands travel on a group of their own: an idle rank waits in it for as long as the benchmark does
+        # something else, which the handler's process group (responseTimeout) would not allow
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if self.world > 1 else None
 
     def serve(self) -> None:
         self._answer({"ok": True})
@@ -93,8 +87,6 @@ class Job:
             self.handler.model.chunks = int(chunks)
         rows = [{"body": json.dumps({"inputs": p, "parameters": {"max_new_tokens": max_new}}).encode()}
                 for p in prompts]
-        from ts_plugin.testing import failed_statuses, start_batch
-
         start_batch(self.context, len(rows))
         results: List[Any] = []
         inference = self.handler.inference

@@ -31,12 +31,9 @@ def base_env(threads: int) -> Dict[str, str]:
 
 def proc_memory(pid: Optional[int] = None) -> Dict[str, float]:
     """VmRSS (now) and VmHWM (peak so far) of a process, in MiB, from /proc (Linux)."""
-    values = {}
     with open(f"/proc/{pid or 'self'}/status", encoding="ascii") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) / 1024
+        values = {key: int(rest.split()[0]) / 1024 for key, _, rest in (line.partition(":") for line in status)
+                  if key in ("VmRSS", "VmHWM")}
     return {"rss_mib": values.get("VmRSS", 0.0), "hwm_mib": values.get("VmHWM", 0.0)}
 
 
@@ -65,10 +62,9 @@ class Driver:
                 return answer
         raise BenchError(f"driver {self.name} exited ({self.process.wait()}) during {what}\n{self.tail()}")
 
-    def wait_ready(self) -> Dict[str, Any]:
-        answer = self._answer("loading")
+    def wait_ready(self) -> None:
+        self._answer("loading")
         self._descendants = psutil.Process(self.process.pid).children(recursive=True)
-        return answer
 
     def call(self, **command) -> Dict[str, Any]:
         self.process.stdin.write(json.dumps(command) + "\n")
@@ -80,21 +76,17 @@ class Driver:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            try:
+            with contextlib.suppress(BenchError, OSError, subprocess.TimeoutExpired):
                 self.call(op="stop")
                 self.process.wait(timeout=30)
-            except (BenchError, OSError, subprocess.TimeoutExpired):
-                pass
         kill_process_tree(self.process, self._descendants, grace_s=0)
 
 
 def memory_of(procs: Dict[int, psutil.Process]) -> Dict[int, Dict[str, float]]:
     out = {}
     for rank, proc in procs.items():
-        try:
+        with contextlib.suppress(OSError):  # the process is gone
             out[rank] = proc_memory(proc.pid)
-        except OSError:
-            pass
     return out
 
 

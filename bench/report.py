@@ -23,7 +23,6 @@ SIDE_BY_SIDE = {
     "tp_deepspeed_forwards_decode_tps": "decode, tp 2 with DeepSpeed's layer forwards",
     "pp_c1_tps": "pp 2, batch of 4, chunks 1", "pp_c4_tps": "pp 2, batch of 4, chunks 4",
     "pp_c1_prefill_tps": "pp 2, prompt-only batch of 4, chunks 1", "pp_c4_prefill_tps": "the same, chunks 4"}
-#: the row labels of the table, in order (tests/test_bench_smoke.py checks that each is there)
 FIGURE_ROWS = (
     "1. Parity pp 2", "1. Parity tp 2", "1. Parity pptp 2x2", "1. Parity custom", "2. Serving overhead tp 2",
     "3. Tensor-parallel efficiency tp 2", "4. Pipeline overlap pp 2",
@@ -132,8 +131,8 @@ def render_markdown(results: Dict[str, Any], rows: List[Row]) -> str:
               "size + the RSS of a process that imported what the worker imports):", "",
               "| parallelType | at load | serving | share |", "| --- | --- | --- | --- |"]
     for kind, samples in results["memory"].items():
-        load = [round(_median(values)) for values in zip(*(s["load_hwm_mib"] for s in samples))]
-        serving = [round(_median(values)) for values in zip(*(s["serving_peak_mib"] for s in samples))]
+        load, serving = ([round(_median(values)) for values in zip(*(sample[key] for sample in samples))]
+                         for key in ("load_hwm_mib", "serving_peak_mib"))
         share = results["bare_rss_mib"][kind] + results["model"]["bytes"] / 2**20 / WORLD[kind]
         lines.append(f"| {KIND_LABEL[kind]} | {load} | {serving} | {share:.0f} |")
     startup = ", ".join(f"{KIND_LABEL[k]} {_median(v):.1f}" for k, v in results["startup_s"].items())

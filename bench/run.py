@@ -28,10 +28,9 @@ from ts_plugin.engines import ENGINES
 from ts_plugin.testing import TorchServe, archive_model, make_tiny_model, reference_answers, write_config
 from ts_plugin.testing.tiny_model import _CORPUS
 
-from .report import WORLD, write_report
 from .procs import REPO, BenchError, Driver, bare_rss, base_env, foreign_cpu, memory_of, peak_rss
+from .report import WORLD, write_report
 
-KINDS = tuple(WORLD)
 ORDER = ("custom", "pp", "pptp", "tp")  # per start-up round; tp last, so the last round's tp serves figure 2
 
 
@@ -128,22 +127,17 @@ class Bench:
         self.results["wall_s"] = time.perf_counter() - started
         return self.results
 
-    def _driver(self, name: str, argv: List[str], nproc: int = 1, threads: int = 1) -> Driver:
-        self.drivers.append(Driver(name, self.workdir, argv, nproc=nproc, threads=threads))
-        return self.drivers[-1]
-
     def setup(self) -> None:
         plan = self.plan
         log(f"model {MODELS[plan.smoke]} in {self.model_dir}")
         self.results["model"] = make_model(self.model_dir, plan.smoke)
         store = self.workdir / "store"
-        store.mkdir(exist_ok=True)
-        for kind in KINDS:
+        for kind in WORLD:
             package(store, f"bench-{kind}", kind, self.model_dir)
         log("starting TorchServe and the bare-import baselines; HF generate's answers")
         self.ts = TorchServe(self.workdir / "ts", store)
         with ThreadPoolExecutor(6) as pool:
-            baselines = {kind: pool.submit(bare_rss, kind) for kind in KINDS}
+            baselines = {kind: pool.submit(bare_rss, kind) for kind in WORLD}
             serving = pool.submit(self.ts.start, None, 300)
             self.prompts = make_prompts(plan.parity_prompts, seed=8)
             candidates = make_prompts(12, seed=21)
@@ -165,8 +159,8 @@ class Bench:
         """Figures 1, 5 and 6: register each parallelType (READY time, memory at load), serve the parity prompts
         (memory while serving; answers against HF generate in the first round), unregister."""
         plan = self.plan
-        startup: Dict[str, List[float]] = {kind: [] for kind in KINDS}
-        memory: Dict[str, List[Dict[str, Any]]] = {kind: [] for kind in KINDS}
+        startup: Dict[str, List[float]] = {kind: [] for kind in WORLD}
+        memory: Dict[str, List[Dict[str, Any]]] = {kind: [] for kind in WORLD}
         parity, fresh = {}, []
         for round_index in range(plan.startup_rounds):
             fresh.append(fresh_from_pretrained(self.model_dir))
@@ -202,12 +196,12 @@ class Bench:
         process, pp chunks 4 against 1."""
         plan, n = self.plan, self.plan.latency_new_tokens
         log("starting the in-process drivers: tp 2 and pp 2 under torchrun, custom in one process with 2 threads")
-        drivers = [self._driver(kind, ["--config", str(self.workdir / f"bench-{kind}.yaml"), "--threads", str(threads)],
-                                nproc, threads)
-                   for kind, nproc, threads in (("tp", 2, 1), ("pp", 2, 1), ("custom", 1, 2))]
-        for driver in drivers:
+        self.drivers = [Driver(kind, self.workdir, ["--config", str(self.workdir / f"bench-{kind}.yaml"), "--threads",
+                                                    str(threads)], nproc, threads)
+                        for kind, nproc, threads in (("tp", 2, 1), ("pp", 2, 1), ("custom", 1, 2))]
+        for driver in self.drivers:
             driver.wait_ready()
-        tp, pp, single = drivers
+        tp, pp, single = self.drivers
         body = {"inputs": self.latency_prompt, "parameters": {"max_new_tokens": n}}
         one = {"op": "generate", "prompts": [self.latency_prompt], "max_new_tokens": n}
         for warm_up in (lambda: self.ts.predict("bench-tp", body, timeout=600), lambda: tp.call(**one),

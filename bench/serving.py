@@ -15,7 +15,9 @@ between its `bench:serving` markers; the text around it is written by hand).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import statistics
 import random
 import shutil
 import subprocess
@@ -28,7 +30,7 @@ from typing import Any, Dict, List, Optional
 
 import requests
 
-from ts_plugin.testing import reference_answers
+from ts_plugin.testing import TorchServe, reference_answers
 
 from .report import write_block
 from .run import REPO, log, make_model, package
@@ -116,7 +118,10 @@ def run_anchor(model_dir: Path, jobs: List[Dict[str, Any]], log_path: Path) -> D
                                stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
-        while not _healthy(f"http://127.0.0.1:{port}/health"):
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"transformers serve did not come up in 300 s; see {log_path}")
             time.sleep(1)
@@ -126,13 +131,6 @@ def run_anchor(model_dir: Path, jobs: List[Dict[str, Any]], log_path: Path) -> D
     finally:
         process.terminate()
         process.wait(60)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).ok
-    except requests.RequestException:
-        return False
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -147,8 +145,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="the servers to run: parallelTypes and `anchor`, comma-separated")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
-    from ts_plugin.testing import TorchServe
-
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ts_plugin-serving-"))
     if args.model == "smollm2":
         from ts_plugin.testing.demo import prepare_smollm2
@@ -162,7 +158,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     jobs = workload(count, short, long)
     solo_jobs = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": long} for i in range(ONE_CLIENT_JOBS)]
     store = workdir / "store"
-    store.mkdir(parents=True, exist_ok=True)
     servers = {name: server for name, server in SERVERS.items() if server[0] in only}
     for name, (kind, batch, continuous, handler, _) in servers.items():
         package(store, name, kind, model_dir, long, maxBatchDelay=50, batchSize=batch, continuousBatching=continuous,
@@ -187,8 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 log(f"anchor: {runs[ANCHOR][-1]['tokens_per_s']:.1f} tok/s")
     summary = summarize(runs, expected)
     report = {"model": size, "requests": count, "short": short, "long": long, "clients": 8, "rounds": args.rounds,
-              "date": time.strftime("%Y-%m-%d %H:%M"),
-              "summary": summary,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "summary": summary,
               "runs": {name: [{k: v for k, v in run.items() if k != "results"} for run in rounds]
                        for name, rounds in runs.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -204,8 +198,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def summarize(runs: Dict[str, List[Dict[str, Any]]], expected: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
     """Medians over rounds, and parity: every answer equal to single-process generate."""
-    import statistics
-
     out = {}
     for name, rounds in runs.items():
         out[name] = {key: statistics.median(run[key] for run in rounds)

@@ -58,3 +58,18 @@ def test_readme_and_examples_keep_token_authorization_on():
     texts += [p.read_text(encoding="utf-8") for p in (REPO / "examples").rglob("*") if p.is_file()]
     for text in texts:
         assert "disable-token-auth" not in text and "disable_token_authorization" not in text
+
+
+@pytest.mark.serve
+def test_readme_testing_example_runs(tmp_path, monkeypatch):
+    """The README's ts_plugin.testing example, run as written from a folder beside the examples."""
+    from ts_plugin.testing import java_available
+
+    if not java_available():
+        pytest.skip("TorchServe needs Java 11+")
+    text = (REPO / "README.md").read_text()
+    example = text.split("To test it the way ts_plugin's own tests do", 1)[1].split("```python\n", 1)[1]
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example.split("```", 1)[0], "README.md", "exec"), {})  # its own assert checks the answer
+    assert (tmp_path / "work" / "store" / "chat" / "MAR-INF" / "MANIFEST.json").is_file()

@@ -16,7 +16,7 @@ from .processes import free_ports
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_config(path: Path, base: Path, **overrides) -> Path:
+def write_config(path: Union[str, Path], base: Union[str, Path], **overrides) -> Path:
     """`base` (a model-config.yaml) with some keys replaced (nested dicts merge), written to `path`. A torchrun
     model gets a free rendezvous port of its own unless the overrides give one, so models and test runs never
     share one (see rule TSP212)."""
@@ -32,19 +32,23 @@ def write_config(path: Path, base: Path, **overrides) -> Path:
     return Path(path)
 
 
-def archive_model(store: Path, name: str, handler: str, config: Path, model_dir: Optional[Path] = None) -> None:
-    """`ts-plugin archive` of `handlers/<handler>` with `config` into `store` (no-archive format), with `model_dir`
-    as the extra files (else the config's handler.model_path names the folder); raise with its output on failure."""
-    extra = ["--extra-files", str(model_dir)] if model_dir is not None else []
+def archive_model(store: Union[str, Path], name: str, handler: str, config: Union[str, Path],
+                  model_dir: Optional[Union[str, Path]] = None) -> None:
+    """`ts-plugin archive` of `handler` (a file, or the name of one of ts_plugin's handlers/) with `config` into
+    `store` (no-archive format), with `model_dir` as the extra files (else the config's handler.model_path names
+    the folder); raise with its output on failure."""
+    handler_file = Path(handler) if Path(handler).is_file() else REPO / "handlers" / handler
+    extra = ["--extra-files", str(Path(model_dir).resolve())] if model_dir is not None else []
+    Path(store).mkdir(parents=True, exist_ok=True)
     result = subprocess.run([sys.executable, "-m", "ts_plugin", "archive", "--model-name", name, "--version", "1.0",
-                             "--handler", str(REPO / "handlers" / handler), *extra, "--config-file", str(config),
-                             "--export-path", str(store), "--archive-format", "no-archive", "--force"],
-                            capture_output=True, text=True, cwd=REPO)
+                             "--handler", str(handler_file.resolve()), *extra, "--config-file",
+                             str(Path(config).resolve()), "--export-path", str(Path(store).resolve()),
+                             "--archive-format", "no-archive", "--force"], capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         raise RuntimeError(f"ts-plugin archive {name} failed:\n{result.stdout}{result.stderr}")
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=4)
 def _reference_model(model_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,7 +57,7 @@ def _reference_model(model_dir: str):
 
 def reference_answers(model_dir: Union[str, Path], jobs: Iterable[Tuple[str, int]]) -> List[Tuple[List[int], str]]:
     """Greedy HF `generate` in one process, one (prompt, max new tokens) at a time: the ground truth every layout
-    must match, as (token ids up to the end of sequence, text). The last model read stays loaded."""
+    must match, as (token ids up to the end of sequence, text). The last few models read stay loaded."""
     import torch
 
     model, tokenizer = _reference_model(str(model_dir))

@@ -104,3 +104,19 @@ def test_ranks_on_other_hosts_keep_gloo(monkeypatch, local_world_size):
     log = []
     assert not cpu_tp.use_shared_memory_all_reduce(Ranks(0, 2, 0), log.append)
     assert "the ranks are not all on this host" in log[-1]
+
+
+def test_the_op_loads_with_the_interpreters_own_ninja(monkeypatch):
+    """Every process must build the op with the same ninja: with the system's in one process and the venv's in
+    another (a TorchServe worker's PATH has the venv), each rebuilt what the other built (~30 s a time)."""
+    import shutil
+
+    from ts_plugin.engines._cpu_tp import _interpreter_tools_first
+
+    ninja = Path(sys.executable).parent / "ninja"
+    if not ninja.exists():
+        pytest.skip("no ninja beside this interpreter")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as a script run without the venv on PATH
+    with _interpreter_tools_first():
+        assert shutil.which("ninja") == str(ninja)
+    assert os.environ["PATH"] == "/usr/bin:/bin"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -48,7 +49,8 @@ def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress) -> bool:
             builder = ShareMemCommBuilder()
             if not builder.is_compatible():
                 raise RuntimeError("DeepSpeed says it is not compatible with this host")
-            builder.load(verbose=False)
+            with _interpreter_tools_first():
+                builder.load(verbose=False)
         except Exception as error:  # noqa: BLE001 - a compiler error, a missing header: fall back, loudly
             reason = f"{type(error).__name__}: {error}"
         else:
@@ -62,6 +64,20 @@ def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress) -> bool:
     deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     _release_segment_name(ranks.rank)
     return True
+
+
+@contextlib.contextmanager
+def _interpreter_tools_first() -> Iterator[None]:
+    """Put the interpreter's own bin folder first on PATH while the op loads, so that every process finds the same
+    `ninja` (a venv's, from DeepSpeed's requirements, before a system one). Two ninja versions read each other's
+    build log as stale, so a TorchServe worker (whose PATH has the venv) and a script run without it rebuilt the
+    op (~30 s) in turn."""
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 def _release_segment_name(rank: int) -> None:

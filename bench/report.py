@@ -23,13 +23,6 @@ SIDE_BY_SIDE = {
     "tp_deepspeed_forwards_decode_tps": "decode, tp 2 with DeepSpeed's layer forwards",
     "pp_c1_tps": "pp 2, batch of 4, chunks 1", "pp_c4_tps": "pp 2, batch of 4, chunks 4",
     "pp_c1_prefill_tps": "pp 2, prompt-only batch of 4, chunks 1", "pp_c4_prefill_tps": "the same, chunks 4"}
-FIGURE_ROWS = (
-    "1. Parity pp 2", "1. Parity tp 2", "1. Parity pptp 2x2", "1. Parity custom", "2. Serving overhead tp 2",
-    "3. Tensor-parallel efficiency tp 2", "4. Pipeline overlap pp 2",
-    "5. Memory pp 2 at load", "5. Memory pp 2 serving", "5. Memory tp 2 at load", "5. Memory tp 2 serving",
-    "5. Memory custom at load", "5. Memory custom serving",
-    "6. Start-up pp 2", "6. Start-up tp 2", "6. Start-up pptp 2x2", "6. Start-up custom",
-)
 
 
 @dataclass

@@ -29,8 +29,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # DeepSpeed builds against the torch above; build isolation would pull another torch
 "${pip[@]}" install --no-build-isolation "deepspeed==0.19.8"
 # DeepSpeed's CPU all-reduce op for tp on CPU: built once here, not at the first tp worker's start
-# (with the venv's ninja first on PATH, as the tp engine loads it: two ninja versions rebuild each other's output)
-PATH="$venv/bin:$PATH" "$venv/bin/python" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)" \
+"$venv/bin/python" -c "from ts_plugin.engines._cpu_tp import load_shared_memory_op; load_shared_memory_op()" \
   >/dev/null 2>&1 || echo "[bootstrap] DeepSpeed's CPU all-reduce op did not build; tp on CPU will use gloo" >&2
 echo "$want_hash" > "$stamp"
 echo "[bootstrap] done" >&2

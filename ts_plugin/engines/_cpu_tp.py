@@ -37,7 +37,6 @@ def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress) -> bool:
     all-reduces with the process group (gloo). Call it before `deepspeed.init_inference`, on every rank."""
     import deepspeed
     import deepspeed.comm
-    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     reason = None
     if os.environ.get("LOCAL_WORLD_SIZE") != str(ranks.world_size):
@@ -46,11 +45,7 @@ def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress) -> bool:
         os.environ["LOCAL_SIZE"] = str(ranks.world_size)
         started = time.monotonic()
         try:
-            builder = ShareMemCommBuilder()
-            if not builder.is_compatible():
-                raise RuntimeError("DeepSpeed says it is not compatible with this host")
-            with _interpreter_tools_first():
-                builder.load(verbose=False)
+            load_shared_memory_op()
         except Exception as error:  # noqa: BLE001 - a compiler error, a missing header: fall back, loudly
             reason = f"{type(error).__name__}: {error}"
         else:
@@ -64,6 +59,18 @@ def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress) -> bool:
     deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     _release_segment_name(ranks.rank)
     return True
+
+
+def load_shared_memory_op() -> None:
+    """Load DeepSpeed's `deepspeed_shm_comm` op, building it first where torch's extension cache lacks it (~30 s);
+    raise where it cannot be built here. `make venv` calls it once, so a first tp worker need not build."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    builder = ShareMemCommBuilder()
+    if not builder.is_compatible():
+        raise RuntimeError("DeepSpeed says it is not compatible with this host")
+    with _interpreter_tools_first():
+        builder.load(verbose=False)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 
 import requests
 
-from ts_plugin.testing import TorchServe, reference_answers
+from ts_plugin.testing import TorchServe, free_ports, reference_answers
 
 from .report import write_block
 from .run import REPO, log, make_model, package
@@ -110,8 +110,6 @@ def references(model_dir: Path, jobs: List[Dict[str, Any]]) -> Dict[str, str]:
 
 def run_anchor(model_dir: Path, jobs: List[Dict[str, Any]], log_path: Path) -> Dict[str, Any]:
     """The workload against `transformers serve --continuous-batching` on the same model, started for it."""
-    from ts_plugin.testing import free_ports
-
     port = free_ports(1)[0]
     process = subprocess.Popen([str(Path(sys.executable).parent / "transformers"), "serve", "--continuous-batching",
                                 "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", str(model_dir)],
@@ -122,7 +120,9 @@ def run_anchor(model_dir: Path, jobs: List[Dict[str, Any]], log_path: Path) -> D
             with contextlib.suppress(requests.RequestException):
                 if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
                     break
-            if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"transformers serve exited; see {log_path}")
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"transformers serve did not come up in 300 s; see {log_path}")
             time.sleep(1)
         url = f"http://127.0.0.1:{port}/v1/completions"

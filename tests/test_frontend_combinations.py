@@ -76,7 +76,7 @@ class Served:
         return self
 
     def __exit__(self, *exc) -> None:
-        requests.delete(f"{self.server.management_url}/models/{self.name}", timeout=60)
+        self.server.unregister(self.name, timeout=60)
 
     def calls(self) -> list:
         if not self.events_path.exists():

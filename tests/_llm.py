@@ -103,3 +103,49 @@ def stream_events(chunks: List[bytes]) -> list:
     import json
 
     return [json.loads(line) for line in b"".join(chunks).decode().splitlines() if line.strip()]
+
+
+JSON = {"Content-Type": "application/json"}
+# Bodies whose parsing once raised something other than RequestError, which failed the whole batch and cut every
+# running stream (issue 29 item 1): (id, route, body, headers). With the JSON content type TorchServe parses the
+# body first, and forwards the bytes where its own json.loads fails.
+PARSE_CRASHES = [
+    ("lone-surrogate", "", b'{"inputs": "\\ud800 hi"}', JSON),
+    ("lone-surrogate-untyped", "", b'{"inputs": "hi \\udfff"}', {}),
+    ("seed-5000-digits", "", b'{"inputs": "hi", "parameters": {"seed": ' + b"9" * 5000 + b"}}", JSON),
+    ("nested-100k", "", b"[" * 100_000, JSON),
+    ("stream-options-string", "v1/completions", b'{"prompt": "hi", "stream": true, "stream_options": "x"}', JSON),
+]
+
+
+def bad_body_beside_a_stream(ts, name: str, case: tuple, stream_body: dict, join_running: bool):
+    """Send PARSE_CRASHES `case` to model `name` beside a streamed request: after its first chunk (`join_running`,
+    continuous batching: it joins the running batch) or at the same moment (static batching: the two share a
+    batch). Returns (the bad request's response, the stream's text or what ended it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, route, body, headers = case
+    target = f"{name}/1.0/{route}" if route else name
+
+    def stream(after_first_chunk=None) -> str:
+        try:
+            with ts.predict(name, stream_body, stream=True) as response:
+                if response.status_code != 200:
+                    return f"HTTP {response.status_code} {response.text[:200]}"
+                chunks = response.iter_content(chunk_size=None)
+                received = [next(chunks)]
+                if after_first_chunk is not None:
+                    after_first_chunk()
+                received += list(chunks)
+            return stream_text(received)
+        except Exception as error:  # noqa: BLE001 - a cut stream is the failure under test
+            return f"stream ended: {error!r}"
+
+    if join_running:
+        bad = []
+        text = stream(lambda: bad.append(ts.predict(target, body, headers=headers)))
+        return bad[0] if bad else None, text
+    with ThreadPoolExecutor(2) as pool:
+        streamed = pool.submit(stream)
+        bad = pool.submit(ts.predict, target, body, 120, False, headers)
+        return bad.result(), streamed.result()

@@ -10,7 +10,8 @@ import psutil
 import pytest
 import requests
 
-from _llm import PROMPTS, REPO, reference_text, serving, stream_text, tiny_llama_and_store
+from _llm import (PARSE_CRASHES, PROMPTS, REPO, bad_body_beside_a_stream, reference_text, serving, stream_text,
+                  tiny_llama_and_store)
 from ts_plugin.testing import archive_model, java_available, write_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
@@ -163,3 +164,15 @@ def test_non_streaming_answer_is_one_json_body(server):
     response = ts.predict("cb-tp", {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 8}})
     assert response.status_code == 200
     assert json.loads(response.text)["generated_text"] == reference_text(model_dir, PROMPTS[1], 8)
+
+
+@pytest.mark.parametrize("case", PARSE_CRASHES, ids=[case[0] for case in PARSE_CRASHES])
+@pytest.mark.parametrize("name", ["cb-custom", "cb-tp"])
+def test_a_body_that_crashed_the_parser_is_answered_400_and_running_streams_go_on(server, name, case):
+    ts, model_dir = server
+    pid = ts.worker_pid(name)
+    stream_body = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": LONG}, "stream": True}
+    bad, text = bad_body_beside_a_stream(ts, name, case, stream_body, join_running=True)
+    assert bad is not None and bad.status_code == 400, (bad.status_code, bad.text[:300]) if bad else text
+    assert text == reference_text(model_dir, PROMPTS[2], LONG)
+    assert ts.worker_pid(name) == pid

@@ -11,7 +11,8 @@ What is checked: bad input gets a 4xx on every parallelType with no worker resta
 requests per model are all answered exactly (p50/p99 printed); a shared rendezvous couples two models (killing
 a rank of the one hosting the store restarts the other); a rank killed with kill -9, idle or with a request in
 flight, fails that request quickly, the worker comes back and answers correctly, and the other model is not
-disturbed (recovery times printed: run with -s). Plus the security rules, which need no server.
+disturbed (recovery times printed: run with -s); a body that once crashed the parser gets its own 400 beside a
+stream in the same batch. The faults that need no server are in test_fault_units.py, security in test_security.py.
 
 Everything talks to 127.0.0.1 only; every loop is bounded in count and time.
 """
@@ -21,8 +22,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +31,7 @@ from typing import Dict, List, Optional
 import pytest
 import yaml
 
-from _llm import PROMPTS, REPO, reference_text, stream_text
-from ts_plugin.engines.base import StepModel
+from _llm import JSON, PARSE_CRASHES, PROMPTS, bad_body_beside_a_stream, reference_text, stream_text
 from ts_plugin.testing import TorchServe, archive_model, free_ports, java_available, reference_answers
 
 needs_java = pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")
@@ -48,211 +46,6 @@ LOAD_CLIENTS, LOAD_REQUESTS = 8, 50
 
 def _log(message: str) -> None:
     print(f"\n[reliability] {message}", flush=True)
-
-
-# --- security: no server needed -------------------------------------------------------------------------------------
-
-PYTHON_TAGS = ["!!python/object/apply:os.system", "!!python/object/new:os.system", "!!python/name:os.system",
-               "!!python/object:builtins.object"]
-
-
-@pytest.mark.parametrize("tag", PYTHON_TAGS)
-def test_python_tags_in_model_config_are_refused_not_run(tag, tmp_path):
-    from ts_plugin.config import validate_file
-
-    marker = tmp_path / "pwned"
-    config = tmp_path / "model-config.yaml"
-    config.write_text(f"minWorkers: 1\nhandler: {tag} ['touch {marker}']\n", encoding="utf-8")
-    report = validate_file(config)
-    assert [f.code for f in report.findings] == ["TSP101"], report.text()
-    assert not report.ok and not marker.exists()
-
-
-@pytest.mark.parametrize("tag", PYTHON_TAGS)
-def test_a_worker_refuses_a_python_tag_in_the_archived_config_and_does_not_run_it(tag, tmp_path, monkeypatch):
-    from ts_plugin.handlers import LLMHandler
-    from ts_plugin.handlers.base import ConfigError
-    from ts_plugin.testing import worker_context
-
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    marker = tmp_path / "pwned"
-    (tmp_path / "model-config.yaml").write_text(f"minWorkers: 1\nhandler: {tag} ['touch {marker}']\n")
-    # TorchServe's own safe_load fails on the tag, and the worker then gets no config at all
-    with pytest.raises(ConfigError, match="TSP101"):
-        LLMHandler().initialize(worker_context(tmp_path, {}, config_file="model-config.yaml"))
-    assert not marker.exists()
-
-
-def test_archive_refuses_a_python_tag(tmp_path):
-    from ts_plugin.archive import archive as ts_archive
-
-    marker = tmp_path / "pwned"
-    config = tmp_path / "model-config.yaml"
-    config.write_text(f"minWorkers: 1\nhandler: !!python/object/apply:os.system ['touch {marker}']\n")
-    store = tmp_path / "store"
-    store.mkdir()
-    code = ts_archive(["--model-name", "m", "--version", "1.0", "--handler", str(REPO / "handlers/deepspeed_handler.py"),
-                       "--config-file", str(config), "--export-path", str(store), "--archive-format", "no-archive"])
-    assert code == 1 and not marker.exists() and not any(store.iterdir())
-
-
-@pytest.mark.parametrize("text, key, code", [
-    ("handler:\n  model_path: ../x\n", "handler.model_path", "TSP602"),
-    ("handler:\n  model_path: a/../../x\n", "handler.model_path", "TSP602"),
-    ("parallelType: custom\nhandler:\n  offload_folder: ../x\n", "handler.offload_folder", "TSP602"),
-    ("parallelType: custom\nhandler:\n  offload_folder: off/../../x\n", "handler.offload_folder", "TSP602"),
-    ("parallelType: custom\nhandler:\n  offload_folder: /tmp/offload\n", "handler.offload_folder", "TSP601"),
-    ("deepspeed:\n  config: ../ds.json\n", "deepspeed.config", "TSP602"),
-    ("deepspeed:\n  checkpoint: /etc/ck.json\n", "deepspeed.checkpoint", "TSP601"),
-])
-def test_named_files_stay_inside_the_model_folder(text, key, code):
-    from ts_plugin.config import validate_text
-
-    report = validate_text(text)
-    assert [(f.code, f.key) for f in report.errors] == [(code, key)], report.text()
-
-
-def test_trust_remote_code_is_off_unless_asked_and_then_a_warning():
-    from ts_plugin.config import validate_text
-
-    assert validate_text("minWorkers: 1\n").config.handler.trust_remote_code is False
-    report = validate_text("handler:\n  trust_remote_code: true\n")
-    assert report.ok and [(f.code, f.severity) for f in report.findings] == [("TSP607", "warning")]
-    assert report.config.handler.trust_remote_code is True
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    from ts_plugin.testing import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("trust") / "llama", arch="llama", layers=2)
-
-
-@pytest.mark.parametrize("trust", [None, True], ids=["unset", "true"])
-@pytest.mark.parametrize("parallel_type, extra", [("custom", {}), ("pp", {"torchrun": {"nproc-per-node": 1}})])
-def test_trust_remote_code_reaches_every_transformers_load(tiny_llama, monkeypatch, parallel_type, extra, trust):
-    """Each AutoConfig / AutoTokenizer / AutoModelForCausalLM load that ts_plugin makes while a worker starts is
-    told handler.trust_remote_code: False unless the config turns it on."""
-    import transformers
-
-    from ts_plugin.handlers import AccelerateHandler, PipelineHandler
-    from ts_plugin.testing import worker_context
-
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    passed = []
-    loads = [(transformers.AutoConfig, "from_pretrained"), (transformers.AutoTokenizer, "from_pretrained"),
-             (transformers.AutoModelForCausalLM, "from_pretrained"), (transformers.AutoModelForCausalLM, "from_config")]
-    for auto_class, method in loads:
-        def recording(*args, load=getattr(auto_class, method), where=f"{auto_class.__name__}.{method}", **kwargs):
-            # only ts_plugin's own calls: transformers' inner ones pass on what they were given
-            if sys._getframe(1).f_globals.get("__name__", "").startswith("ts_plugin"):
-                passed.append((where, kwargs.get("trust_remote_code", "not passed")))
-            return load(*args, **kwargs)
-
-        monkeypatch.setattr(auto_class, method, recording)
-    handler_config = {"max_new_tokens": 4} if trust is None else {"max_new_tokens": 4, "trust_remote_code": trust}
-    config = {"parallelType": parallel_type, "deviceType": "cpu", "handler": handler_config, **extra}
-    handler = {"custom": AccelerateHandler, "pp": PipelineHandler}[parallel_type]()
-    handler.initialize(worker_context(tiny_llama, config))
-    handler.shutdown()
-    loaded = {where for where, _ in passed}
-    assert {"AutoTokenizer.from_pretrained", "AutoConfig.from_pretrained"} <= loaded, passed
-    assert loaded & {"AutoModelForCausalLM.from_pretrained", "AutoModelForCausalLM.from_config"}, passed
-    assert {value for _, value in passed} == {bool(trust)}, passed
-
-
-# --- rank helpers: no server needed ---------------------------------------------------------------------------------
-
-def test_a_rank_whose_torchrun_is_gone_refuses_to_load_and_a_loaded_rank_dies_with_its_agent():
-    child = (
-        "import ctypes, os, sys\n"
-        "from ts_plugin.distributed import Ranks, StaleRankError, bind_to_launcher\n"
-        "os.environ.update(TORCHELASTIC_RUN_ID='m_1', TORCHELASTIC_RESTART_COUNT=sys.argv[1])\n"
-        "try:\n    bind_to_launcher(Ranks(1, 2, 1))\nexcept StaleRankError as e:\n    print('stale:', e)\n"
-        "value = ctypes.c_int()\n"
-        "ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0)  # PR_GET_PDEATHSIG\n"
-        "print('pdeathsig', value.value)\n")
-
-    def run(restart: int, parent_is_torchrun: bool) -> str:
-        # the rank's parent: a process whose command line names torchrun (as TorchServe's launch does), or not
-        launcher = f"import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-c', {child!r}, '{restart}']))"
-        args = [sys.executable, "-c", launcher] + (["--as", "torchrun"] if parent_is_torchrun else [])
-        result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=REPO)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-
-    # a fresh rank, or one from torchrun's own restart under a live torchrun: loads, and dies with its agent
-    for restart in (0, 1):
-        out = run(restart, parent_is_torchrun=True)
-        assert "stale" not in out and f"pdeathsig {int(signal.SIGKILL)}" in out, out
-    # a rank from torchrun's restart whose agent was killed (adopted by another process): refuses to load
-    out = run(1, parent_is_torchrun=False)
-    assert "stale: rank 1 (torchrun restart #1) has lost the torchrun agent" in out, out
-
-
-class _Tokenizer:
-    pad_token_id = 0
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-
-class _StepModel(StepModel):
-    def __init__(self, samples_here: bool, shared: Optional[int] = None):
-        self.samples_here = samples_here
-        self.shared_in: List[List[int]] = []
-        self.forced = shared
-        self.ended = False
-
-    def forward(self, input_ids, attention_mask, position_ids, cache):
-        import torch
-
-        return torch.zeros(input_ids.shape[0], 16), cache
-
-    def share_tokens(self, tokens):
-        self.shared_in.append(tokens.tolist())
-        return tokens.fill_(self.forced) if self.forced is not None else tokens
-
-    def end(self, cache):
-        self.ended = True
-
-
-def test_a_sampling_failure_on_the_driver_reaches_the_other_ranks(monkeypatch):
-    from ts_plugin import generation
-    from ts_plugin.requests import SamplingParams
-
-    def boom(logits, sequences):
-        raise ValueError("sampling failed")
-
-    monkeypatch.setattr(generation, "choose_tokens", boom)
-    driver = _StepModel(samples_here=True)
-    with pytest.raises(ValueError, match="sampling failed"):
-        generation.generate(driver, _Tokenizer(), [[1, 2], [3]], [SamplingParams(4)] * 2, 0, [])
-    # the driver still took part in the token exchange, sending -1: the followers do not wait forever
-    assert driver.shared_in == [[-1, -1]] and driver.ended
-    follower = _StepModel(samples_here=False, shared=-1)
-    with pytest.raises(RuntimeError, match="driver rank failed"):
-        generation.generate(follower, _Tokenizer(), [[1, 2], [3]], [SamplingParams(4)] * 2, 0, [])
-    assert follower.ended
-
-
-@pytest.mark.parametrize("params", [{"temperature": 1e-300}, {"temperature": 1e-40, "top_k": 5, "top_p": 0.5},
-                                    {"do_sample": True, "repetition_penalty": 1e-300}])
-def test_an_extreme_but_allowed_temperature_or_penalty_samples_the_limit(params):
-    import torch
-
-    from ts_plugin.generation import _Sequence, choose_tokens
-    from ts_plugin.requests import SamplingParams
-
-    torch.manual_seed(0)
-    logits = torch.randn(3, 64) * 4
-    rows = [_Sequence([1, 2], SamplingParams(8, **params), torch.Generator().manual_seed(row)) for row in range(3)]
-    chosen = choose_tokens(logits, rows)  # multinomial raised "probability tensor contains inf/nan" before
-    if "temperature" in params:
-        assert chosen.tolist() == logits.argmax(-1).tolist()
-    assert all(0 <= token < 64 for token in chosen.tolist())
 
 
 # --- the server ------------------------------------------------------------------------------------------------------
@@ -342,11 +135,6 @@ def ranks_of(ts: TorchServe, name: str) -> Dict[int, list]:
     return ranks
 
 
-def worker_pid(ts: TorchServe, name: str) -> Optional[int]:
-    workers = ts.describe(name)[0]["workers"]
-    return workers[0]["pid"] if workers and all(w["status"] == "READY" for w in workers) else None
-
-
 def answers_correctly(ts: TorchServe, model_dir: Path, name: str, body: dict = SHORT, timeout: float = 60) -> bool:
     response = ts.predict(name, body, timeout=timeout)
     expected = ref(model_dir, body["inputs"], body["parameters"]["max_new_tokens"])
@@ -392,7 +180,7 @@ def wait_recovered(ts: TorchServe, model_dir: Path, name: str, old_pids: set, ki
     while ready is None:
         assert time.monotonic() < deadline, f"{name} not READY again in {RECOVERY_TIMEOUT} s\n" + ts.log_tail()
         try:
-            pid = worker_pid(ts, name)
+            pid = ts.worker_pid(name)
         except Exception:  # noqa: BLE001 - the management API answers again in a moment
             pid = None
         if pid is not None and pid not in old_pids:
@@ -420,11 +208,10 @@ def assert_gone(processes, within: float = 20) -> None:
 
 # --- bad input ---------------------------------------------------------------------------------------------------
 
-JSON_HEADERS = {"Content-Type": "application/json"}
 BAD_INPUTS = [
     # (id, body, extra headers, expected status or None for any 4xx, words in the answer)
     ("invalid-json", b'{"inputs": "hi", ', {}, 400, "invalid JSON"),
-    ("invalid-json-typed", b'{"inputs": "hi" "parameters": {}}', JSON_HEADERS, 400, "invalid JSON"),
+    ("invalid-json-typed", b'{"inputs": "hi" "parameters": {}}', JSON, 400, "invalid JSON"),
     ("json-array", [1, 2], {}, 400, "must be an object"),
     ("inputs-not-string", {"inputs": ["a", "b"]}, {}, 400, '"inputs" must be a string'),
     ("max-new-tokens-string", {"inputs": "hi", "parameters": {"max_new_tokens": "5"}}, {}, 400, "max_new_tokens"),
@@ -442,11 +229,11 @@ BAD_INPUTS = [
      f"at most {MAX_NEW_TOKENS}"),
     ("max-new-tokens-zero", {"inputs": "hi", "parameters": {"max_new_tokens": 0}}, {}, 400, "positive integer"),
     ("negative-temperature", {"inputs": "hi", "parameters": {"temperature": -0.5}}, {}, 400, "temperature"),
-    ("nan-temperature", b'{"inputs": "hi", "parameters": {"temperature": NaN}}', JSON_HEADERS, 400, "temperature"),
+    ("nan-temperature", b'{"inputs": "hi", "parameters": {"temperature": NaN}}', JSON, 400, "temperature"),
     ("top-p-over-1", {"inputs": "hi", "parameters": {"top_p": 1.5}}, {}, 400, "parameters.top_p is 1.5"),
     ("top-k-negative", {"inputs": "hi", "parameters": {"top_k": -1}}, {}, 400, "parameters.top_k"),
     ("non-utf8", b'{"inputs": "caf\xe9 \xff\xfe"}', {}, 400, "not valid UTF-8"),
-    ("non-utf8-typed", b'{"inputs": "\xff\xfe"}', JSON_HEADERS, 400, "not valid UTF-8"),
+    ("non-utf8-typed", b'{"inputs": "\xff\xfe"}', JSON, 400, "not valid UTF-8"),
     ("non-utf8-text", b"\xc3\x28 hello", {"Content-Type": "text/plain"}, 400, "not valid UTF-8"),
     ("2MB-body", {"inputs": "a " * 1_000_000}, {}, 413, "1000000"),  # handler.max_request_bytes
     ("10MB-body", b'{"inputs": "' + b"a" * 10_000_000 + b'"}', {}, None, ""),  # the frontend's max_request_size
@@ -474,7 +261,7 @@ def _post(ts: TorchServe, name: str, body, headers: dict):
 @pytest.mark.parametrize("name", ["tp", "pp", "custom"])
 def test_bad_input_gets_a_clear_4xx_and_the_ranks_stay_in_step(server, name):
     ts, model_dir, _ = server
-    pid, ranks, died = worker_pid(ts, name), ranks_of(ts, name), died_lines(ts, name)
+    pid, ranks, died = ts.worker_pid(name), ranks_of(ts, name), died_lines(ts, name)
     assert pid is not None
     rank_pids = {r: [p.pid for p in procs] for r, procs in ranks.items()}
     statuses = {}
@@ -495,10 +282,24 @@ def test_bad_input_gets_a_clear_4xx_and_the_ranks_stay_in_step(server, name):
     assert response.json()["generated_text"] == ref(model_dir, PROMPTS[1], 8)
     assert answers_correctly(ts, model_dir, name)
     # no worker restarted: same frontend pid, same rank processes, no new "Backend worker process died"
-    assert worker_pid(ts, name) == pid
+    assert ts.worker_pid(name) == pid
     assert {r: [p.pid for p in procs] for r, procs in ranks_of(ts, name).items()} == rank_pids
     assert died_lines(ts, name) == died
     _log(f"{name}: bad inputs -> {json.dumps(statuses)}")
+
+
+@pytest.mark.serve
+@needs_java
+@pytest.mark.parametrize("case", PARSE_CRASHES, ids=[case[0] for case in PARSE_CRASHES])
+def test_a_body_that_crashed_the_parser_is_answered_400_and_its_batch_runs_on(server, case):
+    """Static batching (tp, batchSize 4): the bad body and a 100-token stream in one batch."""
+    ts, model_dir, _ = server
+    pid = ts.worker_pid("tp")
+    stream_body = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 100}, "stream": True}
+    bad, text = bad_body_beside_a_stream(ts, "tp", case, stream_body, join_running=False)
+    assert bad.status_code == 400, (bad.status_code, bad.text[:300])
+    assert text == ref(model_dir, PROMPTS[2], 100)
+    assert ts.worker_pid("tp") == pid
 
 
 # --- load ----------------------------------------------------------------------------------------------------------
@@ -594,7 +395,7 @@ def test_a_shared_rendezvous_endpoint_restarts_the_other_model(server):
     assert len(hosts) == 1, f"the store on {port} is held by pid {host_pid}, not one of the agents {parents}"
     host = hosts[0]
     [other] = [name for name in ranks if name != host]
-    old = {name: {worker_pid(ts, name)} | {p.pid for procs in ranks[name].values() for p in procs} for name in ranks}
+    old = {name: {ts.worker_pid(name)} | {p.pid for procs in ranks[name].values() for p in procs} for name in ranks}
     probe = Prober(ts, model_dir, "tp")  # a model with its own endpoint: must not notice anything
     probe.start()
     killed_at = time.monotonic()
@@ -652,7 +453,7 @@ def test_killing_a_rank_idle_and_in_flight(server, name, other):
         ranks = ranks_of(ts, name)
         assert sorted(ranks) == [0, 1] and all(len(procs) == 1 for procs in ranks.values()), ranks
         old_processes = [procs[0] for procs in ranks.values()]
-        old_pids = {p.pid for p in old_processes} | {worker_pid(ts, name)}
+        old_pids = {p.pid for p in old_processes} | {ts.worker_pid(name)}
         outcome: Dict[str, object] = {}
         if phase == "in flight":
             def long_request():
@@ -692,20 +493,3 @@ def test_killing_a_rank_idle_and_in_flight(server, name, other):
     assert not probe.failures, probe.failures[:5]
     # the other model's ranks were never restarted
     assert {r: [p.pid for p in procs] for r, procs in ranks_of(ts, other).items()} == other_ranks
-
-
-
-def test_a_lost_peer_is_told_from_an_ordinary_failure():
-    """A rank exits without answering only when another rank is gone (see distributed.exit_for_lost_peer)."""
-    from ts_plugin.distributed import peer_lost
-
-    try:
-        try:
-            raise ConnectionResetError(104, "Connection reset by peer")
-        except OSError as cause:
-            raise RuntimeError("all-reduce with the other tensor-parallel rank failed") from cause
-    except RuntimeError as error:
-        assert peer_lost(error)
-    assert peer_lost(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:40119"))
-    assert not peer_lost(RuntimeError("the driver rank failed while choosing the next tokens; see its log"))
-    assert not peer_lost(ValueError("sampling failed"))

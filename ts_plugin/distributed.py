@@ -116,9 +116,8 @@ def broadcast_tokens(tokens: torch.Tensor, src: int = 0, group=None) -> torch.Te
     return buffer.cpu()
 
 
-#: how a lost peer shows in the errors of gloo, nccl and the tp engine's socket link
-_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "the other tensor-parallel rank",
-              "must be restarted", "nccl communicator was aborted")
+#: how a lost peer shows in the errors of gloo and nccl
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "nccl communicator was aborted")
 
 
 def peer_lost(error: BaseException) -> bool:

@@ -43,6 +43,20 @@ class Limits:
     max_request_bytes: int
 
 
+def check_prompt(prompt: str) -> str:
+    """A prompt that is not blank and that the tokenizer can take: JSON's "\\ud800" escapes decode to lone
+    surrogates, which are no UTF-8 text (the tokenizer raises TypeError on them)."""
+    if not prompt.strip():
+        raise RequestError("the prompt is empty")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(f"the prompt holds U+{ord(prompt[error.start]):04X} at character {error.start}, an unpaired "
+                           "surrogate that is not text; send each character outside the BMP as one escape pair "
+                           "or as UTF-8") from None
+    return prompt
+
+
 def check_lengths(prompt_tokens: int, params: SamplingParams, max_length: Optional[int], max_positions: Optional[int]) -> None:
     """Reject prompts that do not fit; `max_length` is the configured bound, `max_positions` the model's."""
     for bound, what in ((max_length, "handler.max_length"), (max_positions, "the model's maximum positions")):

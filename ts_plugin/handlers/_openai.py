@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any, Dict, List, Optional
 
-from ..requests import Limits, RequestError, SamplingParams, TextRequest
+from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_prompt
 from ._tgi import MAX_STOP_SEQUENCES, decode_body, number
 
 COMPLETIONS, CHAT, MODELS = "v1/completions", "v1/chat/completions", "v1/models"
@@ -46,12 +46,14 @@ def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f'"stream" must be true or false, not {stream!r}')
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not (isinstance(stream_options, dict)
+                                           and isinstance(stream_options.get("include_usage", False), bool)):
+        raise RequestError(f'"stream_options" must be an object like {{"include_usage": true}}, not {stream_options!r}')
     prompt = _prompt(body) if route == COMPLETIONS else _chat_prompt(body, tokenizer, chat_template)
-    if not prompt.strip():
-        raise RequestError("the prompt is empty")
-    request = TextRequest(prompt, _params(body, limits), stream, api=route)
+    request = TextRequest(check_prompt(prompt), _params(body, limits), stream, api=route)
     request.model = body.get("model") if isinstance(body.get("model"), str) else None
-    request.include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+    request.include_usage = bool((stream_options or {}).get("include_usage")) and stream
     return request
 
 

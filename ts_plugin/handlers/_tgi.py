@@ -6,7 +6,7 @@ import json
 import math
 from typing import Any, Dict
 
-from ..requests import Limits, RequestError, SamplingParams, TextRequest
+from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_prompt
 
 PARAMETERS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "seed", "stop",
               "repetition_penalty")
@@ -40,6 +40,10 @@ def decode_body(row: Dict[str, Any], limits: Limits) -> Any:
                 return json.loads(text)
             except json.JSONDecodeError as err:
                 raise RequestError(f"invalid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+            except RecursionError:
+                raise RequestError("the JSON body nests too deeply") from None
+            except ValueError as err:  # an integer over Python's 4,300-digit conversion limit
+                raise RequestError(f"the JSON body has a number that cannot be read: {err}") from None
         return text
     if isinstance(body, str) and len(body.encode("utf-8")) > limits.max_request_bytes:
         raise RequestError(f"the request body is larger than {limits.max_request_bytes} bytes", 413)
@@ -55,7 +59,7 @@ def parse_request(row: Dict[str, Any], limits: Limits) -> TextRequest:
     """
     body = decode_body(row, limits)
     if isinstance(body, str):
-        return TextRequest(_check_prompt(body), SamplingParams(max_new_tokens=limits.max_new_tokens))
+        return TextRequest(check_prompt(body), SamplingParams(max_new_tokens=limits.max_new_tokens))
     if not isinstance(body, dict):
         raise RequestError(f'the JSON body must be an object like {{"inputs": "..."}}, not {type(body).__name__}')
     unknown = sorted(set(body) - {"inputs", "parameters", "stream"})
@@ -71,13 +75,7 @@ def parse_request(row: Dict[str, Any], limits: Limits) -> TextRequest:
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise RequestError(f'"parameters" must be an object, not {type(parameters).__name__}')
-    return TextRequest(_check_prompt(body["inputs"]), _params(parameters, limits), stream)
-
-
-def _check_prompt(prompt: str) -> str:
-    if not prompt.strip():
-        raise RequestError("the prompt is empty")
-    return prompt
+    return TextRequest(check_prompt(body["inputs"]), _params(parameters, limits), stream)
 
 
 def number(params: Dict[str, Any], name: str, kind: type, default: Any, low: float, high: float,

@@ -229,7 +229,8 @@ class LLMHandler:
     def preprocess(self, data: List[Dict[str, Any]],
                    routes: Optional[List[str]] = None) -> List[Union[TextRequest, RequestError]]:
         """Parse each row (TGI on the plain route, OpenAI's on theirs); a bad row becomes a RequestError (the same
-        on every rank)."""
+        on every rank). Whatever a row's body makes parsing raise stays that row's answer: an exception escaping
+        here would make TorchServe fail every request of the batch, and every running one with it."""
         parsed: List[Union[TextRequest, RequestError]] = []
         for row, route in zip(data, routes or [""] * len(data)):
             try:
@@ -240,6 +241,9 @@ class LLMHandler:
                 parsed.append(request)
             except RequestError as error:
                 parsed.append(error)
+            except Exception as error:  # noqa: BLE001 - the same bytes raise the same on every rank
+                logger.warning("a request body could not be read", exc_info=True)
+                parsed.append(RequestError(f"the request could not be read ({type(error).__name__}: {error})"))
         return parsed
 
     def inference(self, requests: List[TextRequest], on_text=None):

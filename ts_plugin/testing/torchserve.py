@@ -265,6 +265,11 @@ class TorchServe:
         response.raise_for_status()
         return response.json()
 
+    def worker_pid(self, name: str) -> Optional[int]:
+        """The pid the frontend gives model `name`'s worker while it is READY, else None."""
+        workers = self.describe(name)[0]["workers"]
+        return workers[0]["pid"] if workers and all(w["status"] == "READY" for w in workers) else None
+
     def wait_ready(self, name: str, timeout: float = 300) -> None:
         """Return when every worker of `name` is READY (and at least minWorkers exist), else raise."""
         deadline = time.monotonic() + timeout
@@ -286,12 +291,13 @@ class TorchServe:
 
     # --- inference -------------------------------------------------------------------------------
 
-    def predict(self, name: str, body: Union[bytes, str, dict], timeout: float = 120,
-                stream: bool = False) -> requests.Response:
-        """POST /predictions/<name>; a dict is sent as JSON. The response is returned whatever its status."""
+    def predict(self, name: str, body: Union[bytes, str, dict], timeout: float = 120, stream: bool = False,
+                headers: Optional[Dict[str, str]] = None) -> requests.Response:
+        """POST /predictions/<name> (a route may follow: "<name>/1.0/v1/completions"); a dict is sent as JSON. The
+        response is returned whatever its status."""
         kwargs: dict = {"json": body} if isinstance(body, dict) else {
             "data": body.encode("utf-8") if isinstance(body, str) else body}
-        return requests.post(f"{self.inference_url}/predictions/{name}", headers=self._headers(),
+        return requests.post(f"{self.inference_url}/predictions/{name}", headers={**self._headers(), **(headers or {})},
                              timeout=timeout, stream=stream, **kwargs)
 
     def stream_chunks(self, name: str, body: Union[bytes, str, dict], timeout: float = 120) -> List[bytes]:

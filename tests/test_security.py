@@ -1,0 +1,119 @@
+"""Security rules of the config and the worker, no server needed: YAML's Python tags are refused and never run,
+files named in the config stay inside the model folder, and remote code is off unless asked for."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from _llm import REPO
+
+PYTHON_TAGS = ["!!python/object/apply:os.system", "!!python/object/new:os.system", "!!python/name:os.system",
+               "!!python/object:builtins.object"]
+
+
+@pytest.mark.parametrize("tag", PYTHON_TAGS)
+def test_python_tags_in_model_config_are_refused_not_run(tag, tmp_path):
+    from ts_plugin.config import validate_file
+
+    marker = tmp_path / "pwned"
+    config = tmp_path / "model-config.yaml"
+    config.write_text(f"minWorkers: 1\nhandler: {tag} ['touch {marker}']\n", encoding="utf-8")
+    report = validate_file(config)
+    assert [f.code for f in report.findings] == ["TSP101"], report.text()
+    assert not report.ok and not marker.exists()
+
+
+@pytest.mark.parametrize("tag", PYTHON_TAGS)
+def test_a_worker_refuses_a_python_tag_in_the_archived_config_and_does_not_run_it(tag, tmp_path, monkeypatch):
+    from ts_plugin.handlers import LLMHandler
+    from ts_plugin.handlers.base import ConfigError
+    from ts_plugin.testing import worker_context
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    marker = tmp_path / "pwned"
+    (tmp_path / "model-config.yaml").write_text(f"minWorkers: 1\nhandler: {tag} ['touch {marker}']\n")
+    # TorchServe's own safe_load fails on the tag, and the worker then gets no config at all
+    with pytest.raises(ConfigError, match="TSP101"):
+        LLMHandler().initialize(worker_context(tmp_path, {}, config_file="model-config.yaml"))
+    assert not marker.exists()
+
+
+def test_archive_refuses_a_python_tag(tmp_path):
+    from ts_plugin.archive import archive as ts_archive
+
+    marker = tmp_path / "pwned"
+    config = tmp_path / "model-config.yaml"
+    config.write_text(f"minWorkers: 1\nhandler: !!python/object/apply:os.system ['touch {marker}']\n")
+    store = tmp_path / "store"
+    store.mkdir()
+    code = ts_archive(["--model-name", "m", "--version", "1.0", "--handler", str(REPO / "handlers/deepspeed_handler.py"),
+                       "--config-file", str(config), "--export-path", str(store), "--archive-format", "no-archive"])
+    assert code == 1 and not marker.exists() and not any(store.iterdir())
+
+
+@pytest.mark.parametrize("text, key, code", [
+    ("handler:\n  model_path: ../x\n", "handler.model_path", "TSP602"),
+    ("handler:\n  model_path: a/../../x\n", "handler.model_path", "TSP602"),
+    ("parallelType: custom\nhandler:\n  offload_folder: ../x\n", "handler.offload_folder", "TSP602"),
+    ("parallelType: custom\nhandler:\n  offload_folder: off/../../x\n", "handler.offload_folder", "TSP602"),
+    ("parallelType: custom\nhandler:\n  offload_folder: /tmp/offload\n", "handler.offload_folder", "TSP601"),
+    ("deepspeed:\n  config: ../ds.json\n", "deepspeed.config", "TSP602"),
+    ("deepspeed:\n  checkpoint: /etc/ck.json\n", "deepspeed.checkpoint", "TSP601"),
+])
+def test_named_files_stay_inside_the_model_folder(text, key, code):
+    from ts_plugin.config import validate_text
+
+    report = validate_text(text)
+    assert [(f.code, f.key) for f in report.errors] == [(code, key)], report.text()
+
+
+def test_trust_remote_code_is_off_unless_asked_and_then_a_warning():
+    from ts_plugin.config import validate_text
+
+    assert validate_text("minWorkers: 1\n").config.handler.trust_remote_code is False
+    report = validate_text("handler:\n  trust_remote_code: true\n")
+    assert report.ok and [(f.code, f.severity) for f in report.findings] == [("TSP607", "warning")]
+    assert report.config.handler.trust_remote_code is True
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from ts_plugin.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("trust") / "llama", arch="llama", layers=2)
+
+
+@pytest.mark.parametrize("trust", [None, True], ids=["unset", "true"])
+@pytest.mark.parametrize("parallel_type, extra", [("custom", {}), ("pp", {"torchrun": {"nproc-per-node": 1}})])
+def test_trust_remote_code_reaches_every_transformers_load(tiny_llama, monkeypatch, parallel_type, extra, trust):
+    """Each AutoConfig / AutoTokenizer / AutoModelForCausalLM load that ts_plugin makes while a worker starts is
+    told handler.trust_remote_code: False unless the config turns it on."""
+    import transformers
+
+    from ts_plugin.handlers import AccelerateHandler, PipelineHandler
+    from ts_plugin.testing import worker_context
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    passed = []
+    loads = [(transformers.AutoConfig, "from_pretrained"), (transformers.AutoTokenizer, "from_pretrained"),
+             (transformers.AutoModelForCausalLM, "from_pretrained"), (transformers.AutoModelForCausalLM, "from_config")]
+    for auto_class, method in loads:
+        def recording(*args, load=getattr(auto_class, method), where=f"{auto_class.__name__}.{method}", **kwargs):
+            # only ts_plugin's own calls: transformers' inner ones pass on what they were given
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("ts_plugin"):
+                passed.append((where, kwargs.get("trust_remote_code", "not passed")))
+            return load(*args, **kwargs)
+
+        monkeypatch.setattr(auto_class, method, recording)
+    handler_config = {"max_new_tokens": 4} if trust is None else {"max_new_tokens": 4, "trust_remote_code": trust}
+    config = {"parallelType": parallel_type, "deviceType": "cpu", "handler": handler_config, **extra}
+    handler = {"custom": AccelerateHandler, "pp": PipelineHandler}[parallel_type]()
+    handler.initialize(worker_context(tiny_llama, config))
+    handler.shutdown()
+    loaded = {where for where, _ in passed}
+    assert {"AutoTokenizer.from_pretrained", "AutoConfig.from_pretrained"} <= loaded, passed
+    assert loaded & {"AutoModelForCausalLM.from_pretrained", "AutoModelForCausalLM.from_config"}, passed
+    assert {value for _, value in passed} == {bool(trust)}, passed

@@ -5,9 +5,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 from ts_plugin.testing import reference_answers
 
@@ -149,3 +150,43 @@ def bad_body_beside_a_stream(ts, name: str, case: tuple, stream_body: dict, join
         streamed = pool.submit(stream)
         bad = pool.submit(ts.predict, target, body, 120, False, headers)
         return bad.result(), streamed.result()
+
+
+def worker_processes(ts) -> list:
+    """Every rank process (and torchrun agent) of a model worker under this TorchServe."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if any(arg.endswith("model_service_worker.py") for arg in cmdline) and any(str(ts.tmpdir) in a for a in cmdline):
+            found.append(proc)
+    return found
+
+
+def ranks_of(ts, name: str) -> Dict[int, list]:
+    """LOCAL_RANK -> the live rank processes of model `name` in this server (torchrun's agent is left out)."""
+    folder = str((ts.model_store / name).resolve())
+    ranks: Dict[int, list] = {}
+    for proc in worker_processes(ts):
+        try:
+            if proc.cwd() != folder or proc.status() == "zombie":
+                continue
+            local_rank = proc.environ().get("LOCAL_RANK")
+        except Exception:  # noqa: BLE001 - psutil.Error: the process just ended
+            continue
+        if local_rank is not None:
+            ranks.setdefault(int(local_rank), []).append(proc)
+    return ranks
+
+
+def assert_gone(processes, within: float = 20) -> None:
+    """The killed generation's processes end (no orphan keeps the model in memory)."""
+    deadline = time.monotonic() + within
+    left = processes
+    while time.monotonic() < deadline:
+        left = [p for p in left if p.is_running() and p.status() != "zombie"]
+        if not left:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"still running {within} s after the restart: {[(p.pid, p.cmdline()[-6:]) for p in left]}")

@@ -27,6 +27,7 @@ JSON_FILES = {
     "not-json.json": "{'tensor_parallel': ",
     "heads9.json": json.dumps({"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}),
     "heads8.json": json.dumps({"num_attention_heads": 8, "num_key_value_heads": 4, "hidden_size": 512}),
+    "ck.json": json.dumps({"type": "ds_model", "checkpoints": ["w0.pt"]}),
 }
 
 Ctx = Optional[Callable[[Path], ValidationContext]]
@@ -183,6 +184,8 @@ TRIPS = [
                  id="609"),
     pytest.param("TSP610", PPTP4 + "pippy:\n  pp_size: 2\n", "torchrun.nproc-per-node", (3, 3),
                  archive(**{"config.json": "heads9.json"}), id="610"),
+    pytest.param("TSP611", TP2 + "deepspeed:\n  checkpoint: ck.json\n", "deepspeed.checkpoint", (5, 3),
+                 archive(**{"ck.json": "ck.json"}), id="611"),
     pytest.param("TSP505", PPTP4 + "pippy:\n  pp_size: 2\n  chunks: 2\n", "pippy.chunks", (6, 3), None, id="505"),
     pytest.param("TSP213", "continuousBatching: true\nbatchSize: 4\nasyncCommunication: true\n", "asyncCommunication",
                  (3, 1), None, id="213"),
@@ -274,6 +277,8 @@ NEAR = [
     pytest.param("TSP610", PPTP4 + "pippy:\n  pp_size: 2\n", archive(**{"config.json": "heads8.json"}), id="610"),
     pytest.param("TSP610", PPTP4 + "pippy:\n  pp_size: 4\n", archive(**{"config.json": "heads9.json"}),
                  id="610-tp1"),
+    pytest.param("TSP611", TP2 + "deepspeed:\n  config: ds-config.json\n", archive(**{"ds-config.json": "ds-tp2.json"}),
+                 id="611"),
     pytest.param("TSP505", PPTP4 + "pippy:\n  pp_size: 2\n  chunks: 1\n", None, id="505"),
     pytest.param("TSP213", "asyncCommunication: true\nbatchSize: 1\n", None, id="213"),
     pytest.param("TSP214", "sequenceBatching: true\n", None, id="214"),

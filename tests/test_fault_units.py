@@ -77,12 +77,14 @@ def test_a_sampling_failure_on_the_driver_reaches_the_other_ranks(monkeypatch):
 
     monkeypatch.setattr(generation, "choose_tokens", boom)
     driver = _StepModel(samples_here=True)
-    with pytest.raises(ValueError, match="sampling failed"):
+    from ts_plugin.distributed import InStepError
+
+    with pytest.raises(InStepError, match="sampling failed"):
         generation.generate(driver, _Tokenizer(), [[1, 2], [3]], [SamplingParams(4)] * 2, 0, [])
     # the driver still took part in the token exchange, sending -1: the followers do not wait forever
     assert driver.shared_in == [[-1, -1]] and driver.ended
     follower = _StepModel(samples_here=False, shared=-1)
-    with pytest.raises(RuntimeError, match="driver rank failed"):
+    with pytest.raises(InStepError, match="driver rank failed"):
         generation.generate(follower, _Tokenizer(), [[1, 2], [3]], [SamplingParams(4)] * 2, 0, [])
     assert follower.ended
 
@@ -105,7 +107,7 @@ def test_an_extreme_but_allowed_temperature_or_penalty_samples_the_limit(params)
 
 
 def test_a_lost_peer_is_told_from_an_ordinary_failure():
-    """A rank exits without answering only when another rank is gone (see distributed.exit_for_lost_peer)."""
+    """How distributed.leave_worker says why a rank exits: another rank is gone, or it failed alone."""
     from ts_plugin.distributed import peer_lost
 
     try:

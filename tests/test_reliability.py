@@ -31,7 +31,8 @@ from typing import Dict, List, Optional
 import pytest
 import yaml
 
-from _llm import JSON, PARSE_CRASHES, PROMPTS, bad_body_beside_a_stream, reference_text, stream_text
+from _llm import (JSON, PARSE_CRASHES, PROMPTS, assert_gone, bad_body_beside_a_stream, ranks_of, reference_text,
+                  stream_text, worker_processes)
 from ts_plugin.testing import TorchServe, archive_model, free_ports, java_available, reference_answers
 
 needs_java = pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")
@@ -92,7 +93,7 @@ def server(tmp_path_factory):
         _log(f"5 models READY {time.perf_counter() - started:.0f} s after `torchserve --start`")
         yield ts, model_dir, configs
     # torchrun puts ranks in sessions of their own: an orphaned rank would escape the harness's clean-up
-    left = _worker_processes(ts)
+    left = worker_processes(ts)
     for proc in left:
         proc.kill()
     assert not left, f"worker processes outlived `torchserve --stop`: {[p.pid for p in left]}"
@@ -106,33 +107,6 @@ def ref(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
     if key not in _REFERENCES:
         _REFERENCES[key] = reference_text(model_dir, prompt, max_new_tokens)
     return _REFERENCES[key]
-
-
-def _worker_processes(ts: TorchServe):
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if any(arg.endswith("model_service_worker.py") for arg in cmdline) and any(str(ts.tmpdir) in a for a in cmdline):
-            found.append(proc)
-    return found
-
-
-def ranks_of(ts: TorchServe, name: str) -> Dict[int, list]:
-    """LOCAL_RANK -> the live rank processes of model `name` in this server (torchrun's agent is left out)."""
-    folder = str((ts.model_store / name).resolve())
-    ranks: Dict[int, list] = {}
-    for proc in _worker_processes(ts):
-        try:
-            if proc.cwd() != folder or proc.status() == "zombie":
-                continue
-            local_rank = proc.environ().get("LOCAL_RANK")
-        except Exception:  # noqa: BLE001 - psutil.Error: the process just ended
-            continue
-        if local_rank is not None:
-            ranks.setdefault(int(local_rank), []).append(proc)
-    return ranks
 
 
 def answers_correctly(ts: TorchServe, model_dir: Path, name: str, body: dict = SHORT, timeout: float = 60) -> bool:
@@ -192,18 +166,6 @@ def wait_recovered(ts: TorchServe, model_dir: Path, name: str, old_pids: set, ki
         if answers_correctly(ts, model_dir, name):
             return ready, time.monotonic() - killed_at
         time.sleep(0.5)
-
-
-def assert_gone(processes, within: float = 20) -> None:
-    """The killed generation's processes end (no orphan keeps the model in memory)."""
-    deadline = time.monotonic() + within
-    left = processes
-    while time.monotonic() < deadline:
-        left = [p for p in left if p.is_running() and p.status() != "zombie"]
-        if not left:
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"still running {within} s after the restart: {[(p.pid, p.cmdline()[-6:]) for p in left]}")
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 files named in the config stay inside the model folder, and remote code is off unless asked for."""
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -117,3 +118,42 @@ def test_trust_remote_code_reaches_every_transformers_load(tiny_llama, monkeypat
     assert {"AutoTokenizer.from_pretrained", "AutoConfig.from_pretrained"} <= loaded, passed
     assert loaded & {"AutoModelForCausalLM.from_pretrained", "AutoModelForCausalLM.from_config"}, passed
     assert {value for _, value in passed} == {bool(trust)}, passed
+
+
+TP2 = "parallelType: tp\ntorchrun:\n  nproc-per-node: 2\n  rdzv-endpoint: localhost:29501\n"
+
+
+@pytest.mark.parametrize("ds_config, named", [
+    ({"checkpoint": "/etc/ck.json"}, "TSP601"),
+    ({"checkpoint": "../ck.json"}, "TSP602"),
+    ({"base_dir": "../../elsewhere"}, "TSP602"),
+    ({"save_mp_checkpoint_path": "/tmp/out"}, "TSP601"),
+    ({"checkpoint": {"type": "ds_model", "checkpoints": ["../../w.pt"]}}, "TSP602"),
+    ({"checkpoint": {"type": "ds_model", "checkpoints": {"tp": ["/w0.pt"], "non_tp": ["ok.pt"]}}}, "TSP601"),
+], ids=["checkpoint-absolute", "checkpoint-escapes", "base_dir", "save_mp_checkpoint_path", "inline-list",
+        "inline-tp-dict"])
+def test_file_keys_inside_the_deepspeed_json_stay_inside_the_model_folder(tmp_path, ds_config, named):
+    """deepspeed.config's whole JSON reaches init_inference: its own file keys pass the same rules."""
+    from ts_plugin.config import ValidationContext, validate_text
+
+    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
+    report = validate_text(TP2 + "deepspeed:\n  config: ds.json\n", context=ValidationContext(model_dir=tmp_path))
+    assert [f.code for f in report.errors] == [named], report.text()
+    assert all(f.key == "deepspeed.config" for f in report.findings), report.text()
+    if "checkpoint" in ds_config:
+        assert "TSP611" in [f.code for f in report.findings], report.text()
+
+
+def test_a_deepspeed_checkpoint_json_lists_only_files_inside_and_is_said_to_be_unpickled(tmp_path):
+    from ts_plugin.config import ValidationContext, validate_text
+
+    text = TP2 + "deepspeed:\n  checkpoint: ck.json\n"
+    context = ValidationContext(model_dir=tmp_path)
+    (tmp_path / "ck.json").write_text(json.dumps({"type": "ds_model", "checkpoints": ["w0.pt", "w1.pt"]}))
+    report = validate_text(text, context=context)
+    assert report.ok and [(f.code, f.key) for f in report.findings] == [("TSP611", "deepspeed.checkpoint")]
+    assert "unpickles" in report.findings[0].message
+    (tmp_path / "ck.json").write_text(json.dumps({"type": "ds_model", "checkpoints": ["w0.pt", "../../../etc/w.pt"],
+                                                  "base_dir": "/srv"}))
+    report = validate_text(text, context=context)
+    assert sorted(f.code for f in report.errors) == ["TSP601", "TSP602"], report.text()

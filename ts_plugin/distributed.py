@@ -120,6 +120,11 @@ def broadcast_tokens(tokens: torch.Tensor, src: int = 0, group=None) -> torch.Te
 _PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "nccl communicator was aborted")
 
 
+class InStepError(RuntimeError):
+    """A step failed and every rank of the worker knows it (the driver shared the failure, or no other rank took
+    part in the step), so the ranks are still in step and the worker serves on."""
+
+
 def peer_lost(error: BaseException) -> bool:
     """Whether `error` (or what caused it) says another rank of this worker is gone."""
     while error is not None:
@@ -129,14 +134,19 @@ def peer_lost(error: BaseException) -> bool:
     return False
 
 
-def exit_for_lost_peer(ranks: Ranks, error: BaseException) -> None:
-    """End this rank at once, without answering: a rank whose peer died can never serve again, and an answer
-    sent now reaches the frontend while it restarts the worker. TorchServe 0.12 then files that answer as one
-    of the new generation's LOAD replies, reports READY before every new rank has loaded, and from there pairs
-    every request with the reply to the previous one (seen in CI: the first request after the restart got
-    `Backend response time: 0` and no answer)."""
-    logger.error("rank %d/%d: another rank of this worker is gone (%s); exiting without an answer so that "
-                 "TorchServe restarts the worker cleanly", ranks.rank, ranks.world_size, error)
+def leave_worker(ranks: Ranks, error: BaseException) -> None:
+    """End this rank at once, without answering, after a failure that left the ranks out of step: another rank is
+    gone, or this one failed alone while its peers wait in a collective it will never join (pairing the next
+    collectives with those would hang or give wrong sums). torchrun then ends the other ranks, and TorchServe
+    fails the requests in flight and restarts the worker.
+
+    Why without an answer: an answer sent now reaches the frontend while it restarts the worker. TorchServe 0.12
+    then files that answer as one of the new generation's LOAD replies, reports READY before every new rank has
+    loaded, and from there pairs every request with the reply to the previous one (seen in CI: the first request
+    after the restart got `Backend response time: 0` and no answer)."""
+    why = "another rank of this worker is gone" if peer_lost(error) else "this rank failed alone, out of step"
+    logger.error("rank %d/%d: %s (%s: %s); exiting without an answer so that TorchServe restarts the worker "
+                 "cleanly", ranks.rank, ranks.world_size, why, type(error).__name__, error, exc_info=error)
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()

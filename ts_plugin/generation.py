@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .distributed import InStepError
 from .engines.base import StepModel
 from .requests import SamplingParams, stop_index
 
@@ -193,9 +194,9 @@ def next_tokens(model: StepModel, logits: Optional[torch.Tensor], sequences: Seq
             failure, tokens = error, torch.full((len(sequences),), -1, dtype=torch.long)
     tokens = model.share_tokens(tokens)
     if failure is not None:
-        raise failure
+        raise InStepError(f"choosing the next tokens failed: {type(failure).__name__}: {failure}") from failure
     if bool((tokens < 0).any()):
-        raise RuntimeError("the driver rank failed while choosing the next tokens; see its log")
+        raise InStepError("the driver rank failed while choosing the next tokens; see its log")
     return tokens
 
 

@@ -93,6 +93,11 @@ FILE_NOT_BESIDE = _rule("TSP609", "warning", "a referenced file is neither besid
                         "(without --extra-files the archive's contents are unknown)")
 HEADS_NOT_DIVISIBLE = _rule("TSP610", "error", "pptp's tensor-parallel size does not divide the model's attention "
                             "heads (the worker would fail every request)")
+CHECKPOINT_UNPICKLED = _rule("TSP611", "warning", "a DeepSpeed checkpoint, which DeepSpeed loads with "
+                             "torch.load(weights_only=False): a file in it can run code")
+
+#: keys of DeepSpeed's inference config (the JSON named by deepspeed.config) that name files or folders
+DS_CONFIG_FILE_KEYS = ("checkpoint", "save_mp_checkpoint_path", "base_dir")
 
 
 @dataclass
@@ -575,14 +580,7 @@ def _check_files(config: ModelConfig, layout: ParallelLayout, out: _Collector, c
         if value is None:
             continue
         key = ".".join(path)
-        if os.path.isabs(value):
-            out.add(PATH_ABSOLUTE, path, f"{key} is the absolute path {value!r}; it must name a file inside the archive",
-                    f"ship it with --extra-files and write the archive-relative name, e.g. {os.path.basename(value)!r}")
-            continue
-        if _escapes(value):
-            out.add(PATH_ESCAPES, path, f"{key} {value!r} leaves the model folder", "name a path inside the archive, without `..`")
-            continue
-        if not must_exist:
+        if not _confined(out, path, key, value) or not must_exist:
             continue
         local = _locate(value, context, config.handler.model_path)
         if local is None:
@@ -613,6 +611,18 @@ def _check_files(config: ModelConfig, layout: ParallelLayout, out: _Collector, c
             if isinstance(parsed.get("mp_size"), int):
                 sizes.append((path, parsed["mp_size"], f"mp_size in {value}"))
             _check_tp_sizes(sizes, layout, out)
+            # DeepSpeed reads these itself: the same confinement as deepspeed.checkpoint
+            for name in DS_CONFIG_FILE_KEYS:
+                if isinstance(parsed.get(name), str):
+                    _confined(out, path, f"{name} in {value}", parsed[name])
+            checkpoint = parsed.get("checkpoint")
+            if isinstance(checkpoint, dict):
+                _check_checkpoint_files(checkpoint, path, f"checkpoint in {value}", out)
+            if checkpoint is not None:
+                _warn_unpickled(out, path, f"checkpoint in {value}")
+        if path == ("deepspeed", "checkpoint") and isinstance(parsed, dict):
+            _check_checkpoint_files(parsed, path, value, out)
+            _warn_unpickled(out, path, key)
     model_path = config.handler.model_path
     if model_path:
         if not os.path.isabs(model_path) and _escapes(model_path):
@@ -675,6 +685,35 @@ def attention_split_problem(hf_config: Dict[str, Any], tp_size: int) -> Optional
     heads, kv_heads = _head_counts(hf_config)
     return (f"the model's {heads} attention heads and {kv_heads} key/value heads do not both divide by {tp_size}; "
             f"tp sizes that work: {', '.join(map(str, fits))}")
+
+
+def _confined(out: _Collector, path: Tuple[Any, ...], key: str, value: str) -> bool:
+    """Whether `value` names a path inside the archive; if not, say so under `path` (TSP601, TSP602)."""
+    if os.path.isabs(value):
+        out.add(PATH_ABSOLUTE, path, f"{key} is the absolute path {value!r}; it must name a file inside the archive",
+                f"ship it with --extra-files and write the archive-relative name, e.g. {os.path.basename(value)!r}")
+        return False
+    if _escapes(value):
+        out.add(PATH_ESCAPES, path, f"{key} {value!r} leaves the model folder", "name a path inside the archive, without `..`")
+        return False
+    return True
+
+
+def _check_checkpoint_files(checkpoint: Dict[str, Any], path: Tuple[Any, ...], where: str, out: _Collector) -> None:
+    """DeepSpeed's checkpoint description ({"type", "checkpoints": [files] or {"tp": [...], "non_tp": [...]},
+    "base_dir"}): every file it names stays inside the archive."""
+    listed = checkpoint.get("checkpoints")
+    groups = listed.values() if isinstance(listed, dict) else [listed]
+    names = [name for group in groups if isinstance(group, list) for name in group if isinstance(name, str)]
+    names += [name for name in (listed, checkpoint.get("base_dir")) if isinstance(name, str)]
+    for name in names:
+        _confined(out, path, f"a file listed in {where}", name)
+
+
+def _warn_unpickled(out: _Collector, path: Tuple[Any, ...], where: str) -> None:
+    out.add(CHECKPOINT_UNPICKLED, path, f"{where}: DeepSpeed unpickles these checkpoint files, and a pickle runs code",
+            "load only checkpoints you made or trust; a safetensors model folder needs no DeepSpeed checkpoint "
+            "(each tp rank reads its own slices)")
 
 
 def _escapes(value: str) -> bool:

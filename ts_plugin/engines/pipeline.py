@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..distributed import Ranks, any_rank_failed
+from ..distributed import InStepError, Ranks, any_rank_failed
 from ._checkpoint import (build_meta_model, checkpoint_index, checkpoint_key, checkpoint_names, peak_rss_mb,
                           read_tensors, release_memory, tied_names)
 from .base import EngineError, Follower, LoadContext, StepModel, cache_kwargs, merge_caches, select_cache_rows
@@ -433,7 +433,10 @@ class PipelineDriver(StepModel):
             cache = _Batch(next(self._batch_ids), self.stage.new_cache())
         try:
             with self._stage_lock:
-                out = self.stage.run(input_ids, attention_mask, position_ids, cache.cache)
+                try:
+                    out = self.stage.run(input_ids, attention_mask, position_ids, cache.cache)
+                except Exception as error:  # before this step reached any other stage
+                    raise InStepError(f"pipeline stage 0 failed: {type(error).__name__}: {error}") from error
                 if self.world == 1:
                     return out, cache
                 self.link.send(1, [FORWARD, cache.batch_id, input_ids.shape[0], input_ids.shape[1],
@@ -460,9 +463,8 @@ class PipelineDriver(StepModel):
                 self._turns.notify_all()
         if got != batch_id:
             raise RuntimeError(f"pipeline out of step: rank 0 expected the result of batch {batch_id}, got {got}")
-        if logits is None:
-            raise RuntimeError(f"pipeline stage failed on batch {batch_id}; see the model log of ranks "
-                               f"1..{last}")
+        if logits is None:  # the failing stage passed the failure down the pipeline: every stage is in step
+            raise InStepError(f"pipeline stage failed on batch {batch_id}; see the model log of ranks 1..{last}")
         return logits
 
     def share_tokens(self, tokens):

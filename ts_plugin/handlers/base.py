@@ -274,7 +274,7 @@ class LLMHandler:
                 part.close()
 
     def _handle_one_batch(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
-        from ..distributed import exit_for_lost_peer, peer_lost
+        from ..distributed import InStepError, leave_worker
 
         with self._batch_lock:  # the model and the batch counter serve one batch at a time
             try:
@@ -282,8 +282,8 @@ class LLMHandler:
                     return self._continuous_step(data, context)
                 return self._generate_batch(data, context)
             except Exception as error:
-                if self.ranks.world_size > 1 and peer_lost(error):
-                    exit_for_lost_peer(self.ranks, error)
+                if self.ranks.world_size > 1 and not isinstance(error, InStepError):
+                    leave_worker(self.ranks, error)
                 raise
 
     def _continuous_step(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:

@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -27,7 +29,7 @@ SCRIPT = textwrap.dedent(r'''
     from ts_plugin.distributed import Ranks
     from ts_plugin.engines._cpu_tp import use_shared_memory_all_reduce
 
-    out_dir, broken_rank = Path(sys.argv[1]), int(sys.argv[2])
+    out_dir, broken_rank, sizes = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
     dist.init_process_group("gloo")
     ranks = Ranks.from_env()
     if ranks.rank == broken_rank:  # as on a host without a C++ compiler
@@ -39,7 +41,7 @@ SCRIPT = textwrap.dedent(r'''
     import deepspeed.comm as ds_comm
     ds_comm.init_distributed(dist_backend="gloo")  # a no-op where the engine started it
     sums = []
-    for size in (1, 1024, 3 * 2**20 + 7):  # the last (12 MiB) is past the op's 1 MiB small-message path
+    for size in sizes:
         part = torch.arange(size, dtype=torch.float32) * (ranks.rank + 1) + 0.1 * ranks.rank
         total = sum(torch.arange(size, dtype=torch.float32) * (r + 1) + 0.1 * r for r in range(ranks.world_size))
         ds_comm.comm.cdb.inference_all_reduce(part, ds_comm.ReduceOp.SUM)
@@ -57,12 +59,20 @@ SCRIPT = textwrap.dedent(r'''
 ''')
 
 
-def run_ranks(root: Path, nproc: int, broken_rank: int):
+SIZES = (1, 1024, 3 * 2**20 + 7)  # floats; the last (12 MiB) is past the op's 1 MiB small-message path
+
+
+def run_ranks(root: Path, nproc: int, broken_rank: int, port: Optional[int] = None, shm_mib: Optional[int] = None,
+              sizes=SIZES):
+    """Each rank's report of SCRIPT under torchrun, summing tensors of `sizes` floats; with `shm_mib`, in a mount
+    namespace whose /dev/shm is a tmpfs of that size (a container's)."""
     script = root / "all_reduce_script.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [str(TORCHRUN), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
-           str(free_ports(1)[0]), str(script), str(root), str(broken_rank)]
+           str(port or free_ports(1)[0]), str(script), str(root), str(broken_rank), json.dumps(list(sizes))]
+    if shm_mib is not None:
+        cmd = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={shm_mib}m tmpfs /dev/shm && exec "$@"', "sh", *cmd]
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     return [json.loads((root / f"rank{rank}.json").read_text()) for rank in range(nproc)]
@@ -120,3 +130,60 @@ def test_the_op_loads_with_the_interpreters_own_ninja(monkeypatch):
     with _interpreter_tools_first():
         assert shutil.which("ninja") == str(ninja)
     assert os.environ["PATH"] == "/usr/bin:/bin"
+
+
+def _can_mount() -> bool:
+    return subprocess.run(["unshare", "-m", "mount", "-t", "tmpfs", "tmpfs", "/mnt"], capture_output=True).returncode == 0
+
+
+def test_a_container_sized_dev_shm_falls_back_to_gloo_with_the_reason(tmp_path):
+    """Docker and Kubernetes give 64 MiB; the op needs 66 MiB a rank. It maps what its write got, and the
+    all-reduce of 64 MiB that follows crashed both ranks (SIGSEGV, seen on the old code)."""
+    if not _can_mount():
+        pytest.skip("mounting a tmpfs in a mount namespace needs root here")
+    for out in run_ranks(tmp_path, 2, broken_rank=-1, shm_mib=64, sizes=SIZES + (16 * 2**20 + 7,)):
+        assert not out["on"] and out["sums"] == [True] * 8, out
+        assert "/dev/shm has 64 MiB free and the op needs 132 MiB" in " ".join(out["log"]), out["log"]
+
+
+def test_a_segment_name_another_user_made_is_not_used(tmp_path):
+    """shm.cpp opens an existing name as its own: a 0666 segment made in advance by another user would see
+    every all-reduce."""
+    port = free_ports(1)[0]
+    planted = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_1")
+    planted.write_bytes(b"")
+    planted.chmod(0o666)
+    try:
+        os.chown(planted, 65534, 65534)
+    except PermissionError:
+        planted.unlink()
+        pytest.skip("giving a file to another user needs root here")
+    try:
+        ranks = run_ranks(tmp_path, 2, broken_rank=-1, port=port)
+        assert planted.exists() and planted.stat().st_uid == 65534  # left alone
+    finally:
+        planted.unlink(missing_ok=True)
+    for out in ranks:
+        assert not out["on"] and out["sums"] == [True] * 6, out
+    assert "belongs to uid 65534" in ranks[1]["log"][-1], ranks[1]["log"]
+
+
+def test_a_stale_build_lock_gives_up_on_the_op_in_bounded_time(tmp_path, monkeypatch):
+    """torch waits for the op's build lock without a bound; one left by a worker killed mid-build hung every
+    later worker."""
+    import deepspeed
+    from torch.utils.cpp_extension import _get_build_directory
+
+    import ts_plugin.engines._cpu_tp as cpu_tp
+    from ts_plugin.distributed import Ranks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)
+    monkeypatch.setattr(cpu_tp, "BUILD_LOCK_WAIT_S", 1.0)
+    Path(_get_build_directory("deepspeed_shm_comm", verbose=False), "lock").write_text("")
+    log = []
+    started = time.monotonic()
+    assert not cpu_tp.use_shared_memory_all_reduce(Ranks(0, 1, 0), log.append)
+    assert time.monotonic() - started < 10
+    assert "build lock" in log[-1] and "stayed for 1 s" in log[-1], log

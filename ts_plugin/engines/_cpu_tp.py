@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,8 @@ def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress) -> bool:
     if os.environ.get("LOCAL_WORLD_SIZE") != str(ranks.world_size):
         reason = "the ranks are not all on this host"
     else:
+        reason = _shared_memory_problem(ranks)
+    if reason is None:
         os.environ["LOCAL_SIZE"] = str(ranks.world_size)
         started = time.monotonic()
         try:
@@ -61,6 +63,43 @@ def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress) -> bool:
     return True
 
 
+#: bytes of one rank's segment: shm.cpp's allreduce_workspace, two 1 MiB and two 32 MiB buffers (+ a few states)
+SEGMENT_BYTES = 2 * 2**20 + 2 * 32 * 2**20 + 4096
+#: how long a worker waits for another process's build lock on the op before it gives up on the op
+BUILD_LOCK_WAIT_S = 120.0
+
+
+def _segment_name(rank: int) -> Path:
+    """The /dev/shm name DeepSpeed's op gives this rank's segment."""
+    return Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def _shared_memory_problem(ranks: Ranks) -> Optional[str]:
+    """Why DeepSpeed's op must not start here, or None. shm.cpp checks none of this: it writes its 66 MiB segment
+    into whatever /dev/shm has (a container's default 64 MiB makes the write short and the first all-reduce
+    crash), and it opens an existing name without checking who made it (another user's 0666 segment would carry
+    this worker's activations)."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError as error:
+        return f"/dev/shm cannot be read ({error})"
+    needed, free = ranks.world_size * SEGMENT_BYTES, stats.f_bavail * stats.f_frsize
+    if free < needed:
+        return (f"/dev/shm has {free / 2**20:.0f} MiB free and the op needs {needed / 2**20:.0f} MiB "
+                f"({ranks.world_size} ranks x {SEGMENT_BYTES / 2**20:.0f} MiB); give the container more "
+                "(docker --shm-size, a Kubernetes emptyDir with medium: Memory)")
+    segment = _segment_name(ranks.rank)
+    try:
+        owner = segment.stat().st_uid
+    except FileNotFoundError:
+        return None
+    if owner != os.getuid():
+        return f"{segment} already exists and belongs to uid {owner}, not this worker's {os.getuid()}"
+    segment.unlink()  # this user's, left by a killed worker: the op makes it anew
+    return None
+
+
 def load_shared_memory_op() -> None:
     """Load DeepSpeed's `deepspeed_shm_comm` op, building it first where torch's extension cache lacks it (~30 s);
     raise where it cannot be built here. `make venv` calls it once, so a first tp worker need not build."""
@@ -69,8 +108,24 @@ def load_shared_memory_op() -> None:
     builder = ShareMemCommBuilder()
     if not builder.is_compatible():
         raise RuntimeError("DeepSpeed says it is not compatible with this host")
+    _wait_for_build_lock(builder.name)
     with _interpreter_tools_first():
         builder.load(verbose=False)
+
+
+def _wait_for_build_lock(name: str) -> None:
+    """Raise where the op's build lock stays past BUILD_LOCK_WAIT_S: torch takes it for every load, built or not,
+    and waits for it without a bound, so a lock left by a process killed while building would hang every worker.
+    A real build (~30 s) releases it well within the wait."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False), "lock")
+    deadline = time.monotonic() + BUILD_LOCK_WAIT_S
+    while lock.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the build lock {lock} stayed for {BUILD_LOCK_WAIT_S:.0f} s (left by a process "
+                               "killed while building?); remove it if no build is running")
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager
@@ -94,9 +149,7 @@ def _release_segment_name(rank: int) -> None:
     DeepSpeed never removes the names: they outlived the worker, one per rank per rendezvous port, and a
     restarted worker could map a killed one's stale state."""
     dist.barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-    Path("/dev/shm", name).unlink(missing_ok=True)
+    _segment_name(rank).unlink(missing_ok=True)
 
 
 class _LeanForward(functools.partial):

@@ -138,3 +138,84 @@ def test_several_steps_per_call_join_their_text_and_stop_when_a_row_finishes(mod
     assert results["short"].token_ids == reference(hf, prompts[1], 3)
     assert texts == {name: result.text for name, result in results.items()}
     assert calls == 4  # 3 steps, then 4 + 4 + the last 1 of the 12 tokens
+
+
+LONG_PROMPT = "tokens flow through stages ; ranks agree on every step . " * 6
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_decode(model):
+    """max_batched_tokens 20 with one running row: the long prompt takes 19 tokens a step, the running row gets a
+    token every step meanwhile, and both answers equal single-process greedy generate."""
+    hf, tokenizer = model
+    steps_model = HFStepModel(hf, torch.device("cpu"))
+    prefills = []
+    forward = steps_model.forward
+
+    def recording(ids, mask, positions, cache):
+        if ids.shape[1] > 1:
+            prefills.append(ids.shape[1])
+        return forward(ids, mask, positions, cache)
+
+    steps_model.forward = recording
+    batch = ContinuousBatch(steps_model, tokenizer, [tokenizer.eos_token_id], 0, max_batched_tokens=20)
+    short, long = tokenizer(PROMPTS[0])["input_ids"], tokenizer(LONG_PROMPT)["input_ids"]
+    chunks = -(-len(long) // 19)
+    assert chunks >= 3 and len(reference(hf, short, 40)) > chunks + 2  # the running row outlasts the prefill
+    batch.step([("running", short, SamplingParams(40))])
+    running = batch.rows[0].seq
+    for step in range(chunks):
+        before = len(running.token_ids)
+        output = batch.step([("long", long, SamplingParams(8))] if step == 0 else [])
+        assert len(running.token_ids) == before + 1, step
+        assert ("long" in [row.request_id for row in batch.rows]) == (step == chunks - 1), step
+        if step < chunks - 1:
+            assert output["long"].text == "" and output["long"].result is None
+    assert prefills[1:] == [19] * (chunks - 1) + [len(long) - 19 * (chunks - 1)], prefills
+    results, _ = run(batch, {}, 60)
+    assert results["long"].token_ids == reference(hf, long, 8)
+    assert results["running"].token_ids == reference(hf, short, 40)
+
+
+def test_short_prompts_that_fit_the_budget_overtake_a_chunked_one_and_a_cancelled_chunk_is_released(model):
+    hf, tokenizer = model
+    ended = []
+    steps_model = HFStepModel(hf, torch.device("cpu"))
+    steps_model.end = lambda cache: ended.append(cache)
+    batch = ContinuousBatch(steps_model, tokenizer, [tokenizer.eos_token_id], 0, max_batched_tokens=24)
+    long, short = tokenizer(LONG_PROMPT)["input_ids"], tokenizer(PROMPTS[0])["input_ids"]
+    batch.step([("long", long, SamplingParams(4)), ("short", short, SamplingParams(3))])
+    assert [row.request_id for row in batch.rows] == ["short"]  # joined whole in the first step
+    assert [pending.row.request_id for pending in batch.waiting] == ["long"] and batch.waiting[0].done > 0
+    pending_cache = batch.waiting[0].cache
+    assert batch.keep_only(["short"]) == ["long"]
+    assert not batch.waiting and any(cache is pending_cache for cache in ended)
+    results, _ = run(batch, {}, 5)
+    assert results["short"].token_ids == reference(hf, short, 3)
+
+
+def test_without_a_budget_every_prompt_joins_whole(model):
+    hf, tokenizer = model
+    batch = ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0)
+    long = tokenizer(LONG_PROMPT)["input_ids"]
+    batch.step([("long", long, SamplingParams(3))])
+    assert [row.request_id for row in batch.rows] == ["long"] and not batch.waiting
+
+
+def test_a_static_batch_of_a_sliding_window_model_keeps_its_finished_rows_and_is_exact(tmp_path):
+    """A sliding-window cache cannot drop rows: the batch keeps them, fed padding, and every answer is still that of
+    single-process generate (tiny Mistral, window 4, prompts longer than it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+    from ts_plugin.continuous import generate
+    from ts_plugin.engines.base import uneditable_layers
+    from ts_plugin.testing import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "mistral", arch="mistral")
+    hf, tokenizer = AutoModelForCausalLM.from_pretrained(str(path)).eval(), AutoTokenizer.from_pretrained(str(path))
+    assert uneditable_layers(DynamicCache(config=hf.config))
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    lengths = [9, 2, 5]
+    results = generate(HFStepModel(hf, torch.device("cpu")), tokenizer, prompts,
+                       [SamplingParams(n) for n in lengths], 0, [tokenizer.eos_token_id], max_batched_tokens=16,
+                       rows_editable=False)
+    assert [r.token_ids for r in results] == [reference(hf, ids, n) for ids, n in zip(prompts, lengths)]

@@ -17,6 +17,8 @@ from ts_plugin.testing import archive_model, java_available, write_config
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
 LONG = 100  # new tokens of the long request, on PROMPTS[2] (the tiny model ends the others sooner)
+BUDGET = 32  # handler.max_num_batched_tokens: PROMPTS join whole, LONG_PROMPT is prefilled in chunks
+LONG_PROMPT = "tokens flow through stages ; ranks agree on every step . " * 6
 MODELS = {  # name -> (example, handler, overrides)
     "cb-custom": ("custom", "accelerate_handler.py", {}),
     "cb-tp": ("tp", "deepspeed_handler.py", {}),
@@ -32,7 +34,8 @@ def server(tmp_path_factory):
     for name, (example, handler, overrides) in MODELS.items():
         config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml",
                               continuousBatching=True, batchSize=4, maxBatchDelay=50, deviceType="cpu",
-                              handler={"max_new_tokens": LONG, "max_length": 200}, **overrides)
+                              handler={"max_new_tokens": LONG, "max_length": 200,
+                                       "max_num_batched_tokens": BUDGET}, **overrides)
         archive_model(store, name, handler, config, model_dir)
     with serving(root / "ts", store, MODELS) as ts:
         yield ts, model_dir
@@ -176,3 +179,22 @@ def test_a_body_that_crashed_the_parser_is_answered_400_and_running_streams_go_o
     assert bad is not None and bad.status_code == 400, (bad.status_code, bad.text[:300]) if bad else text
     assert text == reference_text(model_dir, PROMPTS[2], LONG)
     assert ts.worker_pid(name) == pid
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_long_prompt_prefilled_in_chunks_beside_a_running_stream_gives_both_exact_answers(server, name):
+    from transformers import AutoTokenizer
+
+    ts, model_dir = server
+    assert len(AutoTokenizer.from_pretrained(str(model_dir))(LONG_PROMPT)["input_ids"]) > 2 * BUDGET
+    running = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": LONG}, "stream": True}
+    with ts.predict(name, running, stream=True) as response:
+        assert response.status_code == 200, response.text
+        chunks = response.iter_content(chunk_size=None)
+        first = next(chunks)
+        joined = ts.predict(name, {"inputs": LONG_PROMPT, "parameters": {"max_new_tokens": 8}, "stream": True},
+                            timeout=60)
+        rest = list(chunks)
+    assert joined.status_code == 200, joined.text
+    assert stream_text([joined.content]) == reference_text(model_dir, LONG_PROMPT, 8)
+    assert stream_text([first, *rest]) == reference_text(model_dir, PROMPTS[2], LONG)

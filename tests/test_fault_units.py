@@ -70,6 +70,7 @@ class _StepModel(StepModel):
 
 def test_a_sampling_failure_on_the_driver_reaches_the_other_ranks(monkeypatch):
     from ts_plugin import generation
+    from ts_plugin.continuous import generate
     from ts_plugin.requests import SamplingParams
 
     def boom(logits, sequences):
@@ -80,12 +81,12 @@ def test_a_sampling_failure_on_the_driver_reaches_the_other_ranks(monkeypatch):
     from ts_plugin.distributed import InStepError
 
     with pytest.raises(InStepError, match="sampling failed"):
-        generation.generate(driver, _Tokenizer(), [[1, 2], [3]], [SamplingParams(4)] * 2, 0, [])
+        generate(driver, _Tokenizer(), [[1, 2], [3]], [SamplingParams(4)] * 2, 0, [])
     # the driver still took part in the token exchange, sending -1: the followers do not wait forever
     assert driver.shared_in == [[-1, -1]] and driver.ended
     follower = _StepModel(samples_here=False, shared=-1)
     with pytest.raises(InStepError, match="driver rank failed"):
-        generation.generate(follower, _Tokenizer(), [[1, 2], [3]], [SamplingParams(4)] * 2, 0, [])
+        generate(follower, _Tokenizer(), [[1, 2], [3]], [SamplingParams(4)] * 2, 0, [])
     assert follower.ended
 
 

@@ -1,5 +1,6 @@
-"""generation.generate with a StepModel that splits a batch into row groups (the pipeline engine): every group
-runs its own loop concurrently, and the answers are those of the batch generated whole."""
+"""continuous.generate (a static batch through the one step loop) with a StepModel that splits a batch into row
+groups (the pipeline engine): the groups step concurrently, and the answers are those of the batch generated
+whole; plus sampling and incremental decoding."""
 from __future__ import annotations
 
 import threading
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from ts_plugin.engines.base import StepModel
-from ts_plugin.generation import generate
+from ts_plugin.continuous import generate
 from ts_plugin.requests import SamplingParams
 
 VOCAB = 32
@@ -48,6 +49,12 @@ class _Counting(StepModel):
     def share_tokens(self, tokens):
         return tokens
 
+    def select_rows(self, cache, rows, crop):
+        return cache[rows][:, crop:]
+
+    def merge(self, cache, other, pad, other_pad):
+        return torch.cat([torch.nn.functional.pad(cache, (pad, 0)), torch.nn.functional.pad(other, (other_pad, 0))])
+
     def end(self, cache):
         self.ended += 1
 
@@ -72,7 +79,7 @@ def test_groups_give_the_answers_of_the_whole_batch_in_row_order():
     assert [r.token_ids for r in grouped] == [r.token_ids for r in whole]
     assert [r.finish_reason for r in grouped] == [r.finish_reason for r in whole]
     assert [len(r.token_ids) for r in grouped] == [p.max_new_tokens for p in PARAMS]
-    # each group ran in a thread of its own and ended its batch
+    # each group stepped in a thread of its own and ended its batch once its last row left
     assert len(model.steps_by_thread) == 3 and model.ended == 3
     # streamed text arrives under the batch's row numbers
     for row, result in enumerate(whole):
@@ -80,17 +87,18 @@ def test_groups_give_the_answers_of_the_whole_batch_in_row_order():
         assert [finished for r, _, finished in streamed if r == row][-1] is True
 
 
-def test_a_failing_group_fails_the_batch_after_the_others_finished():
+def test_a_failing_group_fails_the_batch_and_every_cache_is_released():
     class Failing(_Grouped):
         def forward(self, input_ids, attention_mask, position_ids, cache):
-            if input_ids.shape[0] == 1 and cache is not None:
+            if cache is not None and cache.shape[1] >= 6:  # group 0's fourth decode step; group 1's row is done
                 raise RuntimeError("stage failed")
             return super().forward(input_ids, attention_mask, position_ids, cache)
 
     model = Failing([range(0, 4), range(4, 5)])
     with pytest.raises(RuntimeError, match="stage failed"):
-        generate(model, _Tokenizer(), PROMPTS, PARAMS, 0, [1])
-    assert model.ended == 2  # the other group ran to its end; no loop is left running
+        generate(model, _Tokenizer(), [[3, 4, 5], [6], [7, 8]], [SamplingParams(6), SamplingParams(2),
+                                                                  SamplingParams(6)], 0, [1])
+    assert model.ended == 2  # group 1 ended its batch when its row finished, group 0 when the step failed
 
 
 def test_sampling_uses_transformers_processors_per_row():

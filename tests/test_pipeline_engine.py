@@ -303,10 +303,10 @@ def test_other_families_split_in_process(tmp_path, family, stages):
     import transformers
     from transformers import AutoTokenizer
 
+    from ts_plugin.continuous import generate
     from ts_plugin.engines._checkpoint import build_meta_model
-    from ts_plugin.engines.base import StepModel
+    from ts_plugin.engines.base import StepModel, merge_caches, select_cache_rows
     from ts_plugin.engines.pipeline import PipelineStage, find_layer_list, materialize_stage, stage_bounds
-    from ts_plugin.generation import generate
     from ts_plugin.requests import SamplingParams
     from ts_plugin.testing import make_tiny_model
 
@@ -328,6 +328,16 @@ def test_other_families_split_in_process(tmp_path, family, stages):
 
         def share_tokens(self, tokens):
             return tokens
+
+        def select_rows(self, cache, rows, crop):
+            for part_cache in cache:
+                select_cache_rows(part_cache, rows, crop)
+            return cache
+
+        def merge(self, cache, other, pad, other_pad):
+            for part_cache, joining in zip(cache, other):
+                merge_caches(part_cache, joining, pad, other_pad)
+            return cache
 
     parts = []
     for index in range(stages):

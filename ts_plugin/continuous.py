@@ -1,27 +1,33 @@
-"""Continuous batching: requests join and leave the running batch between decode steps.
+"""The one step loop: requests join and leave the running batch between decode steps, and long prompts are
+prefilled in chunks within a token budget. Static and continuous batching both run it.
 
 TorchServe's ContinuousBatching aggregator (`continuousBatching: true`) calls the handler again and again, each
 time with the requests still running plus new ones up to batchSize; `ContinuousBatch.step` runs one decode step
-for the running rows, then prefills the new rows and adds them, and lets finished rows go.
+for the running rows, then prefills waiting requests within `handler.max_num_batched_tokens` (whole prompts
+that fit, and one chunk of the first that does not), and lets finished rows go. A static batch (`generate`) is
+the same loop with every request joining at once, so its finished rows leave instead of stepping on with
+padding.
 
 The KV cache: one batched cache for all live rows (transformers' DynamicCache, as every engine already keeps it),
-left-padded like a static batch. New rows are prefilled together on a cache of their own, then both caches are
-padded on the left to one length and concatenated (`StepModel.merge`); finished and cancelled rows are cut out,
-and positions that no remaining row attends are cropped from the left (`StepModel.select_rows`). Every engine
-keeps its own part of that cache (a tp rank its heads, a pp stage its layers) and applies the same row edits to
-it, so the same code serves tp, pp, pptp and custom: on tp and pptp every rank gets the same batch and takes the
-same join/leave decisions, in pp rank 0 sends the edits down the stages.
+left-padded like a static batch. New rows are prefilled together on a cache of their own (a chunked prompt on
+one of its own, a chunk per step), then both caches are padded on the left to one length and concatenated
+(`StepModel.merge`); finished and cancelled rows are cut out, and positions that no remaining row attends are
+cropped from the left (`StepModel.select_rows`). Every engine keeps its own part of that cache (a tp rank its
+heads, a pp stage its layers) and applies the same row edits to it, so the same code serves tp, pp, pptp and
+custom: on tp and pptp every rank gets the same batch and takes the same decisions (they depend on the calls
+alone, never on timing), in pp rank 0 sends the edits down the stages.
 Why not per-row caches with their own positions: each step would run one forward per row, which gives up
 batching. Why not transformers' continuous_batching (paged cache, scheduler, manager): it runs its own thread
 and a paged attention path over the whole model in one process, sizes its cache for unsharded heads (a
 DeepSpeed-sharded rank or a pp stage with some layers is outside it) and has one seed for all requests, where a
 seeded request here must give the same tokens alone or beside others; so only the engines' own forward is used.
 The price of left padding: a long-running row keeps the batch as wide as its history; cropping reclaims it
-when that row leaves.
+when that row leaves. Prefix caching, preemption and a memory budget need the paged cache this design lacks
+(issue 26).
 
 Where the engine splits a batch into row groups (pp with `pippy.chunks`: at most one group per stage),
-`ContinuousGroups` keeps one ContinuousBatch per group and steps them in threads of their own, as `generate`
-does for a static batch: while stage 1 runs one group's step, stage 0 runs another's.
+`ContinuousGroups` keeps one ContinuousBatch per group and steps them in threads of their own: while stage 1
+runs one group's step, stage 0 runs another's.
 """
 from __future__ import annotations
 
@@ -35,7 +41,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .engines.base import StepModel
-from .generation import SequenceResult, _Sequence, advance, left_padded, new_sequence, next_tokens, pad_token_id
+from .generation import (SequenceResult, StreamCallback, _Sequence, advance, left_padded, new_sequence, next_tokens,
+                         pad_token_id)
 from .requests import SamplingParams
 
 
@@ -45,6 +52,11 @@ class _Row:
     seq: _Sequence
     started: float
     text: str = ""  # new text of this step, for streaming
+    answered: bool = False  # its result went out (a batch that cannot drop rows keeps it until the last one ends)
+
+
+#: the fewest prompt tokens a chunked prefill takes in a step, whatever the running rows leave of the budget
+MIN_CHUNK = 16
 
 
 @dataclass
@@ -55,12 +67,33 @@ class StepOutput:
     result: Optional[SequenceResult]
 
 
+class _Pending:
+    """A request that has not joined the rows yet: waiting, or with the first `done` prompt tokens prefilled into a
+    cache of its own (a chunked prefill)."""
+
+    def __init__(self, row: _Row):
+        self.row = row
+        self.cache: Any = None
+        self.done = 0
+
+    @property
+    def left(self) -> int:
+        return len(self.row.seq.prompt_ids) - self.done
+
+
 class ContinuousBatch:
-    """The live rows of one worker. Every rank that runs generation keeps one and calls it identically.
+    """The live requests of one worker, and the one step loop over them: every rank that runs generation keeps
+    one and calls it identically (so every decision below is a function of the calls alone, never of timing).
+
+    At each step the running rows decode one token, then waiting requests are prefilled within a token budget
+    (`max_batched_tokens`, each running row counting one): prompts that fit join together in one left-padded
+    forward; the first that does not is prefilled in chunks, one per step, on a cache of its own, and joins when
+    its last chunk gives its first token. So a long prompt delays the running rows' next token by one chunk's
+    forward at a time instead of by its whole prefill. Without a budget every prompt joins whole.
 
     Example::
 
-        batch = ContinuousBatch(step_model, tokenizer, eos_ids=[2], default_seed=42)
+        batch = ContinuousBatch(step_model, tokenizer, eos_ids=[2], default_seed=42, max_batched_tokens=256)
         out = batch.step([("req-1", prompt_ids, SamplingParams(max_new_tokens=16))])  # prefill, first token
         while not out["req-1"].result:
             out = batch.step([])  # one token per live row
@@ -68,59 +101,83 @@ class ContinuousBatch:
 
     groups = 1  # row groups stepped concurrently (ContinuousGroups has more)
 
-    def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int):
+    def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int,
+                 max_batched_tokens: Optional[int] = None, rows_editable: bool = True):
         self.model = model
+        # False for a cache whose layers cannot drop or add rows (sliding windows): then a batch is static, every
+        # request joins at once and whole, and a finished row stays, fed padding, until the last one finishes
+        self.rows_editable = rows_editable
         self.tokenizer = tokenizer
         self.eos = set(eos_ids)
         self.pad_id = pad_token_id(tokenizer, eos_ids)
         self.default_seed = default_seed
+        self.max_batched_tokens = max_batched_tokens
         self._joined = 0  # requests so far: an unseeded one samples with default_seed + this
         self.rows: List[_Row] = []
+        self.waiting: List[_Pending] = []  # in arrival order
         self.cache: Any = None
         self.mask: Optional[torch.Tensor] = None  # [rows, positions]
         self.positions: Optional[torch.Tensor] = None  # [rows, 1]: the last position of each row
         self.tokens: Optional[torch.Tensor] = None  # [rows]: the token each row feeds next
 
     def __contains__(self, request_id: str) -> bool:
-        return any(row.request_id == request_id for row in self.rows)
+        return any(row.request_id == request_id for row in self._all_rows())
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.waiting)
+
+    def _all_rows(self) -> List[_Row]:
+        return self.rows + [pending.row for pending in self.waiting]
 
     def keep_only(self, request_ids: Sequence[str]) -> List[str]:
-        """Cancel the rows whose request is not in `request_ids` (the frontend dropped it: its client went away);
-        returns the cancelled request ids."""
+        """Cancel the requests not in `request_ids` (the frontend dropped them: their client went away); returns
+        the cancelled request ids."""
         wanted = set(request_ids)
-        cancelled = [row.request_id for row in self.rows if row.request_id not in wanted]
-        if cancelled:
+        cancelled = [row.request_id for row in self._all_rows() if row.request_id not in wanted]
+        for pending in [pending for pending in self.waiting if pending.row.request_id not in wanted]:
+            self.waiting.remove(pending)
+            self.model.end(pending.cache)
+        if any(row.request_id not in wanted for row in self.rows):
             self._keep([i for i, row in enumerate(self.rows) if row.request_id in wanted])
         return cancelled
 
     def step(self, joining: Sequence[Tuple[str, List[int], SamplingParams]]) -> Dict[str, StepOutput]:
-        """One token for every live row and the first token of every joining (request id, prompt, params) row;
-        rows that finish leave the batch. Returns each live or joining request's output of this step."""
+        """One token for every running row, then prefill within the budget; rows that finish leave the batch.
+        Returns the output of this step of every live request (an empty one while a request waits or prefills)."""
         for row in self.rows:
             row.text = ""
+        started = time.perf_counter()
+        for request_id, prompt, params in joining:
+            seq = new_sequence(prompt, params, self.default_seed + self._joined)
+            self.waiting.append(_Pending(_Row(request_id, seq, started)))
+            self._joined += 1
         try:
             if self.rows:
                 self._decode()
-            if joining:
-                self._join(joining)
+            whole, chunk = self._schedule()
+            if whole:
+                self._join(whole)
+            if chunk is not None:
+                self._prefill_chunk(*chunk)
         except BaseException:
             self.reset()  # the caches are out of step with the rows: every live request fails with this call
             raise
         outputs = {}
         now = time.perf_counter()
         for row in self.rows:
+            if row.answered:
+                continue
             result = None
             if row.seq.finish_reason:
-                seq = row.seq
+                seq, row.answered = row.seq, True
                 result = SequenceResult(seq.text, seq.token_ids, len(seq.prompt_ids), seq.finish_reason,
                                         (seq.first_token_at or row.started) - row.started, now - row.started)
             outputs[row.request_id] = StepOutput(row.text, result)
-        finished = [i for i, row in enumerate(self.rows) if row.seq.finish_reason]
-        if finished:
-            self._keep([i for i in range(len(self.rows)) if i not in finished])
+        for pending in self.waiting:
+            outputs[pending.row.request_id] = StepOutput("", None)
+        running = [i for i, row in enumerate(self.rows) if not row.seq.finish_reason]
+        if len(running) < len(self.rows) and (self.rows_editable or not running):
+            self._keep(running)
         return outputs
 
     def steps(self, joining: Sequence[Tuple[str, List[int], SamplingParams]], count: int,
@@ -133,20 +190,49 @@ class ContinuousBatch:
         for _ in range(count - 1):
             if any(output.result for output in outputs.values()):
                 slot_freed.set()
-            if not self.rows or slot_freed.is_set():
+            if not len(self) or slot_freed.is_set():
                 break
             for request_id, output in self.step([]).items():
                 outputs[request_id] = StepOutput(outputs[request_id].text + output.text, output.result)
         return outputs
 
     def reset(self) -> None:
-        """Drop every row and release the cache."""
+        """Drop every request and release the caches."""
         cache, self.cache = self.cache, None
+        waiting, self.waiting = self.waiting, []
         self.rows, self.mask, self.positions, self.tokens = [], None, None, None
-        if cache is not None:
-            self.model.end(cache)
+        for part in [cache] + [pending.cache for pending in waiting]:
+            if part is not None:
+                self.model.end(part)
+
+    def close(self) -> None:
+        self.reset()
 
     # --- internals -------------------------------------------------------------------------------------------
+
+    def _schedule(self) -> Tuple[List[_Pending], Optional[Tuple[_Pending, int]]]:
+        """The waiting requests that join whole this step, and the (request, tokens) of this step's chunk. A chunk
+        takes what the budget leaves, at least MIN_CHUNK tokens, so a prompt makes progress beside any batch."""
+        if not self.rows_editable and self.rows and self.waiting:
+            raise RuntimeError("this model's KV cache cannot take rows into a running batch (sliding-window "
+                               "layers): every request of a batch must join at once")
+        if self.max_batched_tokens is None or not self.rows_editable:
+            whole, self.waiting = self.waiting, []
+            return whole, None
+        budget = self.max_batched_tokens - len(self.rows)
+        chunking = next((pending for pending in self.waiting if pending.done), None)
+        whole = []
+        for pending in self.waiting:
+            if pending is not chunking and pending.done == 0 and pending.left <= budget:
+                whole.append(pending)
+                budget -= pending.left
+        for pending in whole:
+            self.waiting.remove(pending)
+        if chunking is None and self.waiting:
+            chunking = self.waiting[0]
+        if chunking is None:
+            return whole, None
+        return whole, (chunking, min(chunking.left, max(budget, MIN_CHUNK)))
 
     def _advance_all(self, rows: List[_Row], tokens: torch.Tensor) -> None:
         now = time.perf_counter()
@@ -155,7 +241,10 @@ class ContinuousBatch:
             rows[row_index].text += text
 
         for index, row in enumerate(rows):
-            advance(row.seq, int(tokens[index]), self.tokenizer, self.eos, now, index, collect)
+            if row.seq.finish_reason:  # a finished row kept in a batch that cannot drop it: fed padding
+                tokens[index] = self.pad_id
+            else:
+                advance(row.seq, int(tokens[index]), self.tokenizer, self.eos, now, index, collect)
 
     def _decode(self) -> None:
         input_ids = self.tokens.view(-1, 1)
@@ -165,21 +254,35 @@ class ContinuousBatch:
         self.tokens = next_tokens(self.model, logits, [row.seq for row in self.rows])
         self._advance_all(self.rows, self.tokens)
 
-    def _join(self, joining: Sequence[Tuple[str, List[int], SamplingParams]]) -> None:
-        started = time.perf_counter()
-        rows = []
-        for request_id, prompt, params in joining:
-            rows.append(_Row(request_id, new_sequence(prompt, params, self.default_seed + self._joined), started))
-            self._joined += 1
+    def _join(self, joining: List[_Pending]) -> None:
+        """Prefill whole prompts together, left-padded, and add them to the rows."""
+        rows = [pending.row for pending in joining]
         input_ids, mask, positions = left_padded([row.seq.prompt_ids for row in rows], self.pad_id)
         logits, cache = self.model.forward(input_ids, mask, positions, None)
+        self._add_rows(rows, logits, cache, mask, positions[:, -1:])
+
+    def _prefill_chunk(self, pending: _Pending, size: int) -> None:
+        """The next `size` prompt tokens of `pending` into its own cache; with the last, it joins the rows."""
+        prompt = pending.row.seq.prompt_ids
+        end = pending.done + size
+        input_ids = torch.tensor([prompt[pending.done:end]], dtype=torch.long)
+        mask = torch.ones((1, end), dtype=torch.long)
+        positions = torch.arange(pending.done, end, dtype=torch.long).view(1, -1)
+        logits, pending.cache = self.model.forward(input_ids, mask, positions, pending.cache)
+        pending.done = end
+        if pending.left:
+            return
+        self.waiting.remove(pending)
+        self._add_rows([pending.row], logits, pending.cache, mask, positions[:, -1:])
+
+    def _add_rows(self, rows: List[_Row], logits, cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """Rows whose prompts are in `cache`: choose their first tokens and merge them into the running batch."""
         try:
             tokens = next_tokens(self.model, logits, [row.seq for row in rows])
         except BaseException:
             self.model.end(cache)
             raise
         self._advance_all(rows, tokens)
-        positions = positions[:, -1:]
         if not self.rows:
             self.rows, self.cache, self.mask, self.positions, self.tokens = rows, cache, mask, positions, tokens
             return
@@ -194,7 +297,10 @@ class ContinuousBatch:
 
     def _keep(self, kept: List[int]) -> None:
         if not kept:
-            self.reset()
+            cache, self.cache = self.cache, None
+            self.rows, self.mask, self.positions, self.tokens = [], None, None, None
+            if cache is not None:
+                self.model.end(cache)
             return
         mask = self.mask[kept]
         crop = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading positions no kept row attends
@@ -209,8 +315,10 @@ class ContinuousGroups:
     ContinuousBatch. A new request joins the group with the fewest rows. An unseeded request gets its seed in the
     order requests joined, as in one batch."""
 
-    def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int, groups: int):
-        self.batches = [ContinuousBatch(model, tokenizer, eos_ids, default_seed) for _ in range(groups)]
+    def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int, groups: int,
+                 max_batched_tokens: Optional[int] = None, rows_editable: bool = True):
+        self.batches = [ContinuousBatch(model, tokenizer, eos_ids, default_seed, max_batched_tokens, rows_editable)
+                        for _ in range(groups)]
         self.default_seed = default_seed
         self._joined = 0
         self.groups = groups
@@ -253,12 +361,43 @@ class ContinuousGroups:
         for batch in self.batches:
             batch.reset()
 
+    def close(self) -> None:
+        self.reset()
+        self._pool.shutdown(wait=True)
+
 
 def continuous_batch(model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int,
-                     batch_size: int) -> Union[ContinuousBatch, ContinuousGroups]:
-    """The live rows for `model`: one ContinuousBatch, or ContinuousGroups where the model generates a batch of
+                     batch_size: int, max_batched_tokens: Optional[int] = None,
+                     rows_editable: bool = True) -> Union[ContinuousBatch, ContinuousGroups]:
+    """The live requests for `model`: one ContinuousBatch, or ContinuousGroups where the model generates a batch of
     `batch_size` rows in several groups."""
     groups = len(model.row_groups(batch_size))
     if groups > 1:
-        return ContinuousGroups(model, tokenizer, eos_ids, default_seed, groups)
-    return ContinuousBatch(model, tokenizer, eos_ids, default_seed)
+        return ContinuousGroups(model, tokenizer, eos_ids, default_seed, groups, max_batched_tokens, rows_editable)
+    return ContinuousBatch(model, tokenizer, eos_ids, default_seed, max_batched_tokens, rows_editable)
+
+
+def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], params: Sequence[SamplingParams],
+             default_seed: int, eos_ids: Sequence[int], on_text: Optional[StreamCallback] = None,
+             max_batched_tokens: Optional[int] = None, rows_editable: bool = True) -> List[SequenceResult]:
+    """Generate a static batch of tokenized prompts until each sequence stops: the continuous loop with every
+    request joining at once, so finished rows leave the batch instead of stepping on with padding. A row without
+    a seed samples with `default_seed + its row`. `on_text(row, new text, finished)` streams each step's text.
+    `rows_editable`: False where the model's cache cannot drop rows (see ContinuousBatch)."""
+    live = continuous_batch(model, tokenizer, eos_ids, default_seed, len(prompts), max_batched_tokens, rows_editable)
+    try:
+        ids = [str(row) for row in range(len(prompts))]
+        joining = list(zip(ids, prompts, params))
+        results: Dict[str, SequenceResult] = {}
+        while joining or len(live):
+            # one step per call where text streams; else until a row finishes (no new request can take its place)
+            outputs = live.steps(joining, 1 if on_text is not None else max(p.max_new_tokens for p in params))
+            joining = []
+            for request_id, output in outputs.items():
+                if on_text is not None and (output.text or output.result is not None):
+                    on_text(int(request_id), output.text, output.result is not None)
+                if output.result is not None:
+                    results[request_id] = output.result
+        return [results[request_id] for request_id in ids]
+    finally:
+        live.close()

@@ -1,16 +1,11 @@
-"""Batched token generation with a KV cache, shared by every engine.
+"""Sequences, sampling and incremental decoding, shared by every engine: what a step does with the logits.
 
-An engine supplies a `StepModel` (ts_plugin.engines.base): one forward step over the batch, returning the
-last position's logits, plus `share_tokens` to give every rank the tokens chosen on the driver. The loop here
-is the same on every rank that runs it, so ranks stay in step. Where `row_groups(rows)` gives several groups,
-each group of rows runs its own loop in a thread, concurrently (the pipeline engine keeps one group per stage
-in flight).
+The step loop itself is `ts_plugin.continuous` (static batches go through it too). An engine supplies a
+`StepModel` (ts_plugin.engines.base): one forward step over the batch, returning the last position's logits,
+plus `share_tokens` to give every rank the tokens chosen on the driver.
 """
 from __future__ import annotations
 
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -103,61 +98,6 @@ def _processors(params: SamplingParams) -> Tuple[Any, Any]:
     if params.top_p < 1.0:
         warpers.append(TopPLogitsWarper(params.top_p))
     return penalties, warpers
-
-
-def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], params: Sequence[SamplingParams],
-             default_seed: int, eos_ids: Sequence[int], on_text: Optional[StreamCallback] = None) -> List[SequenceResult]:
-    """Generate for a batch of tokenized prompts until each sequence stops: one left-padded batch, or one per
-    `model.row_groups` group, concurrently. A row without a seed samples with `default_seed + its row`."""
-    groups = model.row_groups(len(prompts))
-    if len(groups) == 1:
-        return _generate_batch(model, tokenizer, prompts, params, default_seed, eos_ids, on_text)
-    stream_lock = threading.Lock()  # one intermediate response at a time on the worker's socket
-
-    def run(rows: range) -> List[SequenceResult]:
-        def in_batch_order(row: int, text: str, finished: bool) -> None:
-            with stream_lock:
-                on_text(rows[row], text, finished)
-
-        return _generate_batch(model, tokenizer, [prompts[i] for i in rows], [params[i] for i in rows],
-                               default_seed + rows.start, eos_ids, in_batch_order if on_text is not None else None)
-
-    with ThreadPoolExecutor(len(groups), thread_name_prefix="generate-rows") as pool:
-        futures = [pool.submit(run, rows) for rows in groups]
-    # leaving the pool waited for every group, so a failed group's error is raised with no loop still running
-    return [result for future in futures for result in future.result()]
-
-
-def _generate_batch(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], params: Sequence[SamplingParams],
-                    default_seed: int, eos_ids: Sequence[int], on_text: Optional[StreamCallback]) -> List[SequenceResult]:
-    start = time.perf_counter()
-    sequences = [new_sequence(ids, p, default_seed + index) for index, (ids, p) in enumerate(zip(prompts, params))]
-    pad_id = pad_token_id(tokenizer, eos_ids)
-    input_ids, attention_mask, position_ids = left_padded(prompts, pad_id)
-    eos = set(eos_ids)
-    cache = None
-    try:
-        while True:
-            logits, cache = model.forward(input_ids, attention_mask, position_ids, cache)
-            tokens = next_tokens(model, logits, sequences)
-            now = time.perf_counter()
-            for row, seq in enumerate(sequences):
-                if seq.finish_reason is None:
-                    advance(seq, int(tokens[row]), tokenizer, eos, now, row, on_text)
-            if all(seq.finish_reason for seq in sequences):
-                break
-            # finished rows keep stepping with a pad token: ranks must run identical shapes
-            for row, seq in enumerate(sequences):
-                if seq.finish_reason:
-                    tokens[row] = pad_id
-            input_ids = tokens.view(-1, 1)
-            attention_mask = torch.cat([attention_mask, torch.ones((len(sequences), 1), dtype=torch.long)], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-    finally:
-        model.end(cache)
-    elapsed = time.perf_counter() - start
-    return [SequenceResult(seq.text, seq.token_ids, len(seq.prompt_ids), seq.finish_reason,
-                           (seq.first_token_at or start) - start, elapsed) for seq in sequences]
 
 
 def new_sequence(prompt_ids: Sequence[int], params: SamplingParams, default_seed: int) -> _Sequence:

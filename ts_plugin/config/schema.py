@@ -121,6 +121,11 @@ class HandlerConfig(_Section):
         1, ge=1, le=64, description="continuousBatching: decode steps per call from the frontend (as vLLM's "
         "num-scheduler-steps); more spreads the frontend's round trip over more tokens, but a new request may wait "
         "that many steps to join.")
+    max_num_batched_tokens: Optional[int] = Field(
+        256, ge=16, description="Prompt and decode tokens one step computes at most (vLLM's name): each running "
+        "request counts one, and a prompt longer than what is left is prefilled in chunks over several steps, "
+        "so a long prompt delays the running requests' next tokens by one chunk at a time, not its whole "
+        "prefill. null: every prompt is prefilled whole at once.")
     # custom (Accelerate)
     device_map: Optional[Union[DeviceMapStrategy, Dict[str, Union[int, str]]]] = Field(
         None, description="auto|balanced|balanced_low_0|sequential or module -> device (custom only).")

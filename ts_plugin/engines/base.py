@@ -135,15 +135,22 @@ def cache_layers(cache: Any) -> List[Any]:
     return layers
 
 
-def check_row_editable(cache: Any) -> None:
-    """Rows can join and leave only where every layer keeps all positions (transformers' DynamicLayer): a
-    sliding-window layer keeps a window of its own length, which left padding would shift."""
+def uneditable_layers(cache: Any) -> List[str]:
+    """The kinds of `cache`'s layers that rows cannot join or leave: every layer but transformers' DynamicLayer,
+    which keeps all positions (a sliding-window layer keeps a window of its own length, which left padding would
+    shift)."""
     from transformers.cache_utils import DynamicLayer
 
-    kinds = {type(layer).__name__ for layer in getattr(cache, "layers", None) or [] if type(layer) is not DynamicLayer}
+    return sorted({type(layer).__name__ for layer in getattr(cache, "layers", None) or []
+                   if type(layer) is not DynamicLayer})
+
+
+def check_row_editable(cache: Any) -> None:
+    """Refuse continuous batching where rows could not join and leave the cache."""
+    kinds = uneditable_layers(cache)
     if kinds:
         raise EngineError(f"continuous batching needs a KV cache of full-attention layers; this model's cache has "
-                          f"{', '.join(sorted(kinds))} (sliding-window or other layers). Set continuousBatching: false.")
+                          f"{', '.join(kinds)} (sliding-window or other layers). Set continuousBatching: false.")
 
 
 def select_cache_rows(cache: Any, rows: List[int], crop: int) -> None:

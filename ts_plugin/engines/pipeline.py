@@ -1,7 +1,7 @@
 """parallelType pp: a HuggingFace causal LM split into pipeline stages, one per rank.
 
-Rank 0 is the driver: TorchServe sends PREDICT to rank 0 only, so rank 0 runs the shared
-`generation.generate` loop with `PipelineDriver` as its `StepModel`. Each step runs stage 0 locally,
+Rank 0 is the driver: TorchServe sends PREDICT to rank 0 only, so rank 0 runs the shared step loop
+(`ts_plugin.continuous`) with `PipelineDriver` as its `StepModel`. Each step runs stage 0 locally,
 sends the hidden states down the pipeline with point-to-point sends and receives the last position's
 logits back from the last stage, so sampling happens on rank 0. The other ranks run
 `PipelineFollower.run` in a background thread: block in a receive, run their stage, pass the result on.
@@ -388,8 +388,8 @@ class _Batch:
 class PipelineDriver(StepModel):
     """Rank 0's StepModel: stage 0 here, the other stages on ranks 1..n-1, logits back from the last.
 
-    A batch is split into `row_groups`: `pippy.chunks` groups of rows, at most one per stage, and
-    `generation.generate` runs each group's loop in a thread of its own. While stage 1 runs one group's step,
+    A batch is split into `row_groups`: `pippy.chunks` groups of rows, at most one per stage, and the step
+    loop (`ts_plugin.continuous.ContinuousGroups`) steps each group in a thread of its own. While stage 1 runs one group's step,
     stage 0 runs another group's, across decode steps, so every stage stays busy; a schedule that overlaps
     micro-batches within one step drains the pipeline at every token, since the next step needs this step's
     token. More groups than stages cannot all be in flight: they would only make every stage read its weights

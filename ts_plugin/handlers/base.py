@@ -36,7 +36,7 @@ from ..config._loader import YamlSyntaxError, load_yaml
 from ..requests import Limits, RequestError, TextRequest, check_lengths
 from ..continuous import ContinuousBatch, ContinuousGroups, continuous_batch
 from ..engines import Follower, Loaded, LoadContext
-from ..engines.base import check_row_editable
+from ..engines.base import check_row_editable, uneditable_layers
 from ..engines import load as load_engine
 from ._openai import MODELS, OpenAIFormat, error_body, models_list, parse_openai
 from ._tgi import parse_request
@@ -98,6 +98,7 @@ class LLMHandler:
         self._batch_lock = threading.Lock()
         self._executor: Optional[ThreadPoolExecutor] = None
         self.continuous: Optional[Union[ContinuousBatch, ContinuousGroups]] = None  # continuousBatching: live rows
+        self.rows_editable = True  # whether rows can leave and join this model's KV cache (no sliding windows)
         self._live: Dict[str, tuple] = {}  # continuousBatching: request id -> (its request, its response format)
 
     # --- start-up -------------------------------------------------------------------------------
@@ -144,8 +145,12 @@ class LLMHandler:
         self.limits = Limits(self.config.handler.max_new_tokens, self.config.handler.max_request_bytes)
         self.max_positions = self.model_max_positions()
         self.eos_token_ids = self.eos_ids()
-        if self.model is not None and self.config.continuous_batching:
-            self.continuous = self._continuous_batch()
+        if self.model is not None:
+            from transformers import DynamicCache
+
+            self.rows_editable = not uneditable_layers(DynamicCache(config=self.hf_config()))
+            if self.config.continuous_batching:
+                self.continuous = self._continuous_batch()
         self.initialized = True
 
     def check_layout(self) -> None:
@@ -187,7 +192,7 @@ class LLMHandler:
 
         check_row_editable(DynamicCache(config=self.hf_config()))
         live = continuous_batch(self.model, self.tokenizer, self.eos_token_ids, self.config.handler.manual_seed,
-                                self.config.batch_size)
+                                self.config.batch_size, self.config.handler.max_num_batched_tokens)
         self.log_progress(f"continuousBatching: requests join and leave the running batch at every step "
                           f"({live.groups} group(s) of rows)")
         return live
@@ -247,11 +252,12 @@ class LLMHandler:
         return parsed
 
     def inference(self, requests: List[TextRequest], on_text=None):
-        from ..generation import generate
+        from ..continuous import generate
 
         seed = self.config.handler.manual_seed + self._batches
         return generate(self.model, self.tokenizer, [r.input_ids for r in requests], [r.params for r in requests],
-                        seed, self.eos_token_ids, on_text)
+                        seed, self.eos_token_ids, on_text, self.config.handler.max_num_batched_tokens,
+                        self.rows_editable)
 
     def postprocess(self, request: TextRequest, result) -> Dict[str, Any]:
         return {"generated_text": result.text,

@@ -143,3 +143,40 @@ def test_incremental_decoding_gives_the_text_of_the_whole_sequence(tmp_path):
         assert seq.text == tokenizer.decode(ids, skip_special_tokens=True), (trial, ids)
         assert "".join(streamed) == seq.text
         assert seq.finish_reason == "length"
+
+
+def test_openai_penalties_count_generated_tokens_and_logit_bias_adds_to_the_logit():
+    from ts_plugin.generation import choose_tokens, new_sequence
+
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 5], logits[0, 6] = 3.0, 2.0
+    # 5 is in the prompt only: presence and frequency leave it alone
+    assert choose_tokens(logits, [new_sequence([5], SamplingParams(4, presence_penalty=2.0), 0)]).tolist() == [5]
+    generated_once = new_sequence([1], SamplingParams(4, presence_penalty=1.5), 0)
+    generated_once.token_ids = [5]
+    assert choose_tokens(logits, [generated_once]).tolist() == [6]  # 3 - 1.5 < 2
+    frequent = new_sequence([1], SamplingParams(4, frequency_penalty=0.6), 0)
+    frequent.token_ids = [5]
+    assert choose_tokens(logits, [frequent]).tolist() == [5]  # 3 - 0.6 > 2
+    frequent.token_ids = [5, 5]
+    assert choose_tokens(logits, [frequent]).tolist() == [6]  # 3 - 1.2 < 2
+    biased = new_sequence([1], SamplingParams(4, logit_bias={9: 100.0, 5: -100.0}), 0)
+    assert choose_tokens(logits, [biased]).tolist() == [9]
+
+
+@pytest.mark.parametrize("include_stop", [True, False])
+def test_a_stop_string_ends_the_text_or_is_left_out_and_a_stream_never_sends_a_piece_of_it(tmp_path, include_stop):
+    from ts_plugin.generation import advance, new_sequence
+    from ts_plugin.testing import make_tokenizer
+
+    tokenizer = make_tokenizer(tmp_path)
+    ids = tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]
+    seq = new_sequence([1], SamplingParams(len(ids), stop=["over the", "zzz"], include_stop=include_stop), 0)
+    streamed = []
+    for token in ids:
+        advance(seq, token, tokenizer, {2}, 0.0, 0, lambda row, text, done: streamed.append(text))
+        if seq.finish_reason:
+            break
+    expected = "the quick brown fox jumps over the" if include_stop else "the quick brown fox jumps "
+    assert (seq.text, seq.finish_reason) == (expected, "stop_sequence")
+    assert "".join(streamed) == expected

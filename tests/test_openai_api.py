@@ -8,13 +8,15 @@ import pytest
 
 from _llm import PROMPTS, REPO, reference_text, serving, tiny_llama_and_store
 from ts_plugin.generation import SequenceResult
-from ts_plugin.handlers._openai import CHAT, COMPLETIONS, OpenAIFormat, parse_openai
+from ts_plugin.handlers._openai import (CHAT, COMPLETIONS, DETOKENIZE, TOKENIZE, OpenAIFormat, parse_openai,
+                                        tokenizer_answer)
 from ts_plugin.requests import Limits, RequestError
 from ts_plugin.testing import archive_model, java_available, write_config
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
 LIMITS = Limits(max_new_tokens=32, max_request_bytes=10_000)
+SERVED = ("m", "other-name")
 
 
 @pytest.fixture(scope="module")
@@ -28,25 +30,86 @@ def row(body) -> dict:
     return {"body": json.dumps(body).encode()}
 
 
+def parse(tokenizer, body, route=COMPLETIONS, template=TEMPLATE):
+    return parse_openai(row(body), route, LIMITS, tokenizer, template, SERVED)
+
+
 def test_completions_body_becomes_a_request(tokenizer):
-    request = parse_openai(row({"model": "m", "prompt": ["hello"], "max_tokens": 5, "temperature": 0, "stop": "x",
-                                "seed": 3, "stream": True, "stream_options": {"include_usage": True}}),
-                           COMPLETIONS, LIMITS, tokenizer, None)
+    request = parse(tokenizer, {"model": "m", "prompt": ["hello"], "max_tokens": 5, "temperature": 0, "stop": "x",
+                                "seed": 3, "stream": True, "stream_options": {"include_usage": True}})
     assert (request.prompt, request.params.max_new_tokens, request.params.stop, request.params.seed) == \
         ("hello", 5, ["x"], 3)
     assert not request.params.do_sample and request.stream and request.include_usage and request.api == COMPLETIONS
-    sampled = parse_openai(row({"prompt": "hi", "temperature": 0.7, "top_p": 0.9}), COMPLETIONS, LIMITS, tokenizer,
-                           None)
+    assert not request.params.include_stop and request.add_special_tokens
+    sampled = parse(tokenizer, {"prompt": "hi", "temperature": 0.7, "top_p": 0.9})
     assert sampled.params.do_sample and sampled.params.temperature == 0.7 and sampled.params.top_p == 0.9
     assert sampled.params.max_new_tokens == LIMITS.max_new_tokens
 
 
 def test_chat_goes_through_the_chat_template(tokenizer):
     body = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]}
-    request = parse_openai(row(body), CHAT, LIMITS, tokenizer, TEMPLATE)
+    request = parse(tokenizer, body, CHAT)
     assert request.prompt == "system: be brief\nuser: hello\nassistant:"
+    assert not request.add_special_tokens  # the template's text holds them
     with pytest.raises(RequestError, match="no chat template .* handler.chat_template"):
-        parse_openai(row(body), CHAT, LIMITS, tokenizer, None)
+        parse(tokenizer, body, CHAT, template=None)
+
+
+NAMED_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}{% if m.name %}({{ m.name }}){% endif %}: {{ m['content'] }}"
+                  "{% for call in m.tool_calls or [] %}[call {{ call.id }} {{ call.function.name }}]{% endfor %}"
+                  "{% if m.tool_call_id %}[for {{ m.tool_call_id }}]{% endif %}{{ '\\n' }}{% endfor %}assistant:")
+
+
+def test_chat_content_parts_names_and_tool_turns_reach_the_template(tokenizer):
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 1}"}}
+    body = {"messages": [
+        {"role": "user", "name": "ann", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "2"}]}
+    request = parse(tokenizer, body, CHAT, NAMED_TEMPLATE)
+    assert request.prompt == "user(ann): first\nsecond\nassistant: [call c1 add]\ntool: 2[for c1]\nassistant:"
+    image = {"messages": [{"role": "user", "content": [{"type": "text", "text": "see"},
+                                                       {"type": "image_url", "image_url": {"url": "x"}}]}]}
+    with pytest.raises(RequestError, match=r"messages\[0\].content\[1\] is of type 'image_url'.*text only"):
+        parse(tokenizer, image, CHAT)
+
+
+def test_temperature_0_is_greedy_whatever_top_p_says(tokenizer):
+    from ts_plugin.generation import new_sequence
+
+    request = parse(tokenizer, {"prompt": "hi", "temperature": 0, "top_p": 0.5})
+    assert not new_sequence([1], request.params, 0).sampling
+
+
+def test_penalties_and_logit_bias_become_sampling_params(tokenizer):
+    params = parse(tokenizer, {"prompt": "hi", "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
+                               "logit_bias": {"7": 100, "9": -50.5}}).params
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert params.logit_bias == {7: 100.0, 9: -50.5}
+
+
+def test_an_unknown_model_name_gets_404_and_a_missing_one_is_the_served_model(tokenizer):
+    with pytest.raises(RequestError, match="`gpt-4o` does not exist.*m, other-name") as error:
+        parse(tokenizer, {"model": "gpt-4o", "prompt": "hi"})
+    assert error.value.status == 404
+    assert parse(tokenizer, {"model": "other-name", "prompt": "hi"}).model == "other-name"
+    assert parse(tokenizer, {"prompt": "hi"}).prompt == "hi"
+
+
+def test_tokenize_and_detokenize_as_vllm_answers_them(tokenizer):
+    def answer(route, body):
+        return tokenizer_answer(row(body), route, LIMITS, tokenizer, TEMPLATE, SERVED, 256)
+
+    ids = tokenizer("hello world")["input_ids"]
+    assert answer(TOKENIZE, {"model": "m", "prompt": "hello world"}) == {"count": len(ids), "max_model_len": 256,
+                                                                         "tokens": ids}
+    chat = answer(TOKENIZE, {"messages": [{"role": "user", "content": "hello"}]})
+    assert chat["tokens"] == tokenizer("user: hello\nassistant:", add_special_tokens=False)["input_ids"]
+    assert answer(DETOKENIZE, {"tokens": ids}) == {"prompt": "hello world"}
+    with pytest.raises(RequestError, match="token ids from 0"):
+        answer(DETOKENIZE, {"tokens": [len(tokenizer)]})
+    with pytest.raises(RequestError, match="does not exist"):
+        answer(TOKENIZE, {"model": "nope", "prompt": "hi"})
 
 
 @pytest.mark.parametrize("route, body, status, words", [
@@ -54,7 +117,10 @@ def test_chat_goes_through_the_chat_template(tokenizer):
     (COMPLETIONS, {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": 33}, 400, "at most 32"),
     (COMPLETIONS, {"prompt": "hi", "temperature": 3}, 400, "temperature"),
-    (COMPLETIONS, {"prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    (COMPLETIONS, {"prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    (COMPLETIONS, {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias key 'x'"),
+    (COMPLETIONS, {"prompt": "hi", "logit_bias": {"1": 101}}, 400, "-100 to 100"),
+    (COMPLETIONS, {"prompt": "hi", "stop": ["a"] * 5}, 400, "at most 4"),
     (COMPLETIONS, {"prompt": 5}, 400, "prompt"),
     (COMPLETIONS, {"prompt": "hi", "bogus": 1}, 400, "bogus"),
     (CHAT, {"messages": []}, 400, "messages"),
@@ -63,13 +129,13 @@ def test_chat_goes_through_the_chat_template(tokenizer):
 ])
 def test_bad_bodies_are_refused_with_the_reason(tokenizer, route, body, status, words):
     with pytest.raises(RequestError, match=words) as error:
-        parse_openai(row(body), route, LIMITS, tokenizer, TEMPLATE)
+        parse(tokenizer, body, route)
     assert error.value.status == status
 
 
 def test_stream_events_end_with_the_finish_usage_and_done(tokenizer):
-    request = parse_openai(row({"messages": [{"role": "user", "content": "hi"}], "stream": True,
-                                "stream_options": {"include_usage": True}}), CHAT, LIMITS, tokenizer, TEMPLATE)
+    request = parse(tokenizer, {"messages": [{"role": "user", "content": "hi"}], "stream": True,
+                                "stream_options": {"include_usage": True}}, CHAT)
     answer = OpenAIFormat(request, "r1", "m")
     first = answer.event("Hel")
     result = SequenceResult("Hello", [5, 6], 4, "eos_token", 0.1, 0.2)
@@ -157,3 +223,62 @@ def test_bad_openai_bodies_get_4xx_and_the_next_request_works(server, name):
         reference_text(model_dir, PROMPTS[1], 6)
     models = ts.predict(f"{name}/1.0/v1/models", b"")
     assert models.status_code == 200 and models.json()["data"][0]["id"]
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("name", list(MODELS))
+def test_what_real_clients_send_is_answered_as_vllm_answers_it(server, name):
+    """Content parts, temperature 0 with top_p, stop strings left out (streamed too), logit_bias, an unknown model,
+    and the tokenizer's routes, through the real openai client."""
+    from openai import NotFoundError
+
+    ts, model_dir = server
+    api = client(ts, name)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]}]
+    chat = api.chat.completions.create(model=name, messages=parts, max_tokens=8, temperature=0, top_p=0.5)
+    assert chat.choices[0].message.content == reference_text(model_dir, "user: hello\nworld\nassistant:", 8)
+
+    whole = reference_text(model_dir, PROMPTS[2], 16)
+    stop = whole[len(whole) // 2:len(whole) // 2 + 3]
+    assert stop.strip(), whole
+    cut = api.completions.create(model=name, prompt=PROMPTS[2], max_tokens=16, temperature=0, stop=[stop])
+    assert (cut.choices[0].text, cut.choices[0].finish_reason) == (whole[:whole.find(stop)], "stop")
+    streamed = api.completions.create(model=name, prompt=PROMPTS[2], max_tokens=16, temperature=0, stop=stop,
+                                      stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == whole[:whole.find(stop)]
+
+    token = ts.predict(f"{name}/1.0/v1/tokenize", {"model": name, "prompt": " the"}).json()["tokens"][-1]
+    forced = api.completions.create(model=name, prompt=PROMPTS[0], max_tokens=3, temperature=0,
+                                    logit_bias={str(token): 100})
+    expected = ts.predict(f"{name}/1.0/v1/detokenize", {"tokens": [token] * 3}).json()["prompt"]
+    assert (forced.choices[0].text, forced.usage.completion_tokens) == (expected, 3)
+
+    with pytest.raises(NotFoundError, match="does not exist"):
+        api.completions.create(model="gpt-4o", prompt="hi", max_tokens=2)
+    assert api.models.list().data[0].id == name
+
+
+def test_a_chat_prompt_is_the_templates_own_token_ids_with_one_bos(tmp_path):
+    """The template writes BOS; tokenizing its text with special tokens added would give a second one."""
+    from tokenizers.processors import TemplateProcessing
+
+    from ts_plugin.config import validate_text
+    from ts_plugin.handlers import LLMHandler
+    from ts_plugin.testing import make_tokenizer
+    from ts_plugin.requests import TextRequest
+
+    tokenizer = make_tokenizer(tmp_path)
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert tokenizer("hi")["input_ids"][0] == 1  # this tokenizer adds BOS, as Llama 3's does
+    template = "<s>" + TEMPLATE
+    handler = LLMHandler()
+    handler.config = validate_text("handler:\n  max_new_tokens: 8\n").config
+    handler.config.handler.chat_template = template
+    handler.limits, handler.tokenizer, handler.max_positions = LIMITS, tokenizer, 256
+    messages = [{"role": "user", "content": "hello"}]
+    chat, completion = handler.preprocess([row({"messages": messages}), row({"prompt": "hello"})],
+                                          [CHAT, COMPLETIONS])
+    assert isinstance(chat, TextRequest) and isinstance(completion, TextRequest)
+    assert chat.input_ids == tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                           tokenize=True, return_dict=True)["input_ids"]
+    assert chat.input_ids.count(1) == 1 and completion.input_ids[0] == 1

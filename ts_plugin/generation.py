@@ -13,7 +13,7 @@ import torch
 
 from .distributed import InStepError
 from .engines.base import StepModel
-from .requests import SamplingParams, stop_index
+from .requests import SamplingParams, stop_span
 
 
 @dataclass
@@ -53,7 +53,7 @@ class _Sequence:
     def processors(self) -> Tuple[Any, Any]:
         """(logits processors for every row, warpers for sampled rows), made once per sequence."""
         if self._processors is None:
-            self._processors = _processors(self.params)
+            self._processors = _processors(self.params, len(self.prompt_ids))
         return self._processors
 
 
@@ -62,8 +62,8 @@ StreamCallback = Callable[[int, str, bool], None]
 
 
 def choose_tokens(logits: torch.Tensor, sequences: Sequence[_Sequence]) -> torch.Tensor:
-    """Greedy or sampled next token per row, each with its own parameters and generator: transformers' repetition
-    penalty, then (sampled rows) its temperature, top-k and top-p warpers, in generate's order."""
+    """Greedy or sampled next token per row, each with its own parameters and generator: the logit bias and
+    penalties, then (sampled rows) transformers' temperature, top-k and top-p warpers, in generate's order."""
     chosen = torch.empty(len(sequences), dtype=torch.long)
     for row, seq in enumerate(sequences):
         penalties, warpers = seq.processors
@@ -83,13 +83,32 @@ def choose_tokens(logits: torch.Tensor, sequences: Sequence[_Sequence]) -> torch
     return chosen
 
 
-def _processors(params: SamplingParams) -> Tuple[Any, Any]:
-    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                              TopKLogitsWarper, TopPLogitsWarper)
+class _GeneratedTokenPenalties:
+    """OpenAI's presence and frequency penalties, which count the generated tokens only (transformers has no
+    processor for them): a token's logit loses `presence` once it appeared and `frequency` per appearance."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float):
+        self.prompt_length, self.presence, self.frequency = prompt_length, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[0, self.prompt_length:]
+        if not generated.numel():
+            return scores
+        counts = torch.bincount(generated, minlength=scores.shape[-1])[:scores.shape[-1]].to(scores.dtype)
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def _processors(params: SamplingParams, prompt_length: int) -> Tuple[Any, Any]:
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor,
+                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
     penalties = LogitsProcessorList()
+    if params.logit_bias:
+        penalties.append(SequenceBiasLogitsProcessor([[[token], bias] for token, bias in params.logit_bias.items()]))
     if params.repetition_penalty != 1.0:
         penalties.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.presence_penalty or params.frequency_penalty:
+        penalties.append(_GeneratedTokenPenalties(prompt_length, params.presence_penalty, params.frequency_penalty))
     warpers = LogitsProcessorList()
     if params.temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(params.temperature))
@@ -162,17 +181,20 @@ def advance(seq: _Sequence, token: int, tokenizer: Any, eos: set, now: float, ro
     else:
         seq.token_ids.append(token)
         _decode_new(seq, tokenizer, flush=len(seq.token_ids) >= seq.params.max_new_tokens)
-        end = stop_index(seq.text, seq.params.stop)
-        if end >= 0:
-            seq.text = seq.text[:end]
+        span = stop_span(seq.text, seq.params.stop)
+        if span is not None:
+            seq.text = seq.text[:span[1] if seq.params.include_stop else span[0]]
             seq.finish_reason = "stop_sequence"
         elif len(seq.token_ids) >= seq.params.max_new_tokens:
             seq.finish_reason = "length"
     if seq.finish_reason == "eos_token":
         _decode_new(seq, tokenizer, flush=True)
     if on_text is not None:
-        # hold back an incomplete UTF-8 character until the next token completes it
+        # hold back an incomplete UTF-8 character until the next token completes it, and text that may begin a
+        # stop string which the answer will leave out
         ready = seq.text if seq.finish_reason else seq.text.rstrip("\ufffd")
+        if not seq.finish_reason and seq.params.stop and not seq.params.include_stop:
+            ready = ready[:max(0, len(ready) - max(len(stop) for stop in seq.params.stop) + 1)]
         if ready.startswith(seq.emitted) and (len(ready) > len(seq.emitted) or seq.finish_reason):
             on_text(row, ready[len(seq.emitted):], seq.finish_reason is not None)
             seq.emitted = ready

@@ -3,7 +3,7 @@ Shared by the request parsers (ts_plugin.handlers) and the generation loop; no t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 class RequestError(Exception):
@@ -23,7 +23,11 @@ class SamplingParams:
     do_sample: bool = False
     seed: Optional[int] = None
     stop: List[str] = field(default_factory=list)
+    include_stop: bool = True  # the stop string ends the text (TGI); OpenAI's routes leave it out
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence among the generated tokens
+    logit_bias: Dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
 
 @dataclass
@@ -34,6 +38,7 @@ class TextRequest:
     api: str = "tgi"  # the wire format: "tgi", or an OpenAI route (v1/completions, v1/chat/completions)
     model: Optional[str] = None  # OpenAI: the model name the client gave
     include_usage: bool = False  # OpenAI streaming: a usage event before [DONE]
+    add_special_tokens: bool = True  # False for a chat template's text, which already holds them (BOS)
     input_ids: List[int] = field(default_factory=list)  # filled by the handler's tokenizer
 
 
@@ -70,7 +75,24 @@ def check_lengths(prompt_tokens: int, params: SamplingParams, max_length: Option
                 f"ask for at most {bound - prompt_tokens} new tokens", 422)
 
 
-def stop_index(text: str, stops: Sequence[str]) -> int:
-    """End index of the earliest stop sequence in `text`, or -1."""
-    ends = [text.find(s) + len(s) for s in stops if s in text]
-    return min(ends) if ends else -1
+MAX_STOP_SEQUENCES = 4
+
+
+def check_seed(seed: Any, name: str) -> Optional[int]:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise RequestError(f"{name} must be a non-negative integer, not {seed!r}")
+    return seed
+
+
+def check_stops(stop: Any, name: str) -> List[str]:
+    """A stop string or a list of them -> the list."""
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_SEQUENCES:
+        raise RequestError(f"{name} must be a string or a list of at most {MAX_STOP_SEQUENCES} non-empty strings")
+    return stop
+
+
+def stop_span(text: str, stops: Sequence[str]) -> Optional[Tuple[int, int]]:
+    """(start, end) of the stop sequence that ends first in `text`, or None."""
+    spans = [(text.find(s), text.find(s) + len(s)) for s in stops if s in text]
+    return min(spans, key=lambda span: span[1]) if spans else None

@@ -107,7 +107,11 @@ class HandlerConfig(_Section):
     """`handler:` - the ts_plugin base handler and its engines. Extra keys are kept for subclasses."""
 
     model_path: Optional[str] = Field(None, description="HF model folder: relative to the model folder, or absolute.")
-    model_name: Optional[str] = None
+    model_name: Optional[str] = Field(None, description="The model's name (as TorchServe's examples give the HF id); "
+                                      "OpenAI's routes answer to it too.")
+    served_model_name: Optional[Union[str, List[str]]] = Field(
+        None, description="The name(s) OpenAI's routes answer to, as vLLM's option; the first is reported in answers "
+        "and v1/models. Default: TorchServe's model name and handler.model_name. Another name gets 404.")
     max_length: Optional[int] = Field(None, ge=1, description="Upper bound on prompt + generated tokens.")
     max_new_tokens: int = Field(64, ge=1, description="Upper bound (and default) for generated tokens per request.")
     manual_seed: int = Field(42, description="Seed set identically on every rank.")

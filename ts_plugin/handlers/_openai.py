@@ -2,35 +2,38 @@
 
 `POST /predictions/{model}/{version}/v1/completions` reaches the handler with the request header `url_path`
 = "v1/completions" (frontend InferenceRequestHandler; the version segment is required, or "v1" is taken for
-it). Served: v1/completions, v1/chat/completions, v1/models. Parsing is pure and deterministic, like the TGI
-parser: every rank reaches the same verdict before any collective.
+it). Served: v1/completions, v1/chat/completions, v1/models, and vLLM's tokenize and detokenize as v1/tokenize and
+v1/detokenize. Parsing is pure and deterministic, like the TGI parser: every rank reaches the same verdict before
+any collective.
 """
 from __future__ import annotations
 
 import json
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_prompt
-from ._tgi import MAX_STOP_SEQUENCES, decode_body, number
+from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_prompt, check_seed, check_stops
+from ._tgi import decode_body, number
 
 COMPLETIONS, CHAT, MODELS = "v1/completions", "v1/chat/completions", "v1/models"
-ROUTES = (COMPLETIONS, CHAT, MODELS)
+TOKENIZE, DETOKENIZE = "v1/tokenize", "v1/detokenize"
+ROUTES = (COMPLETIONS, CHAT, MODELS, TOKENIZE, DETOKENIZE)
+#: answered from the tokenizer alone, at once
+TOKENIZER_ROUTES = (TOKENIZE, DETOKENIZE)
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options", "user",
-           "logprobs", "presence_penalty", "frequency_penalty"}
+           "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty"}
 _FIELDS = {COMPLETIONS: _COMMON | {"prompt", "echo", "best_of", "suffix"},
            CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}}
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
 
 def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any,
-                 chat_template: Optional[str]) -> TextRequest:
-    """One request row of an OpenAI route -> a checked TextRequest, or RequestError (404 for other routes)."""
+                 chat_template: Optional[str], served_names: Sequence[str]) -> TextRequest:
+    """One request row of an OpenAI route -> a checked TextRequest, or RequestError (404 for other routes and
+    for a model name not in `served_names`)."""
     if route not in (COMPLETIONS, CHAT):
         raise RequestError(f"unknown route {route!r}; this model serves {', '.join(ROUTES)}", 404)
-    body = decode_body(row, limits)
-    if not isinstance(body, dict):
-        raise RequestError("the body must be a JSON object")
+    body = _object_body(row, limits, served_names)
     unknown = sorted(set(body) - _FIELDS[route])
     if unknown:
         raise RequestError(f"unsupported field(s) {', '.join(unknown)}; supported: {', '.join(sorted(_FIELDS[route]))}")
@@ -40,9 +43,6 @@ def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any
         raise RequestError("logprobs are not supported")
     if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1):
         raise RequestError("echo, suffix and best_of are not supported")
-    for penalty in ("presence_penalty", "frequency_penalty"):
-        if body.get(penalty) not in (None, 0, 0.0):
-            raise RequestError(f"{penalty} is not supported (use 0)")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f'"stream" must be true or false, not {stream!r}')
@@ -51,10 +51,43 @@ def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any
                                            and isinstance(stream_options.get("include_usage", False), bool)):
         raise RequestError(f'"stream_options" must be an object like {{"include_usage": true}}, not {stream_options!r}')
     prompt = _prompt(body) if route == COMPLETIONS else _chat_prompt(body, tokenizer, chat_template)
-    request = TextRequest(check_prompt(prompt), _params(body, limits), stream, api=route)
+    request = TextRequest(check_prompt(prompt), _params(body, limits, len(tokenizer)), stream, api=route,
+                          add_special_tokens=route == COMPLETIONS)
     request.model = body.get("model") if isinstance(body.get("model"), str) else None
     request.include_usage = bool((stream_options or {}).get("include_usage")) and stream
     return request
+
+
+def _object_body(row: Dict[str, Any], limits: Limits, served_names: Sequence[str]) -> Dict[str, Any]:
+    body = decode_body(row, limits)
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model not in served_names:
+        raise RequestError(f"The model `{model}` does not exist; this server serves {', '.join(served_names)} "
+                           "(handler.served_model_name)", 404)
+    return body
+
+
+def tokenizer_answer(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any, chat_template: Optional[str],
+                     served_names: Sequence[str], max_model_len: Optional[int]) -> Dict[str, Any]:
+    """vLLM's tokenize ({"prompt"} or {"messages"}) and detokenize ({"tokens"}) answers."""
+    body = _object_body(row, limits, served_names)
+    if route == DETOKENIZE:
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                   and 0 <= t < len(tokenizer) for t in tokens):
+            raise RequestError(f'"tokens" must be a list of token ids from 0 to {len(tokenizer) - 1}')
+        return {"prompt": tokenizer.decode(tokens)}
+    if "messages" in body:
+        prompt = _chat_prompt(body, tokenizer, chat_template, body.get("add_generation_prompt", True))
+        special = body.get("add_special_tokens", False)
+    else:
+        prompt, special = _prompt(body), body.get("add_special_tokens", True)
+    if not isinstance(special, bool):
+        raise RequestError('"add_special_tokens" must be true or false')
+    tokens = tokenizer(check_prompt(prompt), add_special_tokens=special)["input_ids"]
+    return {"count": len(tokens), "max_model_len": max_model_len, "tokens": tokens}
 
 
 def _prompt(body: Dict[str, Any]) -> str:
@@ -66,27 +99,52 @@ def _prompt(body: Dict[str, Any]) -> str:
     return prompt
 
 
-def _chat_prompt(body: Dict[str, Any], tokenizer: Any, chat_template: Optional[str]) -> str:
+#: what a chat message may carry to the template besides role and content
+_MESSAGE_FIELDS = ("name", "tool_calls", "tool_call_id")
+
+
+def _chat_prompt(body: Dict[str, Any], tokenizer: Any, chat_template: Optional[str],
+                 add_generation_prompt: Any = True) -> str:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError('"messages" must be a non-empty list of {"role", "content"} objects')
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise RequestError(f"messages[{index}] must be an object with a role and a content")
-        if not isinstance(message.get("content"), str):
-            raise RequestError(f"messages[{index}].content must be a string")
+    if not isinstance(add_generation_prompt, bool):
+        raise RequestError('"add_generation_prompt" must be true or false')
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise RequestError("this model has no chat template (its tokenizer defines none and handler.chat_template "
                            "is not set); use v1/completions, or set handler.chat_template in model-config.yaml")
+    messages = [_message(index, message) for index, message in enumerate(messages)]
     try:
-        return tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
-                                             chat_template=template, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, chat_template=template,
+                                             add_generation_prompt=add_generation_prompt, tokenize=False)
     except Exception as error:  # noqa: BLE001 - a template's own checks (roles, order) raise anything
         raise RequestError(f"the chat template refused these messages: {error}") from None
 
 
-def _params(body: Dict[str, Any], limits: Limits) -> SamplingParams:
+def _message(index: int, message: Any) -> Dict[str, Any]:
+    """A chat message for the template: its text parts joined (as vLLM joins them), with its name and tool calls."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise RequestError(f"messages[{index}] must be an object with a role and a content")
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part_index, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(f"messages[{index}].content[{part_index}] is of type {kind!r}; this model reads "
+                                   'text only: {"type": "text", "text": ...}')
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    elif content is None and message.get("tool_calls"):
+        content = ""
+    if not isinstance(content, str):
+        raise RequestError(f"messages[{index}].content must be a string or a list of text parts")
+    return {"role": message["role"], "content": content,
+            **{key: message[key] for key in _MESSAGE_FIELDS if message.get(key) is not None}}
+
+
+def _params(body: Dict[str, Any], limits: Limits, vocab_size: int) -> SamplingParams:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = limits.max_new_tokens if max_tokens is None else max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -94,17 +152,39 @@ def _params(body: Dict[str, Any], limits: Limits) -> SamplingParams:
     if max_tokens > limits.max_new_tokens:
         raise RequestError(f"max_tokens is {max_tokens}; this model allows at most {limits.max_new_tokens}")
     temperature = number(body, "temperature", float, 1.0, 0.0, 2.0, field="temperature")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise RequestError(f"seed must be a non-negative integer, not {seed!r}")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_SEQUENCES:
-        raise RequestError(f"stop must be a string or a list of at most {MAX_STOP_SEQUENCES} non-empty strings")
     top_p = number(body, "top_p", float, 1.0, 0.0, 1.0, low_open=True, field="top_p")
-    # OpenAI samples unless temperature is 0, which means greedy
-    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature or 1.0, top_p=top_p,
-                          do_sample=temperature > 0, seed=seed, stop=stop)
+    # OpenAI samples unless temperature is 0, which means greedy whatever top_p says
+    return SamplingParams(max_new_tokens=max_tokens, temperature=temperature or 1.0,
+                          top_p=top_p if temperature > 0 else 1.0, do_sample=temperature > 0,
+                          seed=check_seed(body.get("seed"), "seed"), stop=check_stops(body.get("stop"), "stop"),
+                          include_stop=False,
+                          presence_penalty=number(body, "presence_penalty", float, 0.0, -2.0, 2.0,
+                                                  field="presence_penalty"),
+                          frequency_penalty=number(body, "frequency_penalty", float, 0.0, -2.0, 2.0,
+                                                   field="frequency_penalty"),
+                          repetition_penalty=number(body, "repetition_penalty", float, 1.0, 0.0, 100.0, low_open=True,
+                                                    field="repetition_penalty"),
+                          logit_bias=_logit_bias(body.get("logit_bias"), vocab_size))
+
+
+def _logit_bias(value: Any, vocab_size: int) -> Dict[int, float]:
+    """OpenAI's {"token id": bias from -100 to 100}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError('"logit_bias" must be an object of {"token id": bias}')
+    bias = {}
+    for key, amount in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token < vocab_size:
+            raise RequestError(f"logit_bias key {key!r} is not a token id from 0 to {vocab_size - 1}")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not -100 <= amount <= 100:
+            raise RequestError(f"logit_bias[{key!r}] must be a number from -100 to 100, not {amount!r}")
+        bias[token] = float(amount)
+    return bias
 
 
 class OpenAIFormat:

@@ -6,14 +6,13 @@ import json
 import math
 from typing import Any, Dict
 
-from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_prompt
+from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_prompt, check_seed, check_stops
 
 PARAMETERS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "seed", "stop",
               "repetition_penalty")
 # TGI parameters we accept for compatibility but do not act on
 IGNORED_PARAMETERS = ("details", "decoder_input_details", "return_full_text", "truncate", "watermark",
                       "best_of", "typical_p")
-MAX_STOP_SEQUENCES = 4
 
 
 def _body(row: Dict[str, Any]) -> Any:
@@ -106,23 +105,13 @@ def _params(params: Dict[str, Any], limits: Limits) -> SamplingParams:
     do_sample = params.get("do_sample", False)
     if not isinstance(do_sample, bool):
         raise RequestError(f"parameters.do_sample must be true or false, not {do_sample!r}")
-    seed = params.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise RequestError(f"parameters.seed must be a non-negative integer, not {seed!r}")
-    stop = params.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError("parameters.stop must be a list of non-empty strings")
-    if len(stop) > MAX_STOP_SEQUENCES:
-        raise RequestError(f"parameters.stop has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES}")
     return SamplingParams(
         max_new_tokens=max_new,
         temperature=number(params, "temperature", float, 1.0, 0.0, 100.0, low_open=True),
         top_k=number(params, "top_k", int, 0, 0, 1_000_000),
         top_p=number(params, "top_p", float, 1.0, 0.0, 1.0, low_open=True),
         do_sample=do_sample,
-        seed=seed,
-        stop=stop,
+        seed=check_seed(params.get("seed"), "parameters.seed"),
+        stop=check_stops(params.get("stop"), "parameters.stop"),
         repetition_penalty=number(params, "repetition_penalty", float, 1.0, 0.0, 100.0, low_open=True),
     )

@@ -38,7 +38,8 @@ from ..continuous import ContinuousBatch, ContinuousGroups, continuous_batch
 from ..engines import Follower, Loaded, LoadContext
 from ..engines.base import check_row_editable, uneditable_layers
 from ..engines import load as load_engine
-from ._openai import MODELS, OpenAIFormat, error_body, models_list, parse_openai
+from ._openai import (MODELS, TOKENIZER_ROUTES, OpenAIFormat, error_body, models_list, parse_openai,
+                      tokenizer_answer)
 from ._tgi import parse_request
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class LLMHandler:
 
     def __init__(self):
         self.initialized = False
+        self.context: Any = None  # TorchServe's context: set by initialize and by each batch
         self.config: Optional[ModelConfig] = None
         self.layout: Optional[ParallelLayout] = None
         self.model = None  # a StepModel where this rank runs generation
@@ -240,8 +242,10 @@ class LLMHandler:
         for row, route in zip(data, routes or [""] * len(data)):
             try:
                 request = (parse_request(row, self.limits) if not route else
-                           parse_openai(row, route, self.limits, self.tokenizer, self.config.handler.chat_template))
-                request.input_ids = self.tokenizer(request.prompt)["input_ids"]
+                           parse_openai(row, route, self.limits, self.tokenizer, self.config.handler.chat_template,
+                                        self.served_model_names()))
+                request.input_ids = self.tokenizer(request.prompt,
+                                                   add_special_tokens=request.add_special_tokens)["input_ids"]
                 check_lengths(len(request.input_ids), request.params, self.config.handler.max_length, self.max_positions)
                 parsed.append(request)
             except RequestError as error:
@@ -368,13 +372,22 @@ class LLMHandler:
 
     def _parse(self, data: List[Dict[str, Any]], context: Any, indexes: List[int],
                responses: List[Any]) -> Dict[int, TextRequest]:
-        """Parse the rows at `indexes`: answer v1/models and bad rows in `responses` at once (with their status)
-        and return the requests to generate, by index."""
+        """Parse the rows at `indexes`: answer v1/models, the tokenizer's routes and bad rows in `responses` at once
+        (with their status) and return the requests to generate, by index."""
         routes = [request_route(context, index) for index in indexes]
-        to_parse = [(index, route) for index, route in zip(indexes, routes) if route != MODELS]
+        answered_now = (MODELS,) + TOKENIZER_ROUTES
+        to_parse = [(index, route) for index, route in zip(indexes, routes) if route not in answered_now]
         for index, route in zip(indexes, routes):
-            if route == MODELS:
-                responses[index] = models_list(self.model_name())
+            try:
+                if route == MODELS:
+                    responses[index] = models_list(self.served_model_names()[0])
+                elif route in TOKENIZER_ROUTES:
+                    responses[index] = tokenizer_answer(
+                        data[index], route, self.limits, self.tokenizer, self.config.handler.chat_template,
+                        self.served_model_names(), self.config.handler.max_length or self.max_positions)
+            except RequestError as error:
+                context.set_response_status(error.status, str(error), index)
+                responses[index] = error_body(error)
         rows, row_routes = [data[index] for index, _ in to_parse], [route for _, route in to_parse]
         # an override written as preprocess(self, data) keeps working for the TGI route
         parsed = self.preprocess(rows, row_routes) if any(row_routes) else self.preprocess(rows)
@@ -387,14 +400,20 @@ class LLMHandler:
                 requests[index] = item
         return requests
 
-    def model_name(self) -> str:
-        return self.config.handler.model_name or getattr(self.context, "model_name", None) or "model"
+    def served_model_names(self) -> List[str]:
+        """The names OpenAI's routes answer to (the first is the one they report): handler.served_model_name,
+        else TorchServe's model name and handler.model_name."""
+        served = self.config.handler.served_model_name
+        if served:
+            return [served] if isinstance(served, str) else list(served)
+        names = [getattr(self.context, "model_name", None) or "model", self.config.handler.model_name]
+        return list(dict.fromkeys(name for name in names if name))
 
     def response_format(self, request: TextRequest, request_id: str):
         """How one request's answer and stream events are written: TGI's or OpenAI's."""
         if request.api == "tgi":
             return _TGIFormat(self, request)
-        return OpenAIFormat(request, request_id, self.model_name())
+        return OpenAIFormat(request, request_id, self.served_model_names()[0])
 
     def _generate_batch(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
         self.context = context

@@ -27,8 +27,11 @@ setup(
     version="0.1.0",
     description="Large-model serving on TorchServe 0.12: parallel base handlers and a model-config validator",
     python_requires=">=3.9",
-    packages=find_packages(include=["ts_plugin", "ts_plugin.*"]),
-    package_data={"ts_plugin": ["py.typed"]},
+    # handlers/ and examples/ stay at the top of the repository and ship inside the package
+    packages=find_packages(include=["ts_plugin", "ts_plugin.*"]) + ["ts_plugin.bundled.handlers",
+                                                                   "ts_plugin.bundled.examples"],
+    package_dir={"ts_plugin.bundled.handlers": "handlers", "ts_plugin.bundled.examples": "examples"},
+    package_data={"ts_plugin": ["py.typed"], "ts_plugin.bundled.examples": ["*/*"]},
     install_requires=[
         "pyyaml>=6.0",
         "pydantic>=2.6",

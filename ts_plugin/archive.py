@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
+from .bundled import HANDLERS, handler_file
 from .config import Report, ValidationContext, validate_file
 
 
@@ -57,6 +58,21 @@ def _private_tempdir() -> Iterator[str]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _resolve_handler(handler: str) -> str:
+    """--handler as torch-model-archiver takes it (a file, `file:function`, one of its built-in handler names), or
+    a parallelType, which stands for ts_plugin's base handler of that type."""
+    from model_archiver.model_packaging_utils import model_handlers
+
+    file = handler if ".py" in handler else handler.split(":")[0] + ".py"  # the archiver's reading of the name
+    if os.path.isfile(handler) or os.path.isfile(file) or handler in model_handlers:
+        return handler
+    if handler in HANDLERS:
+        return str(handler_file(handler))
+    raise ValueError(f"--handler {handler!r} is not a file; give a handler file, a parallelType "
+                     f"({', '.join(HANDLERS)}: ts_plugin's base handler for it) or one of torch-model-archiver's "
+                     f"built-in handlers ({', '.join(model_handlers)})")
+
+
 def _parse_archiver_args(argv: List[str]):
     from model_archiver.arg_parser import ArgParser
 
@@ -72,7 +88,7 @@ def archive(argv: List[str], out=None, err=None) -> int:
     """Validate, then package exactly as `torch-model-archiver argv...` would. Returns an exit code.
 
     Example:
-        archive(["--model-name", "llama", "--version", "1.0", "--handler", "handlers/deepspeed_handler.py",
+        archive(["--model-name", "llama", "--version", "1.0", "--handler", "tp",
                  "--extra-files", "model/", "--config-file", "model-config.yaml", "--archive-format", "no-archive"])
     """
     from model_archiver.model_packaging import generate_model_archive
@@ -80,6 +96,12 @@ def archive(argv: List[str], out=None, err=None) -> int:
 
     out, err = out or sys.stdout, err or sys.stderr  # per call: a default bound at import keeps that moment's stream
     config = _parse_archiver_args(argv)  # argparse exits 2 on usage errors, like torch-model-archiver
+    if config.runtime.startswith("python"):  # the LSP runtime's handlers are C++ libraries
+        try:
+            config.handler = _resolve_handler(config.handler)
+        except ValueError as error:
+            print(f"ts-plugin archive: {error}", file=err)
+            return 2
     if config.config_file:
         if not os.path.isfile(config.config_file):
             print(f"ts-plugin archive: --config-file {config.config_file!r} does not exist", file=err)

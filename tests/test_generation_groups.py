@@ -74,7 +74,7 @@ def test_groups_give_the_answers_of_the_whole_batch_in_row_order():
     streamed = []
     model = _Grouped([range(0, 2), range(2, 4), range(4, 5)], meet_timeout=30)
     grouped = generate(model, _Tokenizer(), PROMPTS, PARAMS, 100,
-                       [1], on_text=lambda row, text, finished: streamed.append((row, text, finished)))
+                       [1], on_step=lambda row, output: streamed.append((row, output.text, output.result is not None)))
     # the same tokens per row: unseeded sampled rows keep `default_seed + row` of the whole batch
     assert [r.token_ids for r in grouped] == [r.token_ids for r in whole]
     assert [r.finish_reason for r in grouped] == [r.finish_reason for r in whole]
@@ -180,3 +180,26 @@ def test_a_stop_string_ends_the_text_or_is_left_out_and_a_stream_never_sends_a_p
     expected = "the quick brown fox jumps over the" if include_stop else "the quick brown fox jumps "
     assert (seq.text, seq.finish_reason) == (expected, "stop_sequence")
     assert "".join(streamed) == expected
+
+
+def test_logprobs_come_from_the_distribution_the_token_was_drawn_from():
+    from transformers import TopKLogitsWarper
+
+    from ts_plugin.generation import advance, choose_tokens, new_sequence
+
+    torch.manual_seed(1)
+    logits = torch.randn(1, VOCAB) * 3
+    greedy = new_sequence([1], SamplingParams(4, logprobs=3), 0)
+    sampled = new_sequence([1], SamplingParams(4, do_sample=True, top_k=2, logprobs=3), 5)
+    plain = new_sequence([1], SamplingParams(4), 0)
+    chosen = choose_tokens(logits.repeat(3, 1), [greedy, sampled, plain]).tolist()
+    raw = torch.log_softmax(logits[0], -1)
+    token, logprob, top = greedy.logprobs[0]
+    assert token == chosen[0] == int(raw.argmax()) and logprob == pytest.approx(float(raw.max()))
+    assert [t for t, _ in top] == raw.topk(3).indices.tolist()
+    warped = torch.log_softmax(TopKLogitsWarper(2)(None, logits.clone())[0], -1)  # two tokens share the mass
+    token, logprob, top = sampled.logprobs[0]
+    assert logprob == pytest.approx(float(warped[chosen[1]])) and top[2][1] == float("-inf")
+    assert plain.logprobs == []
+    advance(greedy, 2, _Tokenizer(), {2}, 0.0, 0, None)  # the end of sequence is no token of the answer
+    assert greedy.logprobs == [] and greedy.finish_reason == "eos_token"

@@ -11,7 +11,7 @@ from ts_plugin.generation import SequenceResult
 from ts_plugin.handlers._openai import (CHAT, COMPLETIONS, DETOKENIZE, TOKENIZE, OpenAIFormat, parse_openai,
                                         tokenizer_answer)
 from ts_plugin.requests import Limits, RequestError
-from ts_plugin.testing import archive_model, java_available, write_config
+from ts_plugin.testing import archive_model, java_available, reference_answers, write_config
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -114,7 +114,8 @@ def test_tokenize_and_detokenize_as_vllm_answers_them(tokenizer):
 
 @pytest.mark.parametrize("route, body, status, words", [
     (COMPLETIONS, {"prompt": "hi", "n": 2}, 400, "one choice"),
-    (COMPLETIONS, {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, 400, "logprobs is 21"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "needs \"logprobs\": true"),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": 33}, 400, "at most 32"),
     (COMPLETIONS, {"prompt": "hi", "temperature": 3}, 400, "temperature"),
     (COMPLETIONS, {"prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
@@ -133,10 +134,32 @@ def test_bad_bodies_are_refused_with_the_reason(tokenizer, route, body, status, 
     assert error.value.status == status
 
 
+def test_logprobs_take_openais_shapes_for_completions_and_chat(tokenizer):
+    ids = tokenizer("hello world")["input_ids"][:2]
+    texts = [tokenizer.decode([i]) for i in ids]
+    entries = [(ids[0], -0.5, [(ids[0], -0.5), (ids[1], -1.5)]), (ids[1], -0.25, [(ids[1], -0.25), (ids[0], -2.0)])]
+    result = SequenceResult("".join(texts), ids, 3, "length", 0.1, 0.2, entries)
+    completion = parse(tokenizer, {"prompt": "hi", "logprobs": 2})
+    assert completion.params.logprobs == 2
+    assert OpenAIFormat(completion, "r", "m", tokenizer).whole(result)["choices"][0]["logprobs"] == {
+        "tokens": texts, "token_logprobs": [-0.5, -0.25], "text_offset": [0, len(texts[0])],
+        "top_logprobs": [{texts[0]: -0.5, texts[1]: -1.5}, {texts[1]: -0.25, texts[0]: -2.0}]}
+    chat = parse(tokenizer, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 1},
+                 CHAT)
+    assert chat.params.logprobs == 1
+    events = OpenAIFormat(chat, "r", "m", tokenizer).event(texts[0], None, entries[:1])
+    content = json.loads(events[len("data: "):])["choices"][0]["logprobs"]["content"]
+    assert content == [{"token": texts[0], "bytes": list(texts[0].encode()), "logprob": -0.5,
+                        "top_logprobs": [{"token": texts[0], "bytes": list(texts[0].encode()), "logprob": -0.5},
+                                         {"token": texts[1], "bytes": list(texts[1].encode()), "logprob": -1.5}]}]
+    assert parse(tokenizer, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, CHAT).params.logprobs == 0
+    assert parse(tokenizer, {"prompt": "hi"}).params.logprobs is None
+
+
 def test_stream_events_end_with_the_finish_usage_and_done(tokenizer):
     request = parse(tokenizer, {"messages": [{"role": "user", "content": "hi"}], "stream": True,
                                 "stream_options": {"include_usage": True}}, CHAT)
-    answer = OpenAIFormat(request, "r1", "m")
+    answer = OpenAIFormat(request, "r1", "m", tokenizer)
     first = answer.event("Hel")
     result = SequenceResult("Hello", [5, 6], 4, "eos_token", 0.1, 0.2)
     last = answer.event("lo", result)
@@ -144,7 +167,7 @@ def test_stream_events_end_with_the_finish_usage_and_done(tokenizer):
     chunks = [json.loads(e) for e in events[:-1]]
     assert events[-1] == "[DONE]"
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "Hel"}
-    assert chunks[1]["choices"][0] == {"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}
+    assert chunks[1]["choices"][0] == {"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop", "logprobs": None}
     assert chunks[2]["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
     assert all(c["id"] == "chatcmpl-r1" and c["object"] == "chat.completion.chunk" for c in chunks)
 
@@ -282,3 +305,43 @@ def test_a_chat_prompt_is_the_templates_own_token_ids_with_one_bos(tmp_path):
     assert chat.input_ids == tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
                                                            tokenize=True, return_dict=True)["input_ids"]
     assert chat.input_ids.count(1) == 1 and completion.input_ids[0] == 1
+
+
+def reference_logprobs(model_dir, prompt: str, token_ids) -> list:
+    """Single-process log-probabilities of `token_ids` after `prompt` (greedy: no processor changes them)."""
+    import torch
+
+    from ts_plugin.testing.packaging import _reference_model
+
+    model, tokenizer = _reference_model(str(model_dir))
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + list(token_ids)])).logits[0]
+    logprobs = torch.log_softmax(logits[len(prompt_ids) - 1:-1].float(), -1)
+    return [float(logprobs[i, token]) for i, token in enumerate(token_ids)]
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logprobs_are_those_of_the_model_in_one_process(server, name):
+    ts, model_dir = server
+    api = client(ts, name)
+    completion = api.completions.create(model=name, prompt=PROMPTS[1], max_tokens=8, temperature=0, logprobs=2)
+    choice = completion.choices[0]
+    generated, text = reference_answers(model_dir, [(PROMPTS[1], 8)])[0]
+    assert choice.text == text and len(choice.logprobs.token_logprobs) == len(generated)
+    assert choice.logprobs.token_logprobs == pytest.approx(reference_logprobs(model_dir, PROMPTS[1], generated),
+                                                           abs=1e-3)
+    for logprob, top in zip(choice.logprobs.token_logprobs, choice.logprobs.top_logprobs):
+        assert len(top) <= 2 and max(top.values()) == pytest.approx(logprob)  # greedy: the chosen token is the top one
+
+    messages = [{"role": "user", "content": "hello world"}]
+    whole = api.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                        top_logprobs=1)
+    streamed = [chunk.choices[0].logprobs.content for chunk in
+                api.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                            top_logprobs=1, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs]
+    flat = [entry for entries in streamed for entry in entries]
+    assert [e.logprob for e in flat] == pytest.approx([e.logprob for e in whole.choices[0].logprobs.content], abs=1e-5)
+    assert len(flat) == whole.usage.completion_tokens and all(len(e.top_logprobs) == 1 for e in flat)

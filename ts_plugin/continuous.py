@@ -36,12 +36,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .engines.base import StepModel
-from .generation import (SequenceResult, StreamCallback, _Sequence, advance, left_padded, new_sequence, next_tokens,
+from .generation import (SequenceResult, TokenLogprob, _Sequence, advance, left_padded, new_sequence, next_tokens,
                          pad_token_id)
 from .requests import SamplingParams
 
@@ -52,6 +52,7 @@ class _Row:
     seq: _Sequence
     started: float
     text: str = ""  # new text of this step, for streaming
+    logprobs_sent: int = 0  # how many of seq.logprobs earlier steps gave out
     answered: bool = False  # its result went out (a batch that cannot drop rows keeps it until the last one ends)
 
 
@@ -61,10 +62,16 @@ MIN_CHUNK = 16
 
 @dataclass
 class StepOutput:
-    """What a step produced for one request: its new text, and its result once it finished."""
+    """What a step produced for one request: its new text (and its tokens' logprobs where asked), and its result
+    once it finished."""
 
     text: str
     result: Optional[SequenceResult]
+    logprobs: List[TokenLogprob] = dataclasses.field(default_factory=list)
+
+    def then(self, later: "StepOutput") -> "StepOutput":
+        """This output followed by a later step's."""
+        return StepOutput(self.text + later.text, later.result, self.logprobs + later.logprobs)
 
 
 class _Pending:
@@ -171,8 +178,11 @@ class ContinuousBatch:
             if row.seq.finish_reason:
                 seq, row.answered = row.seq, True
                 result = SequenceResult(seq.text, seq.token_ids, len(seq.prompt_ids), seq.finish_reason,
-                                        (seq.first_token_at or row.started) - row.started, now - row.started)
-            outputs[row.request_id] = StepOutput(row.text, result)
+                                        (seq.first_token_at or row.started) - row.started, now - row.started,
+                                        seq.logprobs if seq.params.logprobs is not None else None)
+            new_logprobs = row.seq.logprobs[row.logprobs_sent:]
+            row.logprobs_sent += len(new_logprobs)
+            outputs[row.request_id] = StepOutput(row.text, result, new_logprobs)
         for pending in self.waiting:
             outputs[pending.row.request_id] = StepOutput("", None)
         running = [i for i, row in enumerate(self.rows) if not row.seq.finish_reason]
@@ -193,7 +203,7 @@ class ContinuousBatch:
             if not len(self) or slot_freed.is_set():
                 break
             for request_id, output in self.step([]).items():
-                outputs[request_id] = StepOutput(outputs[request_id].text + output.text, output.result)
+                outputs[request_id] = outputs[request_id].then(output)
         return outputs
 
     def reset(self) -> None:
@@ -378,11 +388,11 @@ def continuous_batch(model: StepModel, tokenizer: Any, eos_ids: Sequence[int], d
 
 
 def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], params: Sequence[SamplingParams],
-             default_seed: int, eos_ids: Sequence[int], on_text: Optional[StreamCallback] = None,
+             default_seed: int, eos_ids: Sequence[int], on_step: Optional[Callable[[int, StepOutput], None]] = None,
              max_batched_tokens: Optional[int] = None, rows_editable: bool = True) -> List[SequenceResult]:
     """Generate a static batch of tokenized prompts until each sequence stops: the continuous loop with every
     request joining at once, so finished rows leave the batch instead of stepping on with padding. A row without
-    a seed samples with `default_seed + its row`. `on_text(row, new text, finished)` streams each step's text.
+    a seed samples with `default_seed + its row`. `on_step(row, output)` streams each step's output.
     `rows_editable`: False where the model's cache cannot drop rows (see ContinuousBatch)."""
     live = continuous_batch(model, tokenizer, eos_ids, default_seed, len(prompts), max_batched_tokens, rows_editable)
     try:
@@ -391,11 +401,11 @@ def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], par
         results: Dict[str, SequenceResult] = {}
         while joining or len(live):
             # one step per call where text streams; else until a row finishes (no new request can take its place)
-            outputs = live.steps(joining, 1 if on_text is not None else max(p.max_new_tokens for p in params))
+            outputs = live.steps(joining, 1 if on_step is not None else max(p.max_new_tokens for p in params))
             joining = []
             for request_id, output in outputs.items():
-                if on_text is not None and (output.text or output.result is not None):
-                    on_text(int(request_id), output.text, output.result is not None)
+                if on_step is not None and (output.text or output.logprobs or output.result is not None):
+                    on_step(int(request_id), output)
                 if output.result is not None:
                     results[request_id] = output.result
         return [results[request_id] for request_id in ids]

@@ -16,6 +16,10 @@ from .engines.base import StepModel
 from .requests import SamplingParams, stop_span
 
 
+#: a chosen token's log-probability: (token id, its log-probability, [(alternative id, log-probability), ...])
+TokenLogprob = Tuple[int, float, List[Tuple[int, float]]]
+
+
 @dataclass
 class SequenceResult:
     text: str
@@ -24,6 +28,7 @@ class SequenceResult:
     finish_reason: str  # length | eos_token | stop_sequence
     time_to_first_token_s: float
     seconds: float
+    logprobs: Optional[List[TokenLogprob]] = None  # per token of token_ids, where asked (on the driver rank)
 
     @property
     def completion_tokens(self) -> int:
@@ -42,6 +47,7 @@ class _Sequence:
     first_token_at: Optional[float] = None
     prefix_offset: int = 0  # incremental decoding: seq.text holds the text of token_ids[:read_offset]
     read_offset: int = 0
+    logprobs: List[TokenLogprob] = field(default_factory=list)  # filled where tokens are chosen (the driver)
     _processors: Optional[Tuple[Any, Any]] = None
 
     @property
@@ -63,24 +69,36 @@ StreamCallback = Callable[[int, str, bool], None]
 
 def choose_tokens(logits: torch.Tensor, sequences: Sequence[_Sequence]) -> torch.Tensor:
     """Greedy or sampled next token per row, each with its own parameters and generator: the logit bias and
-    penalties, then (sampled rows) transformers' temperature, top-k and top-p warpers, in generate's order."""
+    penalties, then (sampled rows) transformers' temperature, top-k and top-p warpers, in generate's order. A row
+    that asks for logprobs gets them from the distribution its token was drawn from: after the bias and penalties,
+    and for a sampled row after the warpers too."""
     chosen = torch.empty(len(sequences), dtype=torch.long)
     for row, seq in enumerate(sequences):
         penalties, warpers = seq.processors
         scores = logits[row:row + 1]
         if penalties:  # only the penalty reads the history; the warpers take input_ids unused
             scores = penalties(torch.tensor([seq.prompt_ids + seq.token_ids], dtype=torch.long), scores.clone())
-        if not seq.sampling:
+        if seq.sampling:
+            warped = warpers(None, scores.clone())
+            probs = torch.softmax(warped, dim=-1)
+        if not seq.sampling or not bool(torch.isfinite(probs).all()):
+            # (sampled) a temperature or penalty near 0 (allowed: > 0) overflows float32 to inf, and multinomial
+            # would raise on the driver only; that distribution's limit is its argmax (temperature keeps the order)
             chosen[row] = int(torch.argmax(scores))
-            continue
-        probs = torch.softmax(warpers(None, scores.clone()), dim=-1)
-        if not bool(torch.isfinite(probs).all()):
-            # a temperature or penalty near 0 (allowed: > 0) overflows float32 to inf, and multinomial would raise
-            # on the driver only; that distribution's limit is its argmax (temperature keeps the order)
-            chosen[row] = int(torch.argmax(scores))
-            continue
-        chosen[row] = int(torch.multinomial(probs[0], 1, generator=seq.generator))
+            drawn_from = scores
+        else:
+            chosen[row] = int(torch.multinomial(probs[0], 1, generator=seq.generator))
+            drawn_from = warped
+        if seq.params.logprobs is not None and seq.finish_reason is None:
+            seq.logprobs.append(_token_logprob(drawn_from[0], int(chosen[row]), seq.params.logprobs))
     return chosen
+
+
+def _token_logprob(scores: torch.Tensor, token: int, alternatives: int) -> TokenLogprob:
+    logprobs = torch.log_softmax(scores.float(), dim=-1)
+    top = torch.topk(logprobs, alternatives) if alternatives else None
+    return (token, float(logprobs[token]),
+            [] if top is None else [(int(i), float(v)) for v, i in zip(top.values, top.indices)])
 
 
 class _GeneratedTokenPenalties:
@@ -178,6 +196,7 @@ def advance(seq: _Sequence, token: int, tokenizer: Any, eos: set, now: float, ro
         seq.first_token_at = now
     if token in eos:
         seq.finish_reason = "eos_token"
+        del seq.logprobs[len(seq.token_ids):]  # an end of sequence is no token of the answer
     else:
         seq.token_ids.append(token)
         _decode_new(seq, tokenizer, flush=len(seq.token_ids) >= seq.params.max_new_tokens)

@@ -28,6 +28,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence among the generated tokens
     logit_bias: Dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: Optional[int] = None  # each chosen token's log-probability, with this many alternatives
 
 
 @dataclass

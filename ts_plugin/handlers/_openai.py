@@ -25,6 +25,7 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "
 _FIELDS = {COMPLETIONS: _COMMON | {"prompt", "echo", "best_of", "suffix"},
            CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}}
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs
 
 
 def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any,
@@ -39,8 +40,6 @@ def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any
         raise RequestError(f"unsupported field(s) {', '.join(unknown)}; supported: {', '.join(sorted(_FIELDS[route]))}")
     if body.get("n", 1) != 1:
         raise RequestError(f"n is {body['n']!r}; this server returns one choice per request (n: 1)")
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
-        raise RequestError("logprobs are not supported")
     if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1):
         raise RequestError("echo, suffix and best_of are not supported")
     stream = body.get("stream", False)
@@ -51,7 +50,7 @@ def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any
                                            and isinstance(stream_options.get("include_usage", False), bool)):
         raise RequestError(f'"stream_options" must be an object like {{"include_usage": true}}, not {stream_options!r}')
     prompt = _prompt(body) if route == COMPLETIONS else _chat_prompt(body, tokenizer, chat_template)
-    request = TextRequest(check_prompt(prompt), _params(body, limits, len(tokenizer)), stream, api=route,
+    request = TextRequest(check_prompt(prompt), _params(body, limits, len(tokenizer), route), stream, api=route,
                           add_special_tokens=route == COMPLETIONS)
     request.model = body.get("model") if isinstance(body.get("model"), str) else None
     request.include_usage = bool((stream_options or {}).get("include_usage")) and stream
@@ -144,7 +143,7 @@ def _message(index: int, message: Any) -> Dict[str, Any]:
             **{key: message[key] for key in _MESSAGE_FIELDS if message.get(key) is not None}}
 
 
-def _params(body: Dict[str, Any], limits: Limits, vocab_size: int) -> SamplingParams:
+def _params(body: Dict[str, Any], limits: Limits, vocab_size: int, route: str) -> SamplingParams:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = limits.max_new_tokens if max_tokens is None else max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -164,7 +163,22 @@ def _params(body: Dict[str, Any], limits: Limits, vocab_size: int) -> SamplingPa
                                                    field="frequency_penalty"),
                           repetition_penalty=number(body, "repetition_penalty", float, 1.0, 0.0, 100.0, low_open=True,
                                                     field="repetition_penalty"),
-                          logit_bias=_logit_bias(body.get("logit_bias"), vocab_size))
+                          logit_bias=_logit_bias(body.get("logit_bias"), vocab_size),
+                          logprobs=_logprobs(body, route))
+
+
+def _logprobs(body: Dict[str, Any], route: str) -> Optional[int]:
+    """How many alternatives per token, or None for no logprobs: completions' `logprobs: k`, chat's
+    `logprobs: true` with `top_logprobs: k`."""
+    if route == COMPLETIONS:
+        return number(body, "logprobs", int, None, 0, MAX_LOGPROBS, field="logprobs")
+    wanted = body.get("logprobs", False)
+    if not isinstance(wanted, bool) and wanted is not None:
+        raise RequestError(f'"logprobs" must be true or false, not {wanted!r}')
+    top = number(body, "top_logprobs", int, None, 0, MAX_LOGPROBS, field="top_logprobs")
+    if top is not None and not wanted:
+        raise RequestError('"top_logprobs" needs "logprobs": true')
+    return (top or 0) if wanted else None
 
 
 def _logit_bias(value: Any, vocab_size: int) -> Dict[int, float]:
@@ -190,8 +204,10 @@ def _logit_bias(value: Any, vocab_size: int) -> Dict[int, float]:
 class OpenAIFormat:
     """Bodies and server-sent events of one OpenAI request."""
 
-    def __init__(self, request: TextRequest, request_id: str, model: str):
+    def __init__(self, request: TextRequest, request_id: str, model: str, tokenizer: Any):
         self.request = request
+        self.tokenizer = tokenizer
+        self._text_offset = 0  # completions' text_offset of the next token
         self.chat = request.api == CHAT
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{request_id}"
         self.model = request.model or model
@@ -205,20 +221,23 @@ class OpenAIFormat:
 
     def whole(self, result) -> dict:
         finish = FINISH_REASONS[result.finish_reason]
-        choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish}
-                  if self.chat else {"index": 0, "text": result.text, "finish_reason": finish, "logprobs": None})
+        logprobs = self._logprobs(result.logprobs or [])
+        choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish,
+                   "logprobs": logprobs}
+                  if self.chat else {"index": 0, "text": result.text, "finish_reason": finish, "logprobs": logprobs})
         return {**self._envelope([choice], chunk=False), "usage": usage(result)}
 
-    def event(self, text: str, result=None) -> str:
-        """The server-sent events for new text, and after the last text the finish and [DONE]."""
+    def event(self, text: str, result=None, logprobs=()) -> str:
+        """The server-sent events for new text (with its tokens' logprobs), and after the last text the finish
+        and [DONE]."""
         finish = FINISH_REASONS[result.finish_reason] if result is not None else None
         if self.chat:
             delta = {"content": text}
             if not self._role_sent:
                 delta, self._role_sent = {"role": "assistant", **delta}, True
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": self._logprobs(logprobs)}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": self._logprobs(logprobs)}
         chunk = self._envelope([choice], chunk=True)
         if result is None:
             return _sse(chunk)
@@ -226,6 +245,36 @@ class OpenAIFormat:
         if self.request.include_usage:
             events += _sse({**self._envelope([], chunk=True), "usage": usage(result)})
         return events + "data: [DONE]\n\n"
+
+
+    def _logprobs(self, entries) -> Optional[dict]:
+        """OpenAI's logprobs object for these tokens: completions' parallel lists, or chat's content list."""
+        if self.request.params.logprobs is None:
+            return None
+        token = self._token_text
+        if self.chat:
+            return {"content": [{**token(chosen), "logprob": logprob,
+                                 "top_logprobs": [{**token(other), "logprob": value} for other, value in top]}
+                                for chosen, logprob, top in entries]}
+        texts = [token(chosen)["token"] for chosen, _, _ in entries]
+        offsets = []
+        for text in texts:
+            offsets.append(self._text_offset)
+            self._text_offset += len(text)
+        return {"tokens": texts, "token_logprobs": [logprob for _, logprob, _ in entries],
+                "top_logprobs": [self._by_text(top) for _, _, top in entries],
+                "text_offset": offsets}
+
+    def _by_text(self, top) -> Dict[str, float]:
+        """Completions' {token text: logprob}; where two tokens decode alike (partial UTF-8) the likelier stays."""
+        by_text: Dict[str, float] = {}
+        for token_id, logprob in top:
+            by_text.setdefault(self._token_text(token_id)["token"], logprob)
+        return by_text
+
+    def _token_text(self, token_id: int) -> dict:
+        text = self.tokenizer.decode([token_id])
+        return {"token": text, "bytes": list(text.encode("utf-8"))}
 
 
 def usage(result) -> dict:

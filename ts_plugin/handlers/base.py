@@ -255,12 +255,12 @@ class LLMHandler:
                 parsed.append(RequestError(f"the request could not be read ({type(error).__name__}: {error})"))
         return parsed
 
-    def inference(self, requests: List[TextRequest], on_text=None):
+    def inference(self, requests: List[TextRequest], on_step=None):
         from ..continuous import generate
 
         seed = self.config.handler.manual_seed + self._batches
         return generate(self.model, self.tokenizer, [r.input_ids for r in requests], [r.params for r in requests],
-                        seed, self.eos_token_ids, on_text, self.config.handler.max_num_batched_tokens,
+                        seed, self.eos_token_ids, on_step, self.config.handler.max_num_batched_tokens,
                         self.rows_editable)
 
     def postprocess(self, request: TextRequest, result) -> Dict[str, Any]:
@@ -334,7 +334,7 @@ class LLMHandler:
                 results.append(output.result)
                 del self._live[request_id]
             if request.stream:
-                responses[index] = answer.event(output.text, output.result)
+                responses[index] = answer.event(output.text, output.result, output.logprobs)
             elif output.result is not None:
                 responses[index] = answer.whole(output.result)
             set_content_type(context, index, request)
@@ -413,7 +413,7 @@ class LLMHandler:
         """How one request's answer and stream events are written: TGI's or OpenAI's."""
         if request.api == "tgi":
             return _TGIFormat(self, request)
-        return OpenAIFormat(request, request_id, self.served_model_names()[0])
+        return OpenAIFormat(request, request_id, self.served_model_names()[0], self.tokenizer)
 
     def _generate_batch(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
         self.context = context
@@ -433,8 +433,9 @@ class LLMHandler:
         results = self.inference([requests[i] for i in good], streamer)
         for position, index in enumerate(good):
             if requests[index].stream:
-                last_text = streamer.final_text.get(position, "") if streamer else ""
-                responses[index] = formats[index].event(last_text, results[position])
+                last = streamer.last.get(position) if streamer else None
+                responses[index] = formats[index].event(last.text if last else "", results[position],
+                                                        last.logprobs if last else [])
             else:
                 responses[index] = formats[index].whole(results[position])
         self._record_metrics(context, results)
@@ -487,19 +488,19 @@ class _Streamer:
         self.batch_indexes = batch_indexes
         self.requests = requests
         self.formats = formats
-        self.final_text: Dict[int, str] = {}
+        self.last: Dict[int, Any] = {}  # row -> its last StepOutput, which goes out with handle's return value
 
-    def __call__(self, row: int, text: str, finished: bool) -> None:
+    def __call__(self, row: int, output: Any) -> None:
         if not self.requests[row].stream:
             return
-        if finished:
-            self.final_text[row] = text  # goes out with handle's return value
+        if output.result is not None:
+            self.last[row] = output
             return
         from ts.handler_utils.utils import send_intermediate_predict_response
 
         index = self.batch_indexes[row]
         chunks: List[Any] = [None] * (max(self.context.request_ids) + 1)
-        chunks[index] = self.formats[row].event(text)
+        chunks[index] = self.formats[row].event(output.text, None, output.logprobs)
         send_intermediate_predict_response(chunks, {index: self.context.request_ids[index]},
                                            "Intermediate Prediction success", 200, self.context)
 
@@ -514,7 +515,7 @@ class _TGIFormat:
     def whole(self, result) -> Dict[str, Any]:
         return self.handler.postprocess(self.request, result)
 
-    def event(self, text: str, result=None) -> str:
+    def event(self, text: str, result=None, logprobs=()) -> str:
         if result is None:
             return stream_line({"token": {"text": text}, "generated_text": None, "details": None})
         # the last line: the remaining text, plus the full answer as in TGI's final event

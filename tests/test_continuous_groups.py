@@ -110,8 +110,9 @@ def test_several_steps_per_call_stop_in_every_group_once_one_frees_a_slot(model)
     assert [len(batch) for batch in live.batches] == [1, 0]  # "short" finished and left its group
     assert outputs["short"].result is not None and outputs["long"].result is None
     long_row = live.batches[0].rows[0]
-    # stopped within a step of "short" (not 8 steps alone); 1 where its thread was slower than short's two steps
-    assert 1 <= len(long_row.seq.token_ids) <= 3
+    # stopped once "short" finished, not after 8 steps alone; how many steps it ran before depends on how the
+    # two threads were scheduled (1 to 4 seen on a busy 2-CPU host)
+    assert 1 <= len(long_row.seq.token_ids) < 8
     assert outputs["long"].text == tokenizer.decode(long_row.seq.token_ids)
     text = outputs["long"].text
     while outputs["long"].result is None:  # the rest, 8 steps per call while nothing else finishes

@@ -1,4 +1,4 @@
-"""parallelType custom, in-process (no TorchServe): the Accelerate engine and the DeviceMapHandler."""
+"""parallelType custom, in-process (no TorchServe): the Accelerate engine and the AccelerateHandler."""
 from __future__ import annotations
 
 import asyncio

@@ -621,7 +621,8 @@ def test_deepspeed_settings_come_from_the_file_the_validator_read(tmp_path):
     report = validate_file(path)
     assert report.ok, report.text()
     (tmp_path / "ds.json").unlink()  # read once, by the validator: the engine does not open it again
-    settings = inference_config(report.config, report.layout, tmp_path, torch.device("cpu"), torch.float32)
+    settings = inference_config(report.config, report.layout, report.deepspeed_file, tmp_path, torch.device("cpu"),
+                                torch.float32)
     assert settings["max_out_tokens"] == 256  # the inline key wins over the file
     assert settings["tensor_parallel"] == {"tp_size": 2}
-    assert report.config.deepspeed.file_settings == {"max_out_tokens": 512, "tensor_parallel": {"tp_size": 2}}
+    assert report.deepspeed_file == {"max_out_tokens": 512, "tensor_parallel": {"tp_size": 2}}

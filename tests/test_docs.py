@@ -36,17 +36,15 @@ def test_every_parallel_type_has_an_example_and_a_handler_named_after_its_engine
     assert {p.parent.name for p in EXAMPLES} == set(ENGINES) == {"tp", "pp", "pptp", "custom"}
     for parallel_type, engine in ENGINES.items():
         assert callable(importlib.import_module(f"ts_plugin.engines.{engine}").load)
-        old_names = ["pippy_handler.py"] if parallel_type == "pp" else []
-        for file in [f"{engine}_handler.py", *old_names]:
-            spec = importlib.util.spec_from_file_location(file[:-3], REPO / "handlers" / file)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            # TorchServe's loader takes the one class defined in the file itself
-            classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
-            assert len(classes) == 1, file
-            assert classes[0].parallel_type == parallel_type, file
-            if file not in old_names:
-                assert classes[0].__name__.lower() == f"{engine}handler", file
+        file = f"{engine}_handler.py"
+        spec = importlib.util.spec_from_file_location(file[:-3], REPO / "handlers" / file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        # TorchServe's loader takes the one class defined in the file itself
+        classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+        assert len(classes) == 1, file
+        assert classes[0].parallel_type == parallel_type, file
+        assert classes[0].__name__.lower() == f"{engine}handler", file
 
 
 def test_invalid_example_is_refused():

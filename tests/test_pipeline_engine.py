@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent(r'''
     import torch.distributed as dist
     import yaml
 
-    from ts_plugin.handlers.pipeline import PipelineHandler
+    from ts_plugin.handlers import PipelineHandler
     from ts_plugin.testing import failed_statuses, start_batch, worker_context
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -228,7 +228,7 @@ def test_a_rank_that_cannot_load_its_stage_fails_the_load_on_every_rank(tmp_path
     torch.save(state, model_dir / "pytorch_model.bin")
     (model_dir / "pp-chunks1.yaml").write_text(yaml.safe_dump(CONFIG, sort_keys=False))
     first, last = load_on_two_ranks("PipelineHandler", model_dir, "pp-chunks1.yaml", tmp_path)
-    assert first == "PipelineError: another pipeline rank failed to load its stage; its model log says why"
+    assert first == "EngineError: another rank failed to load its pipeline stage; its model log says why"
     assert last.startswith("PipelineError: 1 tensor(s) of stage 1 are not in the checkpoint")
     assert "lm_head.weight" in last
 
@@ -361,7 +361,7 @@ def test_other_families_split_in_process(tmp_path, family, stages):
 
 def test_single_rank_pipeline_serves_in_process(tmp_path, monkeypatch, models):
     """parallelType pp with nproc-per-node 1 (a pipeline of one stage): no process group, same answers."""
-    from ts_plugin.handlers.pipeline import PipelineHandler
+    from ts_plugin.handlers import PipelineHandler
     from ts_plugin.testing import failed_statuses, worker_context
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -383,7 +383,7 @@ def test_single_rank_pipeline_serves_in_process(tmp_path, monkeypatch, models):
 
 def test_handler_refuses_other_parallel_types(tmp_path, monkeypatch, models):
     from ts_plugin.handlers.base import ConfigError
-    from ts_plugin.handlers.pipeline import PipelineHandler
+    from ts_plugin.handlers import PipelineHandler
     from ts_plugin.testing import worker_context
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

@@ -40,9 +40,7 @@ def server(tmp_path_factory):
                 torchrun={"nproc-per-node": 2, "rdzv-endpoint": f"127.0.0.1:{next(rendezvous)}"},
                 pippy={"chunks": chunks, "rpc_timeout": 300, "num_worker_threads": 8},
                 handler={"max_new_tokens": MAX_NEW_TOKENS, "max_length": 128})
-            # GPT-2 goes through the handler's old file name, which must keep working for existing archives
-            archive_model(store, name, "pipeline_handler.py" if arch == "llama" else "pippy_handler.py", config,
-                          folders[arch])
+            archive_model(store, name, "pipeline_handler.py", config, folders[arch])
     with TorchServe(root / "ts", store) as ts:
         ts.start(models={name: name for name in MODELS})
         yield ts, folders

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(r'''
     import torch
 
     from ts_plugin.engines._cpu_tp import deepspeed_layer_forwards
-    from ts_plugin.handlers.tensor_parallel import DeepSpeedHandler
+    from ts_plugin.handlers import DeepSpeedHandler
     from ts_plugin.testing import worker_context
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -138,6 +138,8 @@ class Report:
     findings: List[Finding] = field(default_factory=list)
     config: Optional[ModelConfig] = None
     layout: Optional[ParallelLayout] = None
+    #: the JSON that deepspeed.config names, as validation read it ({} when none): the engine takes it from here
+    deepspeed_file: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def errors(self) -> List[Finding]:
@@ -155,6 +157,7 @@ class _Collector:
     def __init__(self, loaded: LoadedYaml):
         self.loaded = loaded
         self.findings: List[Finding] = []
+        self.deepspeed_file: Dict[str, Any] = {}
 
     def add(self, rule: Rule, path: Tuple[Any, ...], message: str, hint: str) -> None:
         line, column = self.loaded.position(path)
@@ -222,7 +225,7 @@ def validate_data(data: Any, source: str = "model-config.yaml", context: Optiona
     _check_files(config, layout, out, context)
     _check_model(config, layout, out, context)
     report.findings = sorted(out.findings, key=lambda f: (f.line, f.column, f.code))
-    report.config, report.layout = config, layout
+    report.config, report.layout, report.deepspeed_file = config, layout, out.deepspeed_file
     return report
 
 
@@ -603,7 +606,7 @@ def _check_files(config: ModelConfig, layout: ParallelLayout, out: _Collector, c
             out.add(FILE_NOT_JSON, path, f"{key} {value!r} is not valid JSON: {err}", "fix the JSON file")
             continue
         if path == ("deepspeed", "config") and isinstance(parsed, dict):
-            ds.keep_file_settings(parsed)  # the engine builds DeepSpeed's settings from this, not from the file again
+            out.deepspeed_file = parsed  # the engine builds DeepSpeed's settings from this, not from the file again
             sizes = []
             tp_section = parsed.get("tensor_parallel")
             if isinstance(tp_section, dict) and isinstance(tp_section.get("tp_size"), int):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, List, Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ParallelType = Literal["pp", "tp", "pptp", "custom"]
 DeviceType = Literal["cpu", "gpu"]
@@ -86,16 +86,6 @@ class DeepSpeedConfig(_Section):
     mp_size: Optional[int] = Field(None, ge=1, description="Deprecated spelling of tensor_parallel.tp_size.")
     max_out_tokens: Optional[int] = Field(None, ge=1)
     injection_policy: Optional[Dict[str, Any]] = Field(None, description="Module class -> policy, for models AutoTP cannot shard.")
-
-    _file: Dict[str, Any] = PrivateAttr(default_factory=dict)
-
-    @property
-    def file_settings(self) -> Dict[str, Any]:
-        """The JSON file that `config` names, as the validator read it ({} when none): read once, in one place."""
-        return self._file
-
-    def keep_file_settings(self, settings: Dict[str, Any]) -> None:
-        self._file = dict(settings)
 
     @field_validator("dtype", mode="before")
     @classmethod

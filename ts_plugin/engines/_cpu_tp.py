@@ -7,9 +7,7 @@ otherwise it skips its set-up and its first all-reduce dereferences a null works
 earlier versions of this engine turn it off (DeepSpeed 0.19.8 under torchrun). `use_shared_memory_all_reduce`
 gives it `LOCAL_SIZE` from torchrun's `LOCAL_WORLD_SIZE` where every rank is on this host.
 
-Measured on SmolLM2-135M, decode tokens/s of tp 2 (one thread per rank) over one process with two threads on a
-2-CPU host: DeepSpeed's op with DeepSpeed's layer forwards 0.77x, with the lean forwards 0.90x (the Unix-socket
-link this module replaces: 0.84x); tp 4 on the same 2 CPUs 3.6 against gloo's 2.5 tokens/s.
+What the op and the lean forwards gain: docs/benchmarks.md, "Measurements behind the design".
 """
 from __future__ import annotations
 

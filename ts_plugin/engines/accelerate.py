@@ -6,9 +6,8 @@ buffers real), the device map is computed with Accelerate's own `get_balanced_me
 checkpoint is loaded into that map by transformers' own `from_pretrained(device_map=..., offload_folder=...)`,
 which applies the model's checkpoint key mapping (GPT-NeoX's `embed_out` is its `lm_head`) and ties weights;
 a weight the checkpoint lacks is refused rather than initialised at random. Host memory at the peak holds
-about the parameters placed on the CPU, never a second copy of the model (measured: a 74 MiB model in 18 MiB
-shards, 1 MiB of it on the CPU, peaks 6.0 MiB over the baseline; 20.4 MiB with Accelerate's
-`load_checkpoint_in_model`, which read a shard at a time).
+about the parameters placed on the CPU, never a second copy of the model (docs/benchmarks.md, "Measurements
+behind the design").
 
 Modules that do not fit go to "disk": transformers reads safetensors weights for them in place, from the
 checkpoint, and writes memory-mapped files only where it must (a dtype change, .bin checkpoints), into an

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import abc
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple, Union
 
 import torch
 
@@ -25,6 +25,16 @@ class EngineError(RuntimeError):
     """The engine cannot serve this model with this config; the message says what to change."""
 
 
+def raise_if_any_rank_failed(failure: Optional[Exception], loading: str, group: Any = None) -> None:
+    """After each rank tried to load `loading` (its stage, its part of the model): a rank that failed alone must
+    not leave the others waiting for it later, so every rank learns whether any failed, and raises its own error
+    or one that points at the failed rank's log."""
+    from ..distributed import any_rank_failed
+
+    if any_rank_failed(failure is not None, group):
+        raise failure or EngineError(f"another rank failed to load {loading}; its model log says why")
+
+
 @dataclass(frozen=True)
 class LoadContext:
     """Everything an engine needs to build this rank's part of the model, from the validated config."""
@@ -37,6 +47,7 @@ class LoadContext:
     device: torch.device
     dtype: torch.dtype
     progress: Progress
+    deepspeed_file: Dict[str, Any] = field(default_factory=dict)  # the JSON deepspeed.config names, as validated
 
 
 class StepModel(Protocol):

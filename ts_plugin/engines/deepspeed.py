@@ -17,14 +17,14 @@ from ._cpu_tp import use_lean_forwards, use_shared_memory_all_reduce
 from .base import EngineError, HFStepModel, LoadContext, Progress
 
 
-def inference_config(config: ModelConfig, layout: ParallelLayout, model_dir: Path, device: torch.device,
-                     dtype: torch.dtype) -> Dict[str, Any]:
-    """DeepSpeed init_inference settings: the JSON file (as the validator read it), then the inline `deepspeed` keys
-    on top."""
+def inference_config(config: ModelConfig, layout: ParallelLayout, file_settings: Dict[str, Any], model_dir: Path,
+                     device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
+    """DeepSpeed init_inference settings: `file_settings` (the JSON file as the validator read it: its report's
+    deepspeed_file), then the inline `deepspeed` keys on top."""
     section = config.deepspeed
     settings: Dict[str, Any] = {}
     if section is not None:
-        settings.update(section.file_settings)
+        settings.update(file_settings)
         inline = section.model_dump(exclude_none=True, exclude={"config", "checkpoint"}, exclude_unset=True)
         settings.update(inline)
     settings.pop("mp_size", None)  # deprecated spelling, validated equal to tp_size
@@ -60,7 +60,7 @@ def load(context: LoadContext) -> HFStepModel:
     slices of the checkpoint where `_load_slices` can, else the whole model (`_load_whole`)."""
     config, layout, ranks, device, dtype = context.config, context.layout, context.ranks, context.device, context.dtype
     progress = context.progress
-    settings = inference_config(config, layout, context.model_dir, device, dtype)
+    settings = inference_config(config, layout, context.deepspeed_file, context.model_dir, device, dtype)
     if device.type == "cpu" and ranks.world_size > 1:
         use_shared_memory_all_reduce(ranks, progress)
     module = _load_slices(config, layout, settings, context.model_path, device, dtype, progress)
@@ -301,7 +301,7 @@ def _own_memory(module: torch.nn.Module) -> None:
     transformers memory-maps safetensors checkpoints, and AutoTP copies out the slices it shards but leaves other
     tensors (embeddings, norms, ...) as they were loaded: still views of the file mapping. Each keeps its whole
     file mapped, with every page AutoTP read while slicing resident, so each rank went on holding about the whole
-    checkpoint in RSS (measured: 542 MiB of mapped .safetensors pages beside a 390 MiB shard). Copying tensor by
+    checkpoint in RSS (docs/benchmarks.md, "Measurements behind the design"). Copying tensor by
     tensor (at most one extra tensor at a time) drops the last references to the mappings.
     """
     with torch.no_grad():

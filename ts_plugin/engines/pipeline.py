@@ -39,10 +39,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..distributed import InStepError, Ranks, any_rank_failed
+from ..distributed import InStepError, Ranks
 from ._checkpoint import (build_meta_model, checkpoint_index, checkpoint_key, checkpoint_names, peak_rss_mb,
                           read_tensors, release_memory, tied_names)
-from .base import EngineError, Follower, LoadContext, StepModel, cache_kwargs, merge_caches, select_cache_rows
+from .base import (EngineError, Follower, LoadContext, StepModel, cache_kwargs, merge_caches, raise_if_any_rank_failed,
+                   select_cache_rows)
 
 logger = logging.getLogger(__name__)
 
@@ -612,12 +613,7 @@ def load(context: LoadContext):
         stage = PipelineStage(model, info, context.device, context.dtype)
     except Exception as error:  # noqa: BLE001 - agree with the other ranks first, then raise
         failure = error
-    # a rank that failed alone (e.g. a tensor missing from its part of the checkpoint) must not leave the others
-    # waiting for it later: every rank learns whether any rank failed
-    if any_rank_failed(failure is not None, control) and failure is None:
-        failure = PipelineError("another pipeline rank failed to load its stage; its model log says why")
-    if failure is not None:
-        raise failure
+    raise_if_any_rank_failed(failure, "its pipeline stage", control)  # e.g. a tensor missing from its checkpoint part
     context.progress(
         f"pipeline stage {info.index + 1}/{info.count} of {type(model).__name__}: {layers_path}.{info.start}"
         f"..{info.end - 1}{' + input embedding' if info.is_first else ''}{' + LM head' if info.is_last else ''}; "

@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from ..config.rules import PPTP_HEADS_HINT, attention_split_problem
-from ..distributed import Ranks, any_rank_failed, broadcast_tokens, collective_device
+from ..distributed import Ranks, broadcast_tokens, collective_device
 from ._checkpoint import build_meta_model, peak_rss_mb, release_memory
-from .base import EngineError, LoadContext, StepModel
+from .base import EngineError, LoadContext, StepModel, raise_if_any_rank_failed
 from .pipeline import PipelineStage, Slicer, find_layer_list, materialize_stage, stage_bounds
 
 
@@ -161,10 +161,7 @@ def load(context: LoadContext) -> TensorParallelStage:
         stage = PipelineStage(model, info, device, dtype)
     except Exception as error:  # noqa: BLE001 - agree with the other ranks first, then raise
         failure = error
-    if any_rank_failed(failure is not None) and failure is None:
-        failure = EngineError("another rank failed to load its part of the model; its model log says why")
-    if failure is not None:
-        raise failure
+    raise_if_any_rank_failed(failure, "its part of the model")
     vocab = model.get_output_embeddings().weight.shape[0]
     context.progress(
         f"pptp stage {info.index + 1}/{info.count}, tp rank {ranks.rank % layout.tp_size + 1}/{layout.tp_size}: "

@@ -1,10 +1,10 @@
-"""Parse and check request bodies of the text-generation-inference shape. Pure and deterministic:
+"""The text-generation-inference shape: request bodies parsed and checked (pure and deterministic:
 every rank reaches the same verdict on the same bytes, before any collective."""
 from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_prompt, check_seed, check_stops
 
@@ -115,3 +115,25 @@ def _params(params: Dict[str, Any], limits: Limits) -> SamplingParams:
         stop=check_stops(params.get("stop"), "parameters.stop"),
         repetition_penalty=number(params, "repetition_penalty", float, 1.0, 0.0, 100.0, low_open=True),
     )
+
+
+class TGIFormat:
+    """text-generation-inference's answer (`postprocess`: the handler's, which a subclass may override) and its
+    stream events as JSON lines, so that a client can split chunks that arrive together."""
+
+    def __init__(self, request: TextRequest, postprocess: Callable[[TextRequest, Any], Dict[str, Any]]):
+        self.request = request
+        self.postprocess = postprocess
+
+    def whole(self, result) -> Dict[str, Any]:
+        return self.postprocess(self.request, result)
+
+    def event(self, text: str, result=None, logprobs=()) -> str:
+        if result is None:
+            return _line({"token": {"text": text}, "generated_text": None, "details": None})
+        # the last line: the remaining text, plus the full answer as in TGI's final event
+        return _line({"token": {"text": text}, **self.whole(result)})
+
+
+def _line(event: Dict[str, Any]) -> str:
+    return json.dumps(event) + "\n"

@@ -22,7 +22,6 @@ worked around there (frontend AsyncBatchAggregator):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
@@ -40,7 +39,7 @@ from ..engines.base import check_row_editable, uneditable_layers
 from ..engines import load as load_engine
 from ._openai import (MODELS, TOKENIZER_ROUTES, OpenAIFormat, error_body, models_list, parse_openai,
                       tokenizer_answer)
-from ._tgi import parse_request
+from ._tgi import TGIFormat, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +92,7 @@ class LLMHandler:
         self.context: Any = None  # TorchServe's context: set by initialize and by each batch
         self.config: Optional[ModelConfig] = None
         self.layout: Optional[ParallelLayout] = None
+        self.deepspeed_file: Dict[str, Any] = {}  # the JSON deepspeed.config names, as validation read it
         self.model = None  # a StepModel where this rank runs generation
         self.follower = None  # a Follower where it serves another rank instead (pp stages 1..n-1)
         self.tokenizer = None
@@ -120,7 +120,7 @@ class LLMHandler:
             logger.warning("%s", finding.format(report.source))
         if not report.ok:
             raise ConfigError(f"model-config.yaml has {len(report.errors)} error(s):\n{report.text()}")
-        self.config, self.layout = report.config, report.layout
+        self.config, self.layout, self.deepspeed_file = report.config, report.layout, report.deepspeed_file
         self.check_layout()
         self.device = pick_device(self.ranks, self.config.device_type)
         self.dtype = torch_dtype(self.config.handler.dtype, self.device.type)
@@ -186,7 +186,7 @@ class LLMHandler:
     def load_model(self) -> Loaded:
         """This rank's StepModel (or Follower), from the engine of the config's parallelType."""
         context = LoadContext(self.config, self.layout, self.ranks, self.model_path, self.model_dir, self.device,
-                              self.dtype, self.log_progress)
+                              self.dtype, self.log_progress, self.deepspeed_file)
         return load_engine(context)
 
     def _continuous_batch(self) -> Union[ContinuousBatch, ContinuousGroups]:
@@ -412,7 +412,7 @@ class LLMHandler:
     def response_format(self, request: TextRequest, request_id: str):
         """How one request's answer and stream events are written: TGI's or OpenAI's."""
         if request.api == "tgi":
-            return _TGIFormat(self, request)
+            return TGIFormat(request, self.postprocess)
         return OpenAIFormat(request, request_id, self.served_model_names()[0], self.tokenizer)
 
     def _generate_batch(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
@@ -475,11 +475,6 @@ def set_content_type(context: Any, index: int, request: TextRequest) -> None:
     context.set_response_content_type(index, kind)
 
 
-def stream_line(event: Dict[str, Any]) -> str:
-    """Streamed answers are JSON lines, so a client can split chunks that arrive together."""
-    return json.dumps(event) + "\n"
-
-
 class _Streamer:
     """Sends each streaming request's new text as a TorchServe intermediate response (rank 0 only)."""
 
@@ -503,23 +498,6 @@ class _Streamer:
         chunks[index] = self.formats[row].event(output.text, None, output.logprobs)
         send_intermediate_predict_response(chunks, {index: self.context.request_ids[index]},
                                            "Intermediate Prediction success", 200, self.context)
-
-
-class _TGIFormat:
-    """text-generation-inference's answer (the handler's `postprocess`) and JSON-lines stream events."""
-
-    def __init__(self, handler: LLMHandler, request: TextRequest):
-        self.handler = handler
-        self.request = request
-
-    def whole(self, result) -> Dict[str, Any]:
-        return self.handler.postprocess(self.request, result)
-
-    def event(self, text: str, result=None, logprobs=()) -> str:
-        if result is None:
-            return stream_line({"token": {"text": text}, "generated_text": None, "details": None})
-        # the last line: the remaining text, plus the full answer as in TGI's final event
-        return stream_line({"token": {"text": text}, **self.whole(result)})
 
 
 class PipelineHandler(LLMHandler):

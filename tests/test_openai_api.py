@@ -113,7 +113,7 @@ def test_tokenize_and_detokenize_as_vllm_answers_them(tokenizer):
 
 
 @pytest.mark.parametrize("route, body, status, words", [
-    (COMPLETIONS, {"prompt": "hi", "n": 2}, 400, "one choice"),
+    (COMPLETIONS, {"prompt": "hi", "n": 9}, 400, "n is 9"),
     (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, 400, "logprobs is 21"),
     (CHAT, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "needs \"logprobs\": true"),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": 33}, 400, "at most 32"),
@@ -141,7 +141,7 @@ def test_logprobs_take_openais_shapes_for_completions_and_chat(tokenizer):
     result = SequenceResult("".join(texts), ids, 3, "length", 0.1, 0.2, entries)
     completion = parse(tokenizer, {"prompt": "hi", "logprobs": 2})
     assert completion.params.logprobs == 2
-    assert OpenAIFormat(completion, "r", "m", tokenizer).whole(result)["choices"][0]["logprobs"] == {
+    assert OpenAIFormat(completion, "r", "m", tokenizer).whole([result])["choices"][0]["logprobs"] == {
         "tokens": texts, "token_logprobs": [-0.5, -0.25], "text_offset": [0, len(texts[0])],
         "top_logprobs": [{texts[0]: -0.5, texts[1]: -1.5}, {texts[1]: -0.25, texts[0]: -2.0}]}
     chat = parse(tokenizer, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 1},
@@ -238,8 +238,8 @@ def test_bad_openai_bodies_get_4xx_and_the_next_request_works(server, name):
 
     ts, model_dir = server
     api = client(ts, name)
-    with pytest.raises(BadRequestError, match="one choice"):
-        api.completions.create(model=name, prompt="hi", max_tokens=4, n=2)
+    with pytest.raises(BadRequestError, match="n is 9"):
+        api.completions.create(model=name, prompt="hi", max_tokens=4, n=9)
     with pytest.raises(BadRequestError, match="at most 32"):
         api.completions.create(model=name, prompt="hi", max_tokens=500)
     assert api.completions.create(model=name, prompt=PROMPTS[1], max_tokens=6, temperature=0).choices[0].text == \
@@ -345,3 +345,31 @@ def test_logprobs_are_those_of_the_model_in_one_process(server, name):
     flat = [entry for entries in streamed for entry in entries]
     assert [e.logprob for e in flat] == pytest.approx([e.logprob for e in whole.choices[0].logprobs.content], abs=1e-5)
     assert len(flat) == whole.usage.completion_tokens and all(len(e.top_logprobs) == 1 for e in flat)
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("name", ["oa-custom", "oa-tp-cb", "oa-pp-cb"])
+def test_n_choices_are_rows_of_the_batch_each_its_own_sample(server, name):
+    """n: 3 seeded gives 3 choices, each the answer of its own seed (seed + choice) asked alone; greedy n: 2 gives
+    the greedy answer twice; streamed choices add up to the same texts and one usage."""
+    ts, model_dir = server
+    api = client(ts, name)
+    several = api.completions.create(model=name, prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=7, n=3)
+    singles = [api.completions.create(model=name, prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=7 + choice)
+               for choice in range(3)]
+    alone = [single.choices[0].text for single in singles]
+    assert [choice.index for choice in several.choices] == [0, 1, 2]
+    assert [choice.text for choice in several.choices] == alone and len(set(alone)) > 1
+    assert several.usage.completion_tokens == sum(single.usage.completion_tokens for single in singles)
+    greedy = api.chat.completions.create(model=name, messages=[{"role": "user", "content": "hello world"}],
+                                         max_tokens=6, temperature=0, n=2)
+    expected = reference_text(model_dir, "user: hello world\nassistant:", 6)
+    assert [choice.message.content for choice in greedy.choices] == [expected, expected]
+    texts = {0: "", 1: "", 2: ""}
+    chunks = list(api.completions.create(model=name, prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=7, n=3,
+                                         stream=True, stream_options={"include_usage": True}))
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert list(texts.values()) == alone
+    assert chunks[-1].usage.completion_tokens == several.usage.completion_tokens

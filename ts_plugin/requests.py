@@ -39,6 +39,7 @@ class TextRequest:
     api: str = "tgi"  # the wire format: "tgi", or an OpenAI route (v1/completions, v1/chat/completions)
     model: Optional[str] = None  # OpenAI: the model name the client gave
     include_usage: bool = False  # OpenAI streaming: a usage event before [DONE]
+    n: int = 1  # OpenAI's choices: rows generated for the same prompt
     add_special_tokens: bool = True  # False for a chat template's text, which already holds them (BOS)
     input_ids: List[int] = field(default_factory=list)  # filled by the handler's tokenizer
 

@@ -26,6 +26,7 @@ _FIELDS = {COMPLETIONS: _COMMON | {"prompt", "echo", "best_of", "suffix"},
            CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}}
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs
+MAX_CHOICES = 8  # n: each choice is a row of the batch
 
 
 def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any,
@@ -38,8 +39,6 @@ def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any
     unknown = sorted(set(body) - _FIELDS[route])
     if unknown:
         raise RequestError(f"unsupported field(s) {', '.join(unknown)}; supported: {', '.join(sorted(_FIELDS[route]))}")
-    if body.get("n", 1) != 1:
-        raise RequestError(f"n is {body['n']!r}; this server returns one choice per request (n: 1)")
     if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1):
         raise RequestError("echo, suffix and best_of are not supported")
     stream = body.get("stream", False)
@@ -54,6 +53,7 @@ def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any
                           add_special_tokens=route == COMPLETIONS)
     request.model = body.get("model") if isinstance(body.get("model"), str) else None
     request.include_usage = bool((stream_options or {}).get("include_usage")) and stream
+    request.n = number(body, "n", int, 1, 1, MAX_CHOICES, field="n")
     return request
 
 
@@ -202,52 +202,59 @@ def _logit_bias(value: Any, vocab_size: int) -> Dict[int, float]:
 
 
 class OpenAIFormat:
-    """Bodies and server-sent events of one OpenAI request."""
+    """Bodies and server-sent events of one OpenAI request, with its `n` choices."""
 
     def __init__(self, request: TextRequest, request_id: str, model: str, tokenizer: Any):
         self.request = request
         self.tokenizer = tokenizer
-        self._text_offset = 0  # completions' text_offset of the next token
         self.chat = request.api == CHAT
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{request_id}"
         self.model = request.model or model
         self.created = int(time.time())
-        self._role_sent = False
+        self._role_sent: set = set()  # chat: the choices whose first delta went out
+        self._text_offset: Dict[int, int] = {}  # completions: choice -> text_offset of its next token
+        self._finished: Dict[int, Any] = {}  # streaming: choice -> its result
 
     def _envelope(self, choices: List[dict], chunk: bool) -> dict:
         kind = "chat.completion" if self.chat else "text_completion"
         return {"id": self.id, "object": kind + (".chunk" if chunk and self.chat else ""), "created": self.created,
                 "model": self.model, "choices": choices}
 
-    def whole(self, result) -> dict:
-        finish = FINISH_REASONS[result.finish_reason]
-        logprobs = self._logprobs(result.logprobs or [])
-        choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish,
-                   "logprobs": logprobs}
-                  if self.chat else {"index": 0, "text": result.text, "finish_reason": finish, "logprobs": logprobs})
-        return {**self._envelope([choice], chunk=False), "usage": usage(result)}
+    def whole(self, results: List[Any]) -> dict:
+        """The answer once every choice finished."""
+        choices = []
+        for index, result in enumerate(results):
+            finish = FINISH_REASONS[result.finish_reason]
+            logprobs = self._logprobs(result.logprobs or [], index)
+            choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
+                            "finish_reason": finish, "logprobs": logprobs} if self.chat else
+                           {"index": index, "text": result.text, "finish_reason": finish, "logprobs": logprobs})
+        return {**self._envelope(choices, chunk=False), "usage": usage(results)}
 
-    def event(self, text: str, result=None, logprobs=()) -> str:
-        """The server-sent events for new text (with its tokens' logprobs), and after the last text the finish
-        and [DONE]."""
+    def event(self, text: str, result=None, logprobs=(), choice: int = 0) -> str:
+        """The server-sent event for a choice's new text (with its tokens' logprobs) and, with its result, its
+        finish; after the last choice's finish, the usage (where asked) and [DONE]."""
         finish = FINISH_REASONS[result.finish_reason] if result is not None else None
         if self.chat:
             delta = {"content": text}
-            if not self._role_sent:
-                delta, self._role_sent = {"role": "assistant", **delta}, True
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": self._logprobs(logprobs)}
+            if choice not in self._role_sent:
+                delta = {"role": "assistant", **delta}
+                self._role_sent.add(choice)
+            body = {"index": choice, "delta": delta, "finish_reason": finish,
+                    "logprobs": self._logprobs(logprobs, choice)}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": self._logprobs(logprobs)}
-        chunk = self._envelope([choice], chunk=True)
+            body = {"index": choice, "text": text, "finish_reason": finish, "logprobs": self._logprobs(logprobs, choice)}
+        events = _sse(self._envelope([body], chunk=True))
         if result is None:
-            return _sse(chunk)
-        events = _sse(chunk)
+            return events
+        self._finished[choice] = result
+        if len(self._finished) < self.request.n:
+            return events
         if self.request.include_usage:
-            events += _sse({**self._envelope([], chunk=True), "usage": usage(result)})
+            events += _sse({**self._envelope([], chunk=True), "usage": usage(list(self._finished.values()))})
         return events + "data: [DONE]\n\n"
 
-
-    def _logprobs(self, entries) -> Optional[dict]:
+    def _logprobs(self, entries, choice: int) -> Optional[dict]:
         """OpenAI's logprobs object for these tokens: completions' parallel lists, or chat's content list."""
         if self.request.params.logprobs is None:
             return None
@@ -259,8 +266,8 @@ class OpenAIFormat:
         texts = [token(chosen)["token"] for chosen, _, _ in entries]
         offsets = []
         for text in texts:
-            offsets.append(self._text_offset)
-            self._text_offset += len(text)
+            offsets.append(self._text_offset.get(choice, 0))
+            self._text_offset[choice] = offsets[-1] + len(text)
         return {"tokens": texts, "token_logprobs": [logprob for _, logprob, _ in entries],
                 "top_logprobs": [self._by_text(top) for _, _, top in entries],
                 "text_offset": offsets}
@@ -277,9 +284,10 @@ class OpenAIFormat:
         return {"token": text, "bytes": list(text.encode("utf-8"))}
 
 
-def usage(result) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+def usage(results: List[Any]) -> dict:
+    """One request's usage: its prompt once, the tokens of every choice."""
+    prompt, completion = results[0].prompt_tokens, sum(result.completion_tokens for result in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def models_list(model: str) -> dict:

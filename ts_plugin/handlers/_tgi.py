@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_prompt, check_seed, check_stops
 
@@ -125,14 +125,14 @@ class TGIFormat:
         self.request = request
         self.postprocess = postprocess
 
-    def whole(self, result) -> Dict[str, Any]:
-        return self.postprocess(self.request, result)
+    def whole(self, results: List[Any]) -> Dict[str, Any]:
+        return self.postprocess(self.request, results[0])  # one choice: TGI has no n
 
-    def event(self, text: str, result=None, logprobs=()) -> str:
+    def event(self, text: str, result=None, logprobs=(), choice: int = 0) -> str:
         if result is None:
             return _line({"token": {"text": text}, "generated_text": None, "details": None})
         # the last line: the remaining text, plus the full answer as in TGI's final event
-        return _line({"token": {"text": text}, **self.whole(result)})
+        return _line({"token": {"text": text}, **self.whole([result])})
 
 
 def _line(event: Dict[str, Any]) -> str:

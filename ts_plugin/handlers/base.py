@@ -22,17 +22,18 @@ worked around there (frontend AsyncBatchAggregator):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..config import ModelConfig, ParallelLayout, Report, ValidationContext, validate_data, validate_text
 from ..config._loader import YamlSyntaxError, load_yaml
-from ..requests import Limits, RequestError, TextRequest, check_lengths
+from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_lengths
 from ..continuous import ContinuousBatch, ContinuousGroups, continuous_batch
 from ..engines import Follower, Loaded, LoadContext
 from ..engines.base import check_row_editable, uneditable_layers
@@ -101,7 +102,7 @@ class LLMHandler:
         self._executor: Optional[ThreadPoolExecutor] = None
         self.continuous: Optional[Union[ContinuousBatch, ContinuousGroups]] = None  # continuousBatching: live rows
         self.rows_editable = True  # whether rows can leave and join this model's KV cache (no sliding windows)
-        self._live: Dict[str, tuple] = {}  # continuousBatching: request id -> (its request, its response format)
+        self._live: Dict[str, _Live] = {}  # continuousBatching: the requests in the batch, by request id
 
     # --- start-up -------------------------------------------------------------------------------
     def initialize(self, context: Any) -> None:
@@ -303,10 +304,11 @@ class LLMHandler:
         line each call, the others an empty chunk (written as nothing) until their whole answer."""
         self.context = context
         request_ids = [context.request_ids[index] for index in range(len(data))]
-        for request_id in self.continuous.keep_only(request_ids):
-            self._live.pop(request_id, None)
+        for request_id in [request_id for request_id in self._live if request_id not in set(request_ids)]:
+            del self._live[request_id]
             self.log_progress(f"request {request_id} left the batch (its client went away): cancelled")
-        new = [i for i, request_id in enumerate(request_ids) if request_id not in self.continuous]
+        self.continuous.keep_only([row_id for live in self._live.values() for row_id, _, _ in live.rows])
+        new = [i for i, request_id in enumerate(request_ids) if request_id not in self._live]
         responses: List[Any] = [""] * len(data)
         lost = [i for i in new if not data[i]]  # no body: the frontend thinks it is running here
         for index in lost:
@@ -315,9 +317,11 @@ class LLMHandler:
             responses[index] = {"error": str(error), "error_type": "internal"}
         requests = self._parse(data, context, [i for i in new if data[i]], responses)
         done = [index in new and index not in requests for index in range(len(data))]
+        joining = []
         for index, request in requests.items():
-            self._live[request_ids[index]] = (request, self.response_format(request, request_ids[index]))
-        joining = [(request_ids[index], request.input_ids, request.params) for index, request in requests.items()]
+            live = _Live(request, self.response_format(request, request_ids[index]), request_ids[index])
+            self._live[request_ids[index]] = live
+            joining += live.rows
         try:
             outputs = (self.continuous.steps(joining, self.config.handler.steps_per_call)
                        if joining or len(self.continuous) else {})
@@ -328,16 +332,25 @@ class LLMHandler:
         for index, request_id in enumerate(request_ids):
             if done[index]:
                 continue
-            output, (request, answer) = outputs[request_id], self._live[request_id]
-            if output.result is not None:
-                done[index] = True
-                results.append(output.result)
+            live = self._live[request_id]
+            events = []
+            for choice, (row_id, _, _) in enumerate(live.rows):
+                output = outputs.get(row_id)
+                if output is None:  # this choice finished in an earlier call
+                    continue
+                if output.result is not None:
+                    live.results[choice] = output.result
+                    results.append(output.result)
+                if live.request.stream:
+                    events.append(live.answer.event(output.text, output.result, output.logprobs, choice))
+            done[index] = len(live.results) == live.request.n
+            if live.request.stream:
+                responses[index] = "".join(events)
+            elif done[index]:
+                responses[index] = live.answer.whole([live.results[choice] for choice in range(live.request.n)])
+            if done[index]:
                 del self._live[request_id]
-            if request.stream:
-                responses[index] = answer.event(output.text, output.result, output.logprobs)
-            elif output.result is not None:
-                responses[index] = answer.whole(output.result)
-            set_content_type(context, index, request)
+            set_content_type(context, index, live.request)
         # None leaves ts_stream_next unset: an answer that is whole in its first reply must go out as a plain
         # response (the frontend never sends the HTTP head of a stream that ends in its first reply)
         first = set(new)
@@ -427,17 +440,23 @@ class LLMHandler:
                    for index in good}
         for index in good:
             set_content_type(context, index, requests[index])
+        # one row per choice: (index in the batch, choice, the request with that choice's parameters)
+        rows = [(index, choice, dataclasses.replace(requests[index], params=params))
+                for index in good for choice, params in enumerate(choice_params(requests[index]))]
         streamer = None
         if any(requests[i].stream for i in good) and self.ranks.local_rank == 0:
-            streamer = _Streamer(context, good, [requests[i] for i in good], [formats[i] for i in good])
-        results = self.inference([requests[i] for i in good], streamer)
-        for position, index in enumerate(good):
-            if requests[index].stream:
-                last = streamer.last.get(position) if streamer else None
-                responses[index] = formats[index].event(last.text if last else "", results[position],
-                                                        last.logprobs if last else [])
-            else:
-                responses[index] = formats[index].whole(results[position])
+            streamer = _Streamer(context, rows, formats)
+        results = self.inference([request for _, _, request in rows], streamer)
+        events: Dict[int, List[str]] = {index: [] for index in good}
+        choices: Dict[int, List[Any]] = {index: [] for index in good}
+        for row, ((index, choice, request), result) in enumerate(zip(rows, results)):
+            choices[index].append(result)
+            if request.stream:
+                last = streamer.last.get(row) if streamer else None
+                events[index].append(formats[index].event(last.text if last else "", result,
+                                                          last.logprobs if last else [], choice))
+        for index in good:
+            responses[index] = "".join(events[index]) if requests[index].stream else formats[index].whole(choices[index])
         self._record_metrics(context, results)
         return responses
 
@@ -475,27 +494,44 @@ def set_content_type(context: Any, index: int, request: TextRequest) -> None:
     context.set_response_content_type(index, kind)
 
 
+def choice_params(request: TextRequest) -> List[SamplingParams]:
+    """The sampling parameters of each of a request's `n` choices (a row each): a seeded request's choices take
+    consecutive seeds, so that they differ and each is reproducible."""
+    if request.n == 1 or request.params.seed is None:
+        return [request.params] * request.n
+    return [dataclasses.replace(request.params, seed=request.params.seed + choice) for choice in range(request.n)]
+
+
+class _Live:
+    """A request in the continuous batch: its answer's format, its rows (one per choice), their results so far."""
+
+    def __init__(self, request: TextRequest, answer: Any, request_id: str):
+        self.request, self.answer = request, answer
+        self.rows = [(request_id if request.n == 1 else f"{request_id}#{choice}", request.input_ids, params)
+                     for choice, params in enumerate(choice_params(request))]
+        self.results: Dict[int, Any] = {}
+
+
 class _Streamer:
     """Sends each streaming request's new text as a TorchServe intermediate response (rank 0 only)."""
 
-    def __init__(self, context: Any, batch_indexes: List[int], requests: List[TextRequest], formats: List[Any]):
+    def __init__(self, context: Any, rows: List[Tuple[int, int, TextRequest]], formats: Dict[int, Any]):
         self.context = context
-        self.batch_indexes = batch_indexes
-        self.requests = requests
+        self.rows = rows  # (index in the batch, choice, request)
         self.formats = formats
         self.last: Dict[int, Any] = {}  # row -> its last StepOutput, which goes out with handle's return value
 
     def __call__(self, row: int, output: Any) -> None:
-        if not self.requests[row].stream:
+        index, choice, request = self.rows[row]
+        if not request.stream:
             return
         if output.result is not None:
             self.last[row] = output
             return
         from ts.handler_utils.utils import send_intermediate_predict_response
 
-        index = self.batch_indexes[row]
         chunks: List[Any] = [None] * (max(self.context.request_ids) + 1)
-        chunks[index] = self.formats[row].event(output.text, None, output.logprobs)
+        chunks[index] = self.formats[index].event(output.text, None, output.logprobs, choice)
         send_intermediate_predict_response(chunks, {index: self.context.request_ids[index]},
                                            "Intermediate Prediction success", 200, self.context)
 

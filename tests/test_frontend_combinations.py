@@ -65,6 +65,15 @@ def server(work, tmp_path_factory):
         yield ts
 
 
+@pytest.fixture
+def own_server(work, tmp_path_factory):
+    """A frontend of its own: after the sequence models ran in the shared one, the async worker often never got
+    its first request (3 runs in 7 here, and once in CI); on a fresh frontend about once in 25."""
+    with TorchServe(tmp_path_factory.mktemp("ts"), work / "store") as ts:
+        ts.start()
+        yield ts
+
+
 class Served:
     """One model registered for one test (unregistered after it), with its handler's call log."""
 
@@ -72,6 +81,9 @@ class Served:
         self.server, self.name, self.events_path = server, name, work / f"{name}.jsonl"
 
     def __enter__(self) -> "Served":
+        self.events_path.unlink(missing_ok=True)
+        log = self.server.log_dir / "ts_log.log"
+        self.log_start = log.stat().st_size if log.exists() else 0
         self.server.register(self.name, self.name, timeout=120)
         return self
 
@@ -134,10 +146,13 @@ class Served:
         return results
 
     def ts_log(self, *waited_for: str, timeout: float = 20) -> str:
-        """The frontend's log, once it holds every line in `waited_for` (log4j writes it a little later)."""
+        """The frontend's log since this model was registered, once it holds every line in `waited_for` (log4j
+        writes it a little later)."""
         deadline = time.monotonic() + timeout
         while True:
-            log = (self.server.log_dir / "ts_log.log").read_text(encoding="utf-8", errors="replace")
+            with open(self.server.log_dir / "ts_log.log", "rb") as file:
+                file.seek(self.log_start)
+                log = file.read().decode("utf-8", errors="replace")
             if all(line in log for line in waited_for) or time.monotonic() > deadline:
                 return log
             time.sleep(0.2)
@@ -227,16 +242,23 @@ def test_sequence_batches_twice_batch_size_one_sequence_per_request(server, work
     assert all(row["seq_start"] == "true" for row in rows)  # also on the body-less continuation steps
 
 
-def test_async_resends_running_requests_and_kills_the_worker(server, work):
+def test_async_resends_running_requests_and_kills_the_worker(own_server, work):
     """TSP213: with asyncCommunication the AsyncWorkerThread loops on ContinuousBatching.getRequest without
     waiting for answers, so a running request is sent again and again, in parallel copies (with its body
     until its first answer marks it cached in the backend); the client's pieces come from those copies,
     not from steps; the first answer after its last piece hits "Unexpected job in sendResponse()", the
     frontend closes the worker's channel, and the other request in flight fails with 500 "Worker died." or, in
     some runs, is never answered at all (the frontend drops it with the worker; its client times out)."""
-    with Served(server, work, "cb_async") as served:
-        got = served.run([("a", 3, None), ("b", 1000, "begin:a")], timeout=15)
-        calls, log = served.calls(), served.ts_log("Worker disconnected", "Retry worker")
+    for _attempt in range(2):
+        with Served(own_server, work, "cb_async") as served:
+            got = served.run([("a", 3, None), ("b", 1000, "begin:a")], timeout=15)
+            calls, log = served.calls(), served.ts_log("Worker disconnected", "Retry worker")
+        if "b" in got:
+            break
+        # about once in 25 runs the async worker never starts a (so b is never sent): broken too, but not the
+        # failure this test documents; a fresh worker gets one more try
+        assert got["a"]["status"] != 200 or got["a"]["chunks"] != pieces("a", 3), got["a"]
+    assert "b" in got, f"the handler never started a, twice: {got['a']}"
     a_calls = [call for call in calls if any(row["name"] == "a" for row in call["rows"])]
     a_rows = [row for call in a_calls for row in call["rows"] if row["name"] == "a"]
     assert len({row["id"] for row in a_rows}) == 1  # one request id ...

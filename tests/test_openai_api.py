@@ -168,7 +168,8 @@ def test_stream_events_end_with_the_finish_usage_and_done(tokenizer):
     assert events[-1] == "[DONE]"
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "Hel"}
     assert chunks[1]["choices"][0] == {"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop", "logprobs": None}
-    assert chunks[2]["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    assert chunks[2]["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
+                                  "prompt_tokens_details": {"cached_tokens": 0}}
     assert all(c["id"] == "chatcmpl-r1" and c["object"] == "chat.completion.chunk" for c in chunks)
 
 
@@ -373,3 +374,26 @@ def test_n_choices_are_rows_of_the_batch_each_its_own_sample(server, name):
             texts[choice.index] += choice.text
     assert list(texts.values()) == alone
     assert chunks[-1].usage.completion_tokens == several.usage.completion_tokens
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_prompt_that_shares_a_prefix_with_an_earlier_one_reuses_its_blocks_and_gives_the_same_answer(server, name):
+    """Prefix caching on every parallelType, static and continuous: the second prompt's shared blocks are taken from
+    the cache (cached_tokens, as OpenAI reports it), and both answers equal single-process greedy generate."""
+    ts, model_dir = server
+    api = client(ts, name)
+    shared = "A system prompt that every request of this application starts with, long enough for blocks. " * 3
+    first = api.completions.create(model=name, prompt=shared + "First question?", max_tokens=8, temperature=0)
+    second = api.completions.create(model=name, prompt=shared + "Another one?", max_tokens=8, temperature=0)
+    assert first.choices[0].text == reference_text(model_dir, shared + "First question?", 8)
+    assert second.choices[0].text == reference_text(model_dir, shared + "Another one?", 8)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > 48 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+    chat = api.chat.completions.create(model=name, messages=[{"role": "user", "content": shared + "Last one?"}],
+                                       max_tokens=6, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(chat)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reference_text(
+        model_dir, f"user: {shared}Last one?\nassistant:", 6)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0  # the template put other tokens first

@@ -43,6 +43,7 @@ import torch
 from .engines.base import StepModel
 from .generation import (SequenceResult, TokenLogprob, _Sequence, advance, left_padded, new_sequence, next_tokens,
                          pad_token_id)
+from .prefix_cache import PrefixIndex
 from .requests import SamplingParams
 
 
@@ -53,6 +54,7 @@ class _Row:
     started: float
     text: str = ""  # new text of this step, for streaming
     logprobs_sent: int = 0  # how many of seq.logprobs earlier steps gave out
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     answered: bool = False  # its result went out (a batch that cannot drop rows keeps it until the last one ends)
 
 
@@ -109,8 +111,10 @@ class ContinuousBatch:
     groups = 1  # row groups stepped concurrently (ContinuousGroups has more)
 
     def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int,
-                 max_batched_tokens: Optional[int] = None, rows_editable: bool = True):
+                 max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
+                 prefix: Optional[PrefixIndex] = None):
         self.model = model
+        self.prefix = prefix if rows_editable else None  # a prefix hit joins like a chunk, which needs row edits
         # False for a cache whose layers cannot drop or add rows (sliding windows): then a batch is static, every
         # request joins at once and whole, and a finished row stays, fed padding, until the last one finishes
         self.rows_editable = rows_editable
@@ -161,11 +165,11 @@ class ContinuousBatch:
         try:
             if self.rows:
                 self._decode()
-            whole, chunk = self._schedule()
+            whole, chunks = self._schedule()
             if whole:
                 self._join(whole)
-            if chunk is not None:
-                self._prefill_chunk(*chunk)
+            for pending, size in chunks:
+                self._prefill_chunk(pending, size)
         except BaseException:
             self.reset()  # the caches are out of step with the rows: every live request fails with this call
             raise
@@ -179,7 +183,8 @@ class ContinuousBatch:
                 seq, row.answered = row.seq, True
                 result = SequenceResult(seq.text, seq.token_ids, len(seq.prompt_ids), seq.finish_reason,
                                         (seq.first_token_at or row.started) - row.started, now - row.started,
-                                        seq.logprobs if seq.params.logprobs is not None else None)
+                                        seq.logprobs if seq.params.logprobs is not None else None,
+                                        row.cached_tokens)
             new_logprobs = row.seq.logprobs[row.logprobs_sent:]
             row.logprobs_sent += len(new_logprobs)
             outputs[row.request_id] = StepOutput(row.text, result, new_logprobs)
@@ -220,29 +225,68 @@ class ContinuousBatch:
 
     # --- internals -------------------------------------------------------------------------------------------
 
-    def _schedule(self) -> Tuple[List[_Pending], Optional[Tuple[_Pending, int]]]:
-        """The waiting requests that join whole this step, and the (request, tokens) of this step's chunk. A chunk
-        takes what the budget leaves, at least MIN_CHUNK tokens, so a prompt makes progress beside any batch."""
-        if not self.rows_editable and self.rows and self.waiting:
-            raise RuntimeError("this model's KV cache cannot take rows into a running batch (sliding-window "
-                               "layers): every request of a batch must join at once")
-        if self.max_batched_tokens is None or not self.rows_editable:
+    def _schedule(self) -> Tuple[List[_Pending], List[Tuple[_Pending, int]]]:
+        """The waiting requests that join whole this step, and the (request, tokens) of this step's chunks: a
+        prompt that starts from a prefix-cache hit or is part prefilled goes on where it stands. The first chunk
+        takes at least MIN_CHUNK tokens, so a prompt makes progress beside any batch."""
+        if not self.rows_editable:
+            if self.rows and self.waiting:
+                raise RuntimeError("this model's KV cache cannot take rows into a running batch (sliding-window "
+                                   "layers): every request of a batch must join at once")
             whole, self.waiting = self.waiting, []
-            return whole, None
-        budget = self.max_batched_tokens - len(self.rows)
-        chunking = next((pending for pending in self.waiting if pending.done), None)
-        whole = []
+            return whole, []
+        budget = None if self.max_batched_tokens is None else self.max_batched_tokens - len(self.rows)
+        whole: List[_Pending] = []
+        chunks: List[Tuple[_Pending, int]] = []
         for pending in self.waiting:
-            if pending is not chunking and pending.done == 0 and pending.left <= budget:
-                whole.append(pending)
-                budget -= pending.left
+            if budget is not None and budget <= 0 and chunks:
+                break
+            if pending.cache is None and not self._reuse_prefix(pending):
+                if budget is None or pending.left <= budget:
+                    whole.append(pending)
+                    budget = None if budget is None else budget - pending.left
+                continue
+            if budget is None:
+                size = pending.left
+            elif not chunks:
+                size = min(pending.left, max(budget, MIN_CHUNK))
+            elif budget >= min(pending.left, MIN_CHUNK):
+                size = min(pending.left, budget)
+            else:
+                continue
+            chunks.append((pending, size))
+            budget = None if budget is None else budget - size
         for pending in whole:
             self.waiting.remove(pending)
-        if chunking is None and self.waiting:
-            chunking = self.waiting[0]
-        if chunking is None:
-            return whole, None
-        return whole, (chunking, min(chunking.left, max(budget, MIN_CHUNK)))
+        if not chunks and self.waiting:  # none fits whole: the first starts a chunked prefill
+            first = self.waiting[0]
+            chunks.append((first, min(first.left, max(budget, MIN_CHUNK))))
+        return whole, chunks
+
+    def _reuse_prefix(self, pending: _Pending) -> bool:
+        """Start `pending` from the cached blocks that begin its prompt, if any."""
+        if self.prefix is None:
+            return False
+        with self.prefix.lock:
+            blocks = self.prefix.match(pending.row.seq.prompt_ids)
+            if not blocks:
+                return False
+            pending.cache = self.model.cache_from_prefix(blocks)
+        pending.done = pending.row.cached_tokens = len(blocks) * self.prefix.block_size
+        return True
+
+    def _remember_prompts(self, rows: List[_Row], cache: Any, pads: List[int]) -> None:
+        """Keep the full blocks of the prompts just prefilled in `cache` (row i's prompt starts at pads[i])."""
+        if self.prefix is None:
+            return
+        size = self.prefix.block_size
+        with self.prefix.lock:
+            for index, (row, pad) in enumerate(zip(rows, pads)):
+                new, evicted = self.prefix.insert(row.seq.prompt_ids)
+                if evicted:
+                    self.model.drop_prefix(evicted)
+                if new:
+                    self.model.save_prefix(cache, index, [(block, pad + at * size) for block, at in new], size)
 
     def _advance_all(self, rows: List[_Row], tokens: torch.Tensor) -> None:
         now = time.perf_counter()
@@ -269,6 +313,7 @@ class ContinuousBatch:
         rows = [pending.row for pending in joining]
         input_ids, mask, positions = left_padded([row.seq.prompt_ids for row in rows], self.pad_id)
         logits, cache = self.model.forward(input_ids, mask, positions, None)
+        self._remember_prompts(rows, cache, [mask.shape[1] - len(row.seq.prompt_ids) for row in rows])
         self._add_rows(rows, logits, cache, mask, positions[:, -1:])
 
     def _prefill_chunk(self, pending: _Pending, size: int) -> None:
@@ -283,6 +328,7 @@ class ContinuousBatch:
         if pending.left:
             return
         self.waiting.remove(pending)
+        self._remember_prompts([pending.row], pending.cache, [0])
         self._add_rows([pending.row], logits, pending.cache, mask, positions[:, -1:])
 
     def _add_rows(self, rows: List[_Row], logits, cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
@@ -326,9 +372,10 @@ class ContinuousGroups:
     order requests joined, as in one batch."""
 
     def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int, groups: int,
-                 max_batched_tokens: Optional[int] = None, rows_editable: bool = True):
-        self.batches = [ContinuousBatch(model, tokenizer, eos_ids, default_seed, max_batched_tokens, rows_editable)
-                        for _ in range(groups)]
+                 max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
+                 prefix: Optional[PrefixIndex] = None):
+        self.batches = [ContinuousBatch(model, tokenizer, eos_ids, default_seed, max_batched_tokens, rows_editable,
+                                        prefix) for _ in range(groups)]
         self.default_seed = default_seed
         self._joined = 0
         self.groups = groups
@@ -377,24 +424,28 @@ class ContinuousGroups:
 
 
 def continuous_batch(model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int,
-                     batch_size: int, max_batched_tokens: Optional[int] = None,
-                     rows_editable: bool = True) -> Union[ContinuousBatch, ContinuousGroups]:
+                     batch_size: int, max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
+                     prefix: Optional[PrefixIndex] = None) -> Union[ContinuousBatch, ContinuousGroups]:
     """The live requests for `model`: one ContinuousBatch, or ContinuousGroups where the model generates a batch of
-    `batch_size` rows in several groups."""
+    `batch_size` rows in several groups. `prefix`: the worker's prefix cache, None for none."""
     groups = len(model.row_groups(batch_size))
     if groups > 1:
-        return ContinuousGroups(model, tokenizer, eos_ids, default_seed, groups, max_batched_tokens, rows_editable)
-    return ContinuousBatch(model, tokenizer, eos_ids, default_seed, max_batched_tokens, rows_editable)
+        return ContinuousGroups(model, tokenizer, eos_ids, default_seed, groups, max_batched_tokens, rows_editable,
+                                prefix)
+    return ContinuousBatch(model, tokenizer, eos_ids, default_seed, max_batched_tokens, rows_editable, prefix)
 
 
 def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], params: Sequence[SamplingParams],
              default_seed: int, eos_ids: Sequence[int], on_step: Optional[Callable[[int, StepOutput], None]] = None,
-             max_batched_tokens: Optional[int] = None, rows_editable: bool = True) -> List[SequenceResult]:
+             max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
+             prefix: Optional[PrefixIndex] = None) -> List[SequenceResult]:
     """Generate a static batch of tokenized prompts until each sequence stops: the continuous loop with every
     request joining at once, so finished rows leave the batch instead of stepping on with padding. A row without
     a seed samples with `default_seed + its row`. `on_step(row, output)` streams each step's output.
-    `rows_editable`: False where the model's cache cannot drop rows (see ContinuousBatch)."""
-    live = continuous_batch(model, tokenizer, eos_ids, default_seed, len(prompts), max_batched_tokens, rows_editable)
+    `rows_editable`: False where the model's cache cannot drop rows (see ContinuousBatch). `prefix`: the worker's
+    prefix cache, which outlives the batch."""
+    live = continuous_batch(model, tokenizer, eos_ids, default_seed, len(prompts), max_batched_tokens, rows_editable,
+                            prefix)
     try:
         ids = [str(row) for row in range(len(prompts))]
         joining = list(zip(ids, prompts, params))

@@ -29,6 +29,7 @@ class SequenceResult:
     time_to_first_token_s: float
     seconds: float
     logprobs: Optional[List[TokenLogprob]] = None  # per token of token_ids, where asked (on the driver rank)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def completion_tokens(self) -> int:

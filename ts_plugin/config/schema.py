@@ -120,6 +120,14 @@ class HandlerConfig(_Section):
         "request counts one, and a prompt longer than what is left is prefilled in chunks over several steps, "
         "so a long prompt delays the running requests' next tokens by one chunk at a time, not its whole "
         "prefill. null: every prompt is prefilled whole at once.")
+    enable_prefix_caching: bool = Field(
+        True, description="Keep the KV of prompts' full 16-token blocks and prefill a later prompt that begins with "
+        "the same blocks from the first block it does not share (vLLM's name and default). OpenAI's answers count "
+        "the reused tokens in usage.prompt_tokens_details.cached_tokens.")
+    prefix_cache_tokens: int = Field(
+        8192, ge=16, description="Prompt tokens the prefix cache keeps, least recently used evicted first. Each rank "
+        "holds their keys and values for its own layers and heads: tokens x 2 x layers x kv heads x head dim x "
+        "dtype bytes, beside the running batch's cache.")
     # custom (Accelerate)
     device_map: Optional[Union[DeviceMapStrategy, Dict[str, Union[int, str]]]] = Field(
         None, description="auto|balanced|balanced_low_0|sequential or module -> device (custom only).")

@@ -10,9 +10,11 @@ import abc
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
+
+from ..prefix_cache import PrefixStore, distinct_layers, holds_tensors
 
 if TYPE_CHECKING:
     from ..config import ModelConfig, ParallelLayout
@@ -86,6 +88,24 @@ class StepModel(Protocol):
     def close(self) -> None:
         """Release what the model holds beyond memory (follower loops, offload folders); the worker stops."""
 
+    # prefix caching (ts_plugin.prefix_cache): the scheduler decides, each rank keeps its part of the blocks
+    prefix_store: PrefixStore
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for one batch of this rank's layers."""
+
+    def save_prefix(self, cache: Any, row: int, blocks: Sequence[Tuple[int, int]], block_size: int) -> None:
+        """Keep blocks of `row` of the batch's cache: (block id, first position in the cache) each."""
+        self.prefix_store.save(cache, row, blocks, block_size)
+
+    def cache_from_prefix(self, blocks: Sequence[int]) -> Any:
+        """A new one-row batch cache holding the kept `blocks`, in order (a prompt prefilled from there on)."""
+        return self.prefix_store.fill(self.new_cache(), blocks)
+
+    def drop_prefix(self, blocks: Sequence[int]) -> None:
+        """Forget kept blocks (the scheduler evicted them)."""
+        self.prefix_store.drop(blocks)
+
 
 class Follower(abc.ABC):
     """A rank that serves another rank's messages instead of requests (pp stages 1..n-1)."""
@@ -111,6 +131,12 @@ class HFStepModel(StepModel):
         self._share = share
         self.samples_here = samples_here
         self._extra = cache_kwargs(model)
+        self.prefix_store = PrefixStore()
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
 
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask, position_ids, cache):
@@ -138,12 +164,7 @@ def output_cache(output: Any) -> Any:
 def cache_layers(cache: Any) -> List[Any]:
     """The distinct layers of a transformers DynamicCache that hold tensors (pp stages alias other stages' slots
     to their own layers, so each is edited once)."""
-    seen, layers = set(), []
-    for layer in getattr(cache, "layers", None) or []:
-        if id(layer) not in seen and getattr(layer, "keys", None) is not None and layer.keys.numel():
-            seen.add(id(layer))
-            layers.append(layer)
-    return layers
+    return [layer for layer in distinct_layers(cache) if holds_tensors(layer)]
 
 
 def uneditable_layers(cache: Any) -> List[str]:

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import InStepError, Ranks
+from ..prefix_cache import PrefixStore
 from ._checkpoint import (build_meta_model, checkpoint_index, checkpoint_key, checkpoint_names, peak_rss_mb,
                           read_tensors, release_memory, tied_names)
 from .base import (EngineError, Follower, LoadContext, StepModel, cache_kwargs, merge_caches, raise_if_any_rank_failed,
@@ -52,10 +53,12 @@ LAYER_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neo
                "transformer.blocks", "model.language_model.layers", "decoder.layers", "layers", "h")
 
 # message op codes (header[0])
-FORWARD, END, STOP, ERROR, RESULT, SELECT, MERGE = 1, 2, 3, 4, 5, 6, 7
+FORWARD, END, STOP, ERROR, RESULT, SELECT, MERGE, SAVE_PREFIX, LOAD_PREFIX, DROP_PREFIX = range(1, 11)
 HEADER = 7  # [op, batch id, rows, new tokens, mask width, dtype code, hidden/vocab size]
 # SELECT: [op, batch id, rows kept, positions cropped] + the kept rows; MERGE: [op, batch id, joining batch id,
-# left padding of the batch, of the joining one] (continuous batching's row edits, applied on every stage)
+# left padding of the batch, of the joining one] (continuous batching's row edits, applied on every stage).
+# Prefix caching: SAVE_PREFIX [op, batch id, row, block size, blocks] + block ids and first positions;
+# LOAD_PREFIX [op, new batch id, blocks] + block ids; DROP_PREFIX [op, 0, blocks] + block ids
 DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 #: headers wait on a gloo group of their own with this timeout: an idle follower blocks in a receive for as
@@ -412,6 +415,7 @@ class PipelineDriver(StepModel):
         self._turns = threading.Condition()
         self._sent = 0  # hidden states sent down the pipeline, numbered in order
         self._received = 0  # results taken back
+        self.prefix_store = PrefixStore()
 
     @property
     def world(self) -> int:
@@ -496,6 +500,23 @@ class PipelineDriver(StepModel):
             self.link.send(1, [MERGE, cache.batch_id, other.batch_id, pad, other_pad])
         return cache
 
+    def save_prefix(self, cache, row: int, blocks, block_size: int) -> None:
+        self.prefix_store.save(cache.cache, row, blocks, block_size)
+        if self.world > 1:
+            self.link.send(1, [SAVE_PREFIX, cache.batch_id, row, block_size, len(blocks)],
+                           torch.tensor([list(pair) for pair in blocks], dtype=torch.int64).view(-1))
+
+    def cache_from_prefix(self, blocks):
+        batch = _Batch(next(self._batch_ids), self.prefix_store.fill(self.stage.new_cache(), blocks))
+        if self.world > 1:
+            self.link.send(1, [LOAD_PREFIX, batch.batch_id, len(blocks)], torch.tensor(blocks, dtype=torch.int64))
+        return batch
+
+    def drop_prefix(self, blocks) -> None:
+        self.prefix_store.drop(blocks)
+        if self.world > 1:
+            self.link.send(1, [DROP_PREFIX, 0, len(blocks)], torch.tensor(blocks, dtype=torch.int64))
+
     def close(self) -> None:
         """Tell the followers to leave their loops (the worker is shutting down)."""
         with self._stage_lock:
@@ -513,6 +534,7 @@ class PipelineFollower(Follower):
         self.ranks = ranks
         self.link = link
         self.caches: Dict[int, Any] = {}  # batch id -> this stage's KV cache
+        self.prefix_store = PrefixStore()
         self.thread: Optional[threading.Thread] = None
         self.steps = 0
 
@@ -547,6 +569,9 @@ class PipelineFollower(Follower):
                     continue
                 if op in (SELECT, MERGE):
                     self._edit_rows(header, prev, nxt)
+                    continue
+                if op in (SAVE_PREFIX, LOAD_PREFIX, DROP_PREFIX):
+                    self._prefix_op(header, prev, nxt)
                     continue
                 out = None
                 if op == FORWARD:
@@ -590,6 +615,24 @@ class PipelineFollower(Follower):
                 merge_caches(self.caches[batch_id], joining, second, third)
         if not self.is_last:
             self.link.send(nxt, header, *payload)
+
+
+    def _prefix_op(self, header: List[int], prev: int, nxt: int) -> None:
+        op, batch_id = header[:2]
+        if op == SAVE_PREFIX:
+            row, block_size, count = header[2:5]
+            payload = self.link.recv(prev, (2 * count,), torch.int64)
+            if batch_id in self.caches:
+                pairs = payload.view(count, 2).tolist()
+                self.prefix_store.save(self.caches[batch_id], row, pairs, block_size)
+        else:
+            payload = self.link.recv(prev, (header[2],), torch.int64)
+            if op == LOAD_PREFIX:
+                self.caches[batch_id] = self.prefix_store.fill(self.stage.new_cache(), payload.tolist())
+            else:
+                self.prefix_store.drop(payload.tolist())
+        if not self.is_last:
+            self.link.send(nxt, header, payload)
 
 
 # --- entry point ------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ sends the logits to rank 0, which samples; the tokens are broadcast to all ranks
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ..config.rules import PPTP_HEADS_HINT, attention_split_problem
 from ..distributed import Ranks, broadcast_tokens, collective_device
 from ._checkpoint import build_meta_model, peak_rss_mb, release_memory
+from ..prefix_cache import PrefixStore
 from .base import EngineError, LoadContext, StepModel, raise_if_any_rank_failed
 from .pipeline import PipelineStage, Slicer, find_layer_list, materialize_stage, stage_bounds
 
@@ -101,6 +102,10 @@ class TensorParallelStage(StepModel):
         self.dtype = dtype
         self.samples_here = ranks.rank == 0
         self.hidden_size = stage.embedding_dim
+        self.prefix_store = PrefixStore()
+
+    def new_cache(self) -> Any:
+        return self.stage.new_cache()
 
     def _peer(self, stage_offset: int) -> int:
         return (self.stage.info.index + stage_offset) * self.tp_size + self.tp_rank
@@ -108,7 +113,7 @@ class TensorParallelStage(StepModel):
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask, position_ids, cache):
         info = self.stage.info
-        cache = cache if cache is not None else self.stage.new_cache()
+        cache = cache if cache is not None else self.new_cache()
         rows, width = input_ids.shape
         if info.is_first:
             inputs = input_ids

@@ -287,7 +287,8 @@ class OpenAIFormat:
 def usage(results: List[Any]) -> dict:
     """One request's usage: its prompt once, the tokens of every choice."""
     prompt, completion = results[0].prompt_tokens, sum(result.completion_tokens for result in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens}}
 
 
 def models_list(model: str) -> dict:

@@ -37,6 +37,7 @@ from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_
 from ..continuous import ContinuousBatch, ContinuousGroups, continuous_batch
 from ..engines import Follower, Loaded, LoadContext
 from ..engines.base import check_row_editable, uneditable_layers
+from ..prefix_cache import PrefixIndex
 from ..engines import load as load_engine
 from ._openai import (MODELS, TOKENIZER_ROUTES, OpenAIFormat, error_body, models_list, parse_openai,
                       tokenizer_answer)
@@ -102,6 +103,7 @@ class LLMHandler:
         self._executor: Optional[ThreadPoolExecutor] = None
         self.continuous: Optional[Union[ContinuousBatch, ContinuousGroups]] = None  # continuousBatching: live rows
         self.rows_editable = True  # whether rows can leave and join this model's KV cache (no sliding windows)
+        self.prefix_cache: Optional[PrefixIndex] = None  # outlives batches; None where off
         self._live: Dict[str, _Live] = {}  # continuousBatching: the requests in the batch, by request id
 
     # --- start-up -------------------------------------------------------------------------------
@@ -151,8 +153,13 @@ class LLMHandler:
         if self.model is not None:
             from transformers import DynamicCache
 
-            self.rows_editable = not uneditable_layers(DynamicCache(config=self.hf_config()))
+            cache = DynamicCache(config=self.hf_config())
+            self.rows_editable = not uneditable_layers(cache)
+            handler = self.config.handler
+            if handler.enable_prefix_caching and self.rows_editable:
+                self.prefix_cache = PrefixIndex(handler.prefix_cache_tokens)
             if self.config.continuous_batching:
+                check_row_editable(cache)
                 self.continuous = self._continuous_batch()
         self.initialized = True
 
@@ -191,11 +198,9 @@ class LLMHandler:
         return load_engine(context)
 
     def _continuous_batch(self) -> Union[ContinuousBatch, ContinuousGroups]:
-        from transformers import DynamicCache
-
-        check_row_editable(DynamicCache(config=self.hf_config()))
         live = continuous_batch(self.model, self.tokenizer, self.eos_token_ids, self.config.handler.manual_seed,
-                                self.config.batch_size, self.config.handler.max_num_batched_tokens)
+                                self.config.batch_size, self.config.handler.max_num_batched_tokens,
+                                prefix=self.prefix_cache)
         self.log_progress(f"continuousBatching: requests join and leave the running batch at every step "
                           f"({live.groups} group(s) of rows)")
         return live
@@ -262,7 +267,7 @@ class LLMHandler:
         seed = self.config.handler.manual_seed + self._batches
         return generate(self.model, self.tokenizer, [r.input_ids for r in requests], [r.params for r in requests],
                         seed, self.eos_token_ids, on_step, self.config.handler.max_num_batched_tokens,
-                        self.rows_editable)
+                        self.rows_editable, self.prefix_cache)
 
     def postprocess(self, request: TextRequest, result) -> Dict[str, Any]:
         return {"generated_text": result.text,

@@ -63,9 +63,10 @@ def workload(count: int, short: int, long: int, seed: int = 5) -> List[Dict[str,
 
 
 def stream_one(url: str, body: Dict[str, Any], headers: Dict[str, str]) -> Dict[str, Any]:
-    """POST a streaming completion; time to first text and to the end, the text and the completion tokens."""
+    """POST a streaming completion; time to first text and to the end, the text, the completion tokens and the
+    prompt tokens the server served from its prefix cache (None where it does not say)."""
     start = time.perf_counter()
-    first, text, tokens = None, "", None
+    first, text, tokens, cached = None, "", None, None
     with requests.post(url, json={**body, "stream": True, "temperature": 0, "stream_options": {"include_usage": True}},
                        headers=headers, stream=True, timeout=1800) as response:
         response.raise_for_status()
@@ -79,8 +80,9 @@ def stream_one(url: str, body: Dict[str, Any], headers: Dict[str, str]) -> Dict[
             text += piece
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
+                cached = (event["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
     return {"ttft_s": first if first is not None else time.perf_counter() - start,
-            "latency_s": time.perf_counter() - start, "text": text, "tokens": tokens}
+            "latency_s": time.perf_counter() - start, "text": text, "tokens": tokens, "cached_tokens": cached}
 
 
 def run_workload(url: str, model: str, jobs: List[Dict[str, Any]], clients: int,

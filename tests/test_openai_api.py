@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from _llm import PROMPTS, REPO, reference_text, serving, tiny_llama_and_store
+from _llm import PROMPTS, REPO, masked_greedy, reference_text, serving, tiny_llama_and_store
 from ts_plugin.generation import SequenceResult
 from ts_plugin.handlers._openai import (CHAT, COMPLETIONS, DETOKENIZE, TOKENIZE, OpenAIFormat, parse_openai,
                                         tokenizer_answer)
@@ -156,6 +157,112 @@ def test_logprobs_take_openais_shapes_for_completions_and_chat(tokenizer):
     assert parse(tokenizer, {"prompt": "hi"}).params.logprobs is None
 
 
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "clock"}}
+TOOLS_TEMPLATE = ("{% if tools %}tools: {{ tools | map(attribute='function.name') | join(', ') }}\n{% endif %}"
+                  + TEMPLATE)
+
+
+def test_tools_reach_the_template_and_forced_calls_get_a_grammar(tokenizer):
+    import jsonschema
+
+    messages = [{"role": "user", "content": "weather?"}]
+    auto = parse_openai(row({"messages": messages, "tools": [WEATHER, CLOCK]}), CHAT, LIMITS, tokenizer,
+                        TOOLS_TEMPLATE, SERVED, tool_call_parser="hermes")
+    assert auto.prompt == "tools: weather, clock\nuser: weather?\nassistant:"
+    assert auto.tool_choice.mode == "auto" and auto.params.grammar is None
+    with pytest.raises(RequestError, match="handler.tool_call_parser"):
+        parse(tokenizer, {"messages": messages, "tools": [WEATHER]}, CHAT)
+    none = parse(tokenizer, {"messages": messages, "tools": [WEATHER], "tool_choice": "none"}, CHAT, TOOLS_TEMPLATE)
+    assert none.tool_choice is None and none.prompt.startswith("tools: weather")
+    required = parse(tokenizer, {"messages": messages, "tools": [WEATHER, CLOCK], "tool_choice": "required"}, CHAT)
+    named = parse(tokenizer, {"messages": messages, "tools": [WEATHER, CLOCK],
+                              "tool_choice": {"type": "function", "function": {"name": "weather"}}}, CHAT)
+    assert (required.tool_choice.mode, named.tool_choice.function) == ("required", "weather")
+    # the grammars hold what the schemas say: the calls list, and the named function's arguments
+    grammar = json.loads(required.params.grammar.source)
+    jsonschema.validate([{"name": "weather", "parameters": {"city": "Rome"}}, {"name": "clock", "parameters": {}}],
+                        grammar)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "weather", "parameters": {"city": "Oslo"}}], grammar)
+    assert json.loads(named.params.grammar.source) == WEATHER["function"]["parameters"]
+    assert named.params.grammar.origin == "tools[0].function.parameters"  # what a refused schema's 400 names
+
+
+def test_strict_schemas_close_their_objects_as_openai_requires(tokenizer):
+    loose = {"type": "object", "properties": {"city": {"type": "string"},
+                                              "where": {"type": "object", "properties": {"lat": {"type": "number"}}}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": loose}}
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert json.loads(parse(tokenizer, {**chat, "response_format": fmt}, CHAT).params.grammar.source) == loose
+    strict = json.loads(parse(tokenizer, {**chat, "response_format": {
+        **fmt, "json_schema": {**fmt["json_schema"], "strict": True}}}, CHAT).params.grammar.source)
+    assert strict["additionalProperties"] is False and strict["properties"]["where"]["additionalProperties"] is False
+    tool = {"type": "function", "function": {"name": "f", "parameters": loose, "strict": True}}
+    named = parse(tokenizer, {**chat, "tools": [tool], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+                  CHAT)
+    assert json.loads(named.params.grammar.source) == strict
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"tool_choice": "required"}, "needs \"tools\""),
+    ({"tools": [{"type": "function"}], "tool_choice": "required"}, r"tools\[0\] must be"),
+    ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "appears twice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "one of weather"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot both"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+])
+def test_bad_tools_and_formats_are_refused_with_the_reason(tokenizer, body, words):
+    with pytest.raises(RequestError, match=words):
+        parse(tokenizer, {"messages": [{"role": "user", "content": "hi"}], **body}, CHAT)
+
+
+@pytest.mark.parametrize("parser, text, content, calls", [
+    ("hermes", 'Let me see. <tool_call>\n{"name": "weather", "arguments": {"city": "Rome"}}\n</tool_call>',
+     "Let me see.", [("weather", {"city": "Rome"})]),
+    ("hermes", "No call here.", "No call here.", []),
+    ("hermes", '<tool_call>{"name": "weather", "arguments": {"ci', '<tool_call>{"name": "weather", "arguments": {"ci',
+     []),
+    ("llama3_json", '<|python_tag|>{"name": "weather", "parameters": {"city": "Paris"}}', None,
+     [("weather", {"city": "Paris"})]),
+    ("mistral", '[TOOL_CALLS] [{"name": "clock", "arguments": {}}, {"name": "weather", "arguments": {"city": "Rome"}}]',
+     None, [("clock", {}), ("weather", {"city": "Rome"})]),
+])
+def test_auto_tool_calls_are_read_from_the_model_familys_markup(parser, text, content, calls):
+    from ts_plugin.handlers._tools import ToolChoice, tool_calls
+
+    left, found = tool_calls(text, ToolChoice("auto", parser=parser))
+    assert left == content
+    assert [(call["function"]["name"], json.loads(call["function"]["arguments"])) for call in found] == calls
+    assert all(call["id"].startswith("chatcmpl-tool-") and call["type"] == "function" for call in found)
+
+
+def test_forced_calls_come_back_as_tool_calls_whole_and_streamed(tokenizer):
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER, CLOCK], "tool_choice": "required"}
+    text = '[{"name": "weather", "parameters": {"city": "Rome"}}]'
+    result = SequenceResult(text, [5, 6], 4, "eos_token", 0.1, 0.2)
+    whole = OpenAIFormat(parse(tokenizer, body, CHAT), "r", "m", tokenizer).whole([result])["choices"][0]
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] is None
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole["message"]["tool_calls"]] \
+        == [("weather", {"city": "Rome"})]
+    streamed = OpenAIFormat(parse(tokenizer, {**body, "stream": True}, CHAT), "r", "m", tokenizer)
+    assert streamed.event(text[:10]) == ""  # held until the calls can be read
+    events = [json.loads(line[len("data: "):]) for line in streamed.event(text[10:], result).split("\n\n")
+              if line and line != "data: [DONE]"]
+    delta = events[0]["choices"][0]["delta"]
+    assert events[0]["choices"][0]["finish_reason"] == "tool_calls" and delta["role"] == "assistant"
+    assert delta["tool_calls"][0]["index"] == 0 and delta["tool_calls"][0]["function"]["name"] == "weather"
+    named = {**body, "tool_choice": {"type": "function", "function": {"name": "weather"}}}
+    choice = OpenAIFormat(parse(tokenizer, named, CHAT), "r", "m", tokenizer).whole(
+        [SequenceResult('{"city": "Paris"}', [5], 4, "eos_token", 0.1, 0.2)])["choices"][0]
+    assert choice["finish_reason"] == "stop"  # as OpenAI answers a named function
+    assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
+    cut = OpenAIFormat(parse(tokenizer, named, CHAT), "r", "m", tokenizer).whole(
+        [SequenceResult('{"city": "Pa', [5], 4, "length", 0.1, 0.2)])["choices"][0]
+    assert (cut["finish_reason"], cut["message"]) == ("length", {"role": "assistant", "content": '{"city": "Pa'})
+
+
 def test_stream_events_end_with_the_finish_usage_and_done(tokenizer):
     request = parse(tokenizer, {"messages": [{"role": "user", "content": "hi"}], "stream": True,
                                 "stream_options": {"include_usage": True}}, CHAT)
@@ -193,7 +300,9 @@ def server(tmp_path_factory):
     for name, (example, handler, continuous) in MODELS.items():
         extra = {"continuousBatching": True, "maxBatchDelay": 50} if continuous else {}
         config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml",
-                              batchSize=4, deviceType="cpu", handler={"max_new_tokens": 32, "chat_template": TEMPLATE},
+                              batchSize=4, deviceType="cpu",
+                              # compact JSON: a random-weight model is otherwise free to write whitespace until the end
+                              handler={"max_new_tokens": 32, "chat_template": TEMPLATE, "disable_any_whitespace": True},
                               **extra)
         archive_model(store, name, handler, config, model_dir)
     with serving(root / "ts", store, MODELS) as ts:
@@ -397,3 +506,125 @@ def test_a_prompt_that_shares_a_prefix_with_an_earlier_one_reuses_its_blocks_and
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reference_text(
         model_dir, f"user: {shared}Last one?\nassistant:", 6)
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0  # the template put other tokens first
+
+
+VERDICT = {"type": "object", "properties": {"answer": {"enum": ["yes", "no", "maybe"]},
+                                            "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+           "required": ["answer", "count"], "additionalProperties": False}
+
+
+def masked_reference_text(model_dir, prompt: str, grammar, max_new_tokens: int) -> str:
+    """Single-process greedy generate held to `grammar` (compact JSON, as the served models), as text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ts_plugin.structured_output import Grammars
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    grammars = Grammars(tokenizer, hf.config.vocab_size, [hf.generation_config.eos_token_id], compact_json=True)
+    return tokenizer.decode(masked_greedy(hf, grammars, grammar, tokenizer(prompt)["input_ids"], max_new_tokens),
+                            skip_special_tokens=True)
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("name", list(MODELS))
+def test_structured_output_follows_the_schema_beside_free_requests(server, name):
+    """response_format json_schema and json_object through the openai client, streamed and not, sent while a free
+    request runs (on continuous batching it joins the running batch): valid JSON for the schema, the greedy answer
+    equals single-process generate under the same mask, and the free request's answer is untouched; a schema the
+    library rejects is a 400 that names response_format; TGI's grammar parameter takes a regex."""
+    import threading
+
+    import jsonschema
+    from openai import BadRequestError
+
+    from ts_plugin.structured_output import Grammar
+
+    ts, model_dir = server
+    api = client(ts, name)
+    free = {}
+    running = threading.Thread(target=lambda: free.update(text=api.completions.create(
+        model=name, prompt=PROMPTS[1], max_tokens=32, temperature=0).choices[0].text))
+    running.start()
+    schema_format = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT, "strict": True}}
+    held = api.completions.create(model=name, prompt=PROMPTS[0], max_tokens=32, temperature=0,
+                                  extra_body={"response_format": schema_format})  # vLLM's extra on completions
+    running.join()
+    assert free["text"] == reference_text(model_dir, PROMPTS[1], 32)
+    assert held.choices[0].finish_reason == "stop", held.choices[0].text
+    jsonschema.validate(json.loads(held.choices[0].text), VERDICT)
+    assert held.choices[0].text == masked_reference_text(model_dir, PROMPTS[0], Grammar.json_schema(VERDICT), 32)
+
+    stream = api.chat.completions.create(model=name, messages=[{"role": "user", "content": "hello world"}],
+                                         max_tokens=32, temperature=0, stream=True,
+                                         response_format={"type": "json_object"})
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == masked_reference_text(model_dir, "user: hello world\nassistant:",
+                                         Grammar.json_schema({"type": "object"}), 32)
+
+    with pytest.raises(BadRequestError, match="response_format.json_schema.schema cannot be followed"):
+        api.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                    response_format={"type": "json_schema",
+                                                     "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
+    answer = ts.predict(name, {"inputs": PROMPTS[2], "parameters": {
+        "max_new_tokens": 12, "grammar": {"type": "regex", "value": "[0-9]{3}-[0-9]{2}"}}})
+    assert answer.status_code == 200, answer.text
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{2}", answer.json()["generated_text"])
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("name", list(MODELS))
+def test_forced_tool_calls_through_the_openai_client(server, name):
+    """tool_choice "required" and a named function: the answer's tool_calls name a given tool with arguments valid
+    for its schema, streamed and not; the named function's arguments equal single-process generate under the
+    same grammar; "auto" without handler.tool_call_parser is a 400 that names it."""
+    import jsonschema
+    from openai import BadRequestError
+
+    from ts_plugin.structured_output import Grammar
+
+    ts, model_dir = server
+    api = client(ts, name)
+    messages = [{"role": "user", "content": "weather?"}]
+    required = api.chat.completions.create(model=name, messages=messages, max_tokens=32, temperature=0,
+                                           tools=[WEATHER, CLOCK], tool_choice="required")
+    choice = required.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message.content
+    schemas = {"weather": WEATHER["function"]["parameters"], "clock": {"type": "object"}}
+    for call in choice.message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    named = {"type": "function", "function": {"name": "weather"}}
+    forced = api.chat.completions.create(model=name, messages=messages, max_tokens=32, temperature=0,
+                                         tools=[WEATHER, CLOCK], tool_choice=named)
+    call = forced.choices[0].message.tool_calls[0]
+    expected = masked_reference_text(model_dir, "user: weather?\nassistant:",
+                                     Grammar.json_schema(WEATHER["function"]["parameters"]), 32)
+    assert (call.function.name, json.loads(call.function.arguments)) == ("weather", json.loads(expected))
+    chunks = list(api.chat.completions.create(model=name, messages=messages, max_tokens=32, temperature=0,
+                                              tools=[WEATHER, CLOCK], tool_choice=named, stream=True))
+    streamed = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed] == [("weather", json.loads(expected))]
+    with pytest.raises(BadRequestError, match="handler.tool_call_parser"):
+        api.chat.completions.create(model=name, messages=messages, max_tokens=4, tools=[WEATHER])
+
+
+@pytest.mark.serve
+@pytest.mark.parametrize("name", ["oa-custom", "oa-tp-cb", "oa-pptp-cb"])
+def test_langchain_structured_output_and_tool_calls(server, name):
+    """LangChain's ChatOpenAI, a second real client: with_structured_output (json_schema) gives a dict valid for
+    the schema, and bind_tools with a named tool and with "any" (OpenAI's "required") gives valid tool calls."""
+    import jsonschema
+
+    langchain_openai = pytest.importorskip("langchain_openai", reason="pip install -e .[langchain]")
+    ts, _ = server
+    llm = langchain_openai.ChatOpenAI(base_url=f"{ts.inference_url}/predictions/{name}/1.0/v1", model=name,
+                                      api_key=ts.key or "unused", temperature=0, max_tokens=32, max_retries=0)
+    verdict = llm.with_structured_output({"title": "verdict", **VERDICT}, method="json_schema").invoke("Is it so?")
+    jsonschema.validate(verdict, VERDICT)
+    for choice in ("weather", "any"):
+        message = llm.bind_tools([WEATHER, CLOCK], tool_choice=choice).invoke("weather?")
+        assert message.tool_calls, message
+        for call in message.tool_calls:
+            assert call["name"] in ("weather", "clock")
+            if call["name"] == "weather":
+                jsonschema.validate(call["args"], WEATHER["function"]["parameters"])

@@ -22,8 +22,9 @@ and a paged attention path over the whole model in one process, sizes its cache 
 DeepSpeed-sharded rank or a pp stage with some layers is outside it) and has one seed for all requests, where a
 seeded request here must give the same tokens alone or beside others; so only the engines' own forward is used.
 The price of left padding: a long-running row keeps the batch as wide as its history; cropping reclaims it
-when that row leaves. Prefix caching, preemption and a memory budget need the paged cache this design lacks
-(issue 26).
+when that row leaves. Prefix caching keeps copies instead of pages: a prompt's full blocks are copied out after
+its prefill (ts_plugin.prefix_cache), and a later prompt that starts with them begins from a copy of them and
+prefills the rest as chunks. Preemption and a memory budget still need a paged cache (issue 26).
 
 Where the engine splits a batch into row groups (pp with `pippy.chunks`: at most one group per stage),
 `ContinuousGroups` keeps one ContinuousBatch per group and steps them in threads of their own: while stage 1
@@ -44,6 +45,7 @@ from .engines.base import StepModel
 from .generation import (SequenceResult, TokenLogprob, _Sequence, advance, left_padded, new_sequence, next_tokens,
                          pad_token_id)
 from .prefix_cache import PrefixIndex
+from .structured_output import Grammars
 from .requests import SamplingParams
 
 
@@ -112,8 +114,9 @@ class ContinuousBatch:
 
     def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int,
                  max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
-                 prefix: Optional[PrefixIndex] = None):
+                 prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None):
         self.model = model
+        self.grammars = grammars
         self.prefix = prefix if rows_editable else None  # a prefix hit joins like a chunk, which needs row edits
         # False for a cache whose layers cannot drop or add rows (sliding windows): then a batch is static, every
         # request joins at once and whole, and a finished row stays, fed padding, until the last one finishes
@@ -159,7 +162,7 @@ class ContinuousBatch:
             row.text = ""
         started = time.perf_counter()
         for request_id, prompt, params in joining:
-            seq = new_sequence(prompt, params, self.default_seed + self._joined)
+            seq = new_sequence(prompt, params, self.default_seed + self._joined, self.grammars)
             self.waiting.append(_Pending(_Row(request_id, seq, started)))
             self._joined += 1
         try:
@@ -373,9 +376,9 @@ class ContinuousGroups:
 
     def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int, groups: int,
                  max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
-                 prefix: Optional[PrefixIndex] = None):
+                 prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None):
         self.batches = [ContinuousBatch(model, tokenizer, eos_ids, default_seed, max_batched_tokens, rows_editable,
-                                        prefix) for _ in range(groups)]
+                                        prefix, grammars) for _ in range(groups)]
         self.default_seed = default_seed
         self._joined = 0
         self.groups = groups
@@ -425,27 +428,30 @@ class ContinuousGroups:
 
 def continuous_batch(model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int,
                      batch_size: int, max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
-                     prefix: Optional[PrefixIndex] = None) -> Union[ContinuousBatch, ContinuousGroups]:
+                     prefix: Optional[PrefixIndex] = None,
+                     grammars: Optional[Grammars] = None) -> Union[ContinuousBatch, ContinuousGroups]:
     """The live requests for `model`: one ContinuousBatch, or ContinuousGroups where the model generates a batch of
-    `batch_size` rows in several groups. `prefix`: the worker's prefix cache, None for none."""
+    `batch_size` rows in several groups. `prefix`: the worker's prefix cache, None for none. `grammars`: the
+    model's structured-output side, needed by requests whose parameters carry a grammar."""
     groups = len(model.row_groups(batch_size))
     if groups > 1:
         return ContinuousGroups(model, tokenizer, eos_ids, default_seed, groups, max_batched_tokens, rows_editable,
-                                prefix)
-    return ContinuousBatch(model, tokenizer, eos_ids, default_seed, max_batched_tokens, rows_editable, prefix)
+                                prefix, grammars)
+    return ContinuousBatch(model, tokenizer, eos_ids, default_seed, max_batched_tokens, rows_editable, prefix,
+                           grammars)
 
 
 def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], params: Sequence[SamplingParams],
              default_seed: int, eos_ids: Sequence[int], on_step: Optional[Callable[[int, StepOutput], None]] = None,
              max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
-             prefix: Optional[PrefixIndex] = None) -> List[SequenceResult]:
+             prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None) -> List[SequenceResult]:
     """Generate a static batch of tokenized prompts until each sequence stops: the continuous loop with every
     request joining at once, so finished rows leave the batch instead of stepping on with padding. A row without
     a seed samples with `default_seed + its row`. `on_step(row, output)` streams each step's output.
     `rows_editable`: False where the model's cache cannot drop rows (see ContinuousBatch). `prefix`: the worker's
-    prefix cache, which outlives the batch."""
+    prefix cache, which outlives the batch. `grammars`: as for continuous_batch."""
     live = continuous_batch(model, tokenizer, eos_ids, default_seed, len(prompts), max_batched_tokens, rows_editable,
-                            prefix)
+                            prefix, grammars)
     try:
         ids = [str(row) for row in range(len(prompts))]
         joining = list(zip(ids, prompts, params))

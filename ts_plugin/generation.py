@@ -14,6 +14,7 @@ import torch
 from .distributed import InStepError
 from .engines.base import StepModel
 from .requests import SamplingParams, stop_span
+from .structured_output import Grammars, RowGrammar
 
 
 #: a chosen token's log-probability: (token id, its log-probability, [(alternative id, log-probability), ...])
@@ -49,6 +50,7 @@ class _Sequence:
     prefix_offset: int = 0  # incremental decoding: seq.text holds the text of token_ids[:read_offset]
     read_offset: int = 0
     logprobs: List[TokenLogprob] = field(default_factory=list)  # filled where tokens are chosen (the driver)
+    grammar: Optional[RowGrammar] = None  # structured output: what the next token may be
     _processors: Optional[Tuple[Any, Any]] = None
 
     @property
@@ -69,14 +71,16 @@ StreamCallback = Callable[[int, str, bool], None]
 
 
 def choose_tokens(logits: torch.Tensor, sequences: Sequence[_Sequence]) -> torch.Tensor:
-    """Greedy or sampled next token per row, each with its own parameters and generator: the logit bias and
-    penalties, then (sampled rows) transformers' temperature, top-k and top-p warpers, in generate's order. A row
-    that asks for logprobs gets them from the distribution its token was drawn from: after the bias and penalties,
-    and for a sampled row after the warpers too."""
+    """Greedy or sampled next token per row, each with its own parameters and generator: the grammar's mask, the
+    logit bias and penalties, then (sampled rows) transformers' temperature, top-k and top-p warpers, in generate's
+    order. A row that asks for logprobs gets them from the distribution its token was drawn from: after the mask,
+    bias and penalties, and for a sampled row after the warpers too."""
     chosen = torch.empty(len(sequences), dtype=torch.long)
     for row, seq in enumerate(sequences):
         penalties, warpers = seq.processors
         scores = logits[row:row + 1]
+        if seq.grammar is not None:
+            scores = seq.grammar.masked(scores)
         if penalties:  # only the penalty reads the history; the warpers take input_ids unused
             scores = penalties(torch.tensor([seq.prompt_ids + seq.token_ids], dtype=torch.long), scores.clone())
         if seq.sampling:
@@ -92,6 +96,8 @@ def choose_tokens(logits: torch.Tensor, sequences: Sequence[_Sequence]) -> torch
             drawn_from = warped
         if seq.params.logprobs is not None and seq.finish_reason is None:
             seq.logprobs.append(_token_logprob(drawn_from[0], int(chosen[row]), seq.params.logprobs))
+        if seq.grammar is not None and seq.finish_reason is None:
+            seq.grammar.accept(int(chosen[row]))
     return chosen
 
 
@@ -138,10 +144,17 @@ def _processors(params: SamplingParams, prompt_length: int) -> Tuple[Any, Any]:
     return penalties, warpers
 
 
-def new_sequence(prompt_ids: Sequence[int], params: SamplingParams, default_seed: int) -> _Sequence:
-    """A sequence to generate, with its own generator: its seed, or `default_seed`."""
+def new_sequence(prompt_ids: Sequence[int], params: SamplingParams, default_seed: int,
+                 grammars: Optional[Grammars] = None) -> _Sequence:
+    """A sequence to generate, with its own generator (its seed, or `default_seed`) and, where its parameters
+    carry a grammar, its own matcher from `grammars`."""
     generator = torch.Generator().manual_seed(params.seed if params.seed is not None else default_seed)
-    return _Sequence(list(prompt_ids), params, generator)
+    grammar = None
+    if params.grammar is not None:
+        if grammars is None:
+            raise ValueError("a request with a grammar needs the model's Grammars")
+        grammar = grammars.row(params.grammar)
+    return _Sequence(list(prompt_ids), params, generator, grammar=grammar)
 
 
 def pad_token_id(tokenizer: Any, eos_ids: Sequence[int]) -> int:

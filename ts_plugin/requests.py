@@ -3,7 +3,10 @@ Shared by the request parsers (ts_plugin.handlers) and the generation loop; no t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from .structured_output import Grammar
 
 
 class RequestError(Exception):
@@ -29,6 +32,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence among the generated tokens
     logit_bias: Dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     logprobs: Optional[int] = None  # each chosen token's log-probability, with this many alternatives
+    grammar: Optional[Grammar] = None  # structured output: what the answer follows
 
 
 @dataclass
@@ -41,6 +45,7 @@ class TextRequest:
     include_usage: bool = False  # OpenAI streaming: a usage event before [DONE]
     n: int = 1  # OpenAI's choices: rows generated for the same prompt
     add_special_tokens: bool = True  # False for a chat template's text, which already holds them (BOS)
+    tool_choice: Any = None  # OpenAI chat with tools: how the answer is read back (handlers._tools.ToolChoice)
     input_ids: List[int] = field(default_factory=list)  # filled by the handler's tokenizer
 
 

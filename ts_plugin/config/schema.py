@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ParallelType = Literal["pp", "tp", "pptp", "custom"]
 DeviceType = Literal["cpu", "gpu"]
+ToolCallParser = Literal["hermes", "llama3_json", "mistral"]  # vLLM's names of the model families' tool-call markup
 DeviceMapStrategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 DTypeName = Literal["float32", "float16", "bfloat16"]
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}  # accepted, stored canonical
@@ -111,6 +112,13 @@ class HandlerConfig(_Section):
     max_request_bytes: int = Field(1_000_000, ge=1, description="Requests with a larger body get a 413.")
     chat_template: Optional[str] = Field(
         None, description="Jinja chat template for v1/chat/completions, where the tokenizer has none (or to replace it).")
+    disable_any_whitespace: bool = Field(
+        False, description="Structured output: JSON answers get no whitespace beyond what the grammar needs (vLLM's "
+        "option). By default JSON's own free whitespace is allowed, which a small model may fill until max_tokens.")
+    tool_call_parser: Optional[ToolCallParser] = Field(
+        None, description="How OpenAI's tool_choice \"auto\" finds tool calls in this model's text, as vLLM's "
+        "option names the model families' markups (hermes: Hermes, Qwen 2.5; llama3_json: Llama 3.1+; mistral). "
+        "Without it, \"auto\" gets a 400; \"required\" and a named function need none (a grammar forces them).")
     steps_per_call: int = Field(
         1, ge=1, le=64, description="continuousBatching: decode steps per call from the frontend (as vLLM's "
         "num-scheduler-steps); more spreads the frontend's round trip over more tokens, but a new request may wait "

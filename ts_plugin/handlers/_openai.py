@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_prompt, check_seed, check_stops
+from ..structured_output import ANY_OBJECT, Grammar, strict_schema
 from ._tgi import decode_body, number
+from ._tools import parse_tools, tool_calls
 
 COMPLETIONS, CHAT, MODELS = "v1/completions", "v1/chat/completions", "v1/models"
 TOKENIZE, DETOKENIZE = "v1/tokenize", "v1/detokenize"
@@ -21,18 +23,21 @@ ROUTES = (COMPLETIONS, CHAT, MODELS, TOKENIZE, DETOKENIZE)
 #: answered from the tokenizer alone, at once
 TOKENIZER_ROUTES = (TOKENIZE, DETOKENIZE)
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options", "user",
-           "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty"}
+           "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty",
+           "response_format"}
 _FIELDS = {COMPLETIONS: _COMMON | {"prompt", "echo", "best_of", "suffix"},
-           CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}}
+           CHAT: _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                            "parallel_tool_calls"}}
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs
 MAX_CHOICES = 8  # n: each choice is a row of the batch
 
 
 def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any,
-                 chat_template: Optional[str], served_names: Sequence[str]) -> TextRequest:
+                 chat_template: Optional[str], served_names: Sequence[str],
+                 tool_call_parser: Optional[str] = None) -> TextRequest:
     """One request row of an OpenAI route -> a checked TextRequest, or RequestError (404 for other routes and
-    for a model name not in `served_names`)."""
+    for a model name not in `served_names`). `tool_call_parser`: handler.tool_call_parser, for tool_choice auto."""
     if route not in (COMPLETIONS, CHAT):
         raise RequestError(f"unknown route {route!r}; this model serves {', '.join(ROUTES)}", 404)
     body = _object_body(row, limits, served_names)
@@ -48,9 +53,15 @@ def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any
     if stream_options is not None and not (isinstance(stream_options, dict)
                                            and isinstance(stream_options.get("include_usage", False), bool)):
         raise RequestError(f'"stream_options" must be an object like {{"include_usage": true}}, not {stream_options!r}')
-    prompt = _prompt(body) if route == COMPLETIONS else _chat_prompt(body, tokenizer, chat_template)
-    request = TextRequest(check_prompt(prompt), _params(body, limits, len(tokenizer), route), stream, api=route,
-                          add_special_tokens=route == COMPLETIONS)
+    tools, tool_choice, tool_grammar = parse_tools(body, tool_call_parser) if route == CHAT else (None, None, None)
+    prompt = _prompt(body) if route == COMPLETIONS else _chat_prompt(body, tokenizer, chat_template, tools=tools)
+    params = _params(body, limits, len(tokenizer), route)
+    if tool_grammar is not None:
+        if params.grammar is not None:
+            raise RequestError('"response_format" and a tool_choice that forces a call cannot both hold the answer')
+        params.grammar = tool_grammar
+    request = TextRequest(check_prompt(prompt), params, stream, api=route, add_special_tokens=route == COMPLETIONS,
+                          tool_choice=tool_choice)
     request.model = body.get("model") if isinstance(body.get("model"), str) else None
     request.include_usage = bool((stream_options or {}).get("include_usage")) and stream
     request.n = number(body, "n", int, 1, 1, MAX_CHOICES, field="n")
@@ -103,7 +114,7 @@ _MESSAGE_FIELDS = ("name", "tool_calls", "tool_call_id")
 
 
 def _chat_prompt(body: Dict[str, Any], tokenizer: Any, chat_template: Optional[str],
-                 add_generation_prompt: Any = True) -> str:
+                 add_generation_prompt: Any = True, tools: Optional[List[Dict[str, Any]]] = None) -> str:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError('"messages" must be a non-empty list of {"role", "content"} objects')
@@ -115,7 +126,7 @@ def _chat_prompt(body: Dict[str, Any], tokenizer: Any, chat_template: Optional[s
                            "is not set); use v1/completions, or set handler.chat_template in model-config.yaml")
     messages = [_message(index, message) for index, message in enumerate(messages)]
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template,
+        return tokenizer.apply_chat_template(messages, chat_template=template, tools=tools,
                                              add_generation_prompt=add_generation_prompt, tokenize=False)
     except Exception as error:  # noqa: BLE001 - a template's own checks (roles, order) raise anything
         raise RequestError(f"the chat template refused these messages: {error}") from None
@@ -164,7 +175,25 @@ def _params(body: Dict[str, Any], limits: Limits, vocab_size: int, route: str) -
                           repetition_penalty=number(body, "repetition_penalty", float, 1.0, 0.0, 100.0, low_open=True,
                                                     field="repetition_penalty"),
                           logit_bias=_logit_bias(body.get("logit_bias"), vocab_size),
-                          logprobs=_logprobs(body, route))
+                          logprobs=_logprobs(body, route), grammar=_response_format(body.get("response_format")))
+
+
+def _response_format(value: Any) -> Optional[Grammar]:
+    """OpenAI's response_format -> the grammar: none for text, any JSON object for json_object, the schema for
+    json_schema (enforced whether or not it says strict, as vLLM does; strict also closes its objects to keys
+    they do not list, as OpenAI's strict mode requires of a schema)."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if value is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar.json_schema(ANY_OBJECT, "response_format")
+    spec = value.get("json_schema") if kind == "json_schema" else None
+    if isinstance(spec, dict) and isinstance(spec.get("schema", ANY_OBJECT), dict):
+        schema = spec.get("schema", ANY_OBJECT)
+        return Grammar.json_schema(strict_schema(schema) if spec.get("strict") is True else schema,
+                                   "response_format.json_schema.schema")
+    raise RequestError('"response_format" must be {"type": "text"}, {"type": "json_object"} or {"type": '
+                       f'"json_schema", "json_schema": {{"name": ..., "schema": {{...}}}}}}, not {value!r}')
 
 
 def _logprobs(body: Dict[str, Any], route: str) -> Optional[int]:
@@ -214,6 +243,7 @@ class OpenAIFormat:
         self._role_sent: set = set()  # chat: the choices whose first delta went out
         self._text_offset: Dict[int, int] = {}  # completions: choice -> text_offset of its next token
         self._finished: Dict[int, Any] = {}  # streaming: choice -> its result
+        self._held: Dict[int, list] = {}  # streaming with tools: choice -> its logprobs until it ends
 
     def _envelope(self, choices: List[dict], chunk: bool) -> dict:
         kind = "chat.completion" if self.chat else "text_completion"
@@ -226,17 +256,30 @@ class OpenAIFormat:
         for index, result in enumerate(results):
             finish = FINISH_REASONS[result.finish_reason]
             logprobs = self._logprobs(result.logprobs or [], index)
-            choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
-                            "finish_reason": finish, "logprobs": logprobs} if self.chat else
-                           {"index": index, "text": result.text, "finish_reason": finish, "logprobs": logprobs})
+            if self.chat:
+                message, finish = self._message(result.text, finish)
+                choices.append({"index": index, "message": {"role": "assistant", **message}, "finish_reason": finish,
+                                "logprobs": logprobs})
+            else:
+                choices.append({"index": index, "text": result.text, "finish_reason": finish, "logprobs": logprobs})
         return {**self._envelope(choices, chunk=False), "usage": usage(results)}
 
     def event(self, text: str, result=None, logprobs=(), choice: int = 0) -> str:
         """The server-sent event for a choice's new text (with its tokens' logprobs) and, with its result, its
         finish; after the last choice's finish, the usage (where asked) and [DONE]."""
         finish = FINISH_REASONS[result.finish_reason] if result is not None else None
-        if self.chat:
+        if self.chat and self.request.tool_choice is not None:
+            # the calls are read from the whole text: a choice's deltas are held back until it ends
+            held = self._held.setdefault(choice, [])
+            held.extend(logprobs)
+            if result is None:
+                return ""
+            message, finish = self._message(result.text, finish)
+            message["tool_calls"] = [{"index": at, **call} for at, call in enumerate(message.get("tool_calls", []))]
+            delta, logprobs = {key: value for key, value in message.items() if value}, held
+        elif self.chat:
             delta = {"content": text}
+        if self.chat:
             if choice not in self._role_sent:
                 delta = {"role": "assistant", **delta}
                 self._role_sent.add(choice)
@@ -253,6 +296,15 @@ class OpenAIFormat:
         if self.request.include_usage:
             events += _sse({**self._envelope([], chunk=True), "usage": usage(list(self._finished.values()))})
         return events + "data: [DONE]\n\n"
+
+    def _message(self, text: str, finish: str) -> Tuple[Dict[str, Any], str]:
+        """A chat choice's message (without its role) and finish_reason: its text, or the tool calls read from it
+        (finish_reason "tool_calls", except for a named function, where OpenAI says "stop")."""
+        choice = self.request.tool_choice
+        content, calls = tool_calls(text, choice) if choice is not None else (text, [])
+        if not calls:
+            return {"content": text}, finish
+        return {"content": content, "tool_calls": calls}, finish if choice.mode == "function" else "tool_calls"
 
     def _logprobs(self, entries, choice: int) -> Optional[dict]:
         """OpenAI's logprobs object for these tokens: completions' parallel lists, or chat's content list."""

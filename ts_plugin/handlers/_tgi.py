@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_prompt, check_seed, check_stops
+from ..structured_output import Grammar
 
 PARAMETERS = ("max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "seed", "stop",
-              "repetition_penalty")
+              "repetition_penalty", "grammar")
 # TGI parameters we accept for compatibility but do not act on
 IGNORED_PARAMETERS = ("details", "decoder_input_details", "return_full_text", "truncate", "watermark",
                       "best_of", "typical_p")
@@ -114,7 +115,27 @@ def _params(params: Dict[str, Any], limits: Limits) -> SamplingParams:
         seed=check_seed(params.get("seed"), "parameters.seed"),
         stop=check_stops(params.get("stop"), "parameters.stop"),
         repetition_penalty=number(params, "repetition_penalty", float, 1.0, 0.0, 100.0, low_open=True),
+        grammar=_grammar(params.get("grammar")),
     )
+
+
+def _grammar(value: Any) -> Optional[Grammar]:
+    """TGI's {"type": "json", "value": JSON schema} or {"type": "regex", "value": pattern}."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    schema = value.get("value") if isinstance(value, dict) else None
+    if kind == "json" and isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as err:
+            raise RequestError(f"parameters.grammar.value is not JSON: {err.msg}") from None
+    if kind == "json" and isinstance(schema, dict):
+        return Grammar.json_schema(schema, "parameters.grammar")
+    if kind == "regex" and isinstance(schema, str):
+        return Grammar.regex(schema, "parameters.grammar")
+    raise RequestError('parameters.grammar must be {"type": "json", "value": a JSON schema} or '
+                       f'{{"type": "regex", "value": a pattern}}, not {value!r}')
 
 
 class TGIFormat:

@@ -38,6 +38,7 @@ from ..continuous import ContinuousBatch, ContinuousGroups, continuous_batch
 from ..engines import Follower, Loaded, LoadContext
 from ..engines.base import check_row_editable, uneditable_layers
 from ..prefix_cache import PrefixIndex
+from ..structured_output import Grammars
 from ..engines import load as load_engine
 from ._openai import (MODELS, TOKENIZER_ROUTES, OpenAIFormat, error_body, models_list, parse_openai,
                       tokenizer_answer)
@@ -104,6 +105,7 @@ class LLMHandler:
         self.continuous: Optional[Union[ContinuousBatch, ContinuousGroups]] = None  # continuousBatching: live rows
         self.rows_editable = True  # whether rows can leave and join this model's KV cache (no sliding windows)
         self.prefix_cache: Optional[PrefixIndex] = None  # outlives batches; None where off
+        self.grammars: Optional[Grammars] = None  # structured output: the tokenizer's side, checks and matchers
         self._live: Dict[str, _Live] = {}  # continuousBatching: the requests in the batch, by request id
 
     # --- start-up -------------------------------------------------------------------------------
@@ -150,6 +152,9 @@ class LLMHandler:
         self.limits = Limits(self.config.handler.max_new_tokens, self.config.handler.max_request_bytes)
         self.max_positions = self.model_max_positions()
         self.eos_token_ids = self.eos_ids()
+        self.grammars = Grammars(self.tokenizer, max(getattr(self.hf_config(), "vocab_size", 0) or 0,
+                                                     len(self.tokenizer)), self.eos_token_ids,
+                                 compact_json=self.config.handler.disable_any_whitespace)
         if self.model is not None:
             from transformers import DynamicCache
 
@@ -200,7 +205,7 @@ class LLMHandler:
     def _continuous_batch(self) -> Union[ContinuousBatch, ContinuousGroups]:
         live = continuous_batch(self.model, self.tokenizer, self.eos_token_ids, self.config.handler.manual_seed,
                                 self.config.batch_size, self.config.handler.max_num_batched_tokens,
-                                prefix=self.prefix_cache)
+                                prefix=self.prefix_cache, grammars=self.grammars)
         self.log_progress(f"continuousBatching: requests join and leave the running batch at every step "
                           f"({live.groups} group(s) of rows)")
         return live
@@ -249,10 +254,12 @@ class LLMHandler:
             try:
                 request = (parse_request(row, self.limits) if not route else
                            parse_openai(row, route, self.limits, self.tokenizer, self.config.handler.chat_template,
-                                        self.served_model_names()))
+                                        self.served_model_names(), self.config.handler.tool_call_parser))
                 request.input_ids = self.tokenizer(request.prompt,
                                                    add_special_tokens=request.add_special_tokens)["input_ids"]
                 check_lengths(len(request.input_ids), request.params, self.config.handler.max_length, self.max_positions)
+                if request.params.grammar is not None:
+                    self.grammars.check(request.params.grammar)
                 parsed.append(request)
             except RequestError as error:
                 parsed.append(error)
@@ -267,7 +274,7 @@ class LLMHandler:
         seed = self.config.handler.manual_seed + self._batches
         return generate(self.model, self.tokenizer, [r.input_ids for r in requests], [r.params for r in requests],
                         seed, self.eos_token_ids, on_step, self.config.handler.max_num_batched_tokens,
-                        self.rows_editable, self.prefix_cache)
+                        self.rows_editable, self.prefix_cache, self.grammars)
 
     def postprocess(self, request: TextRequest, result) -> Dict[str, Any]:
         return {"generated_text": result.text,

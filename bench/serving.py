@@ -11,6 +11,8 @@ between its `bench:serving` markers; the text around it is written by hand).
     python -m bench.serving            # the bench model (~200M parameters), 1 round
     python -m bench.serving --smoke    # a tiny model, 8 requests (a check that it runs)
     python -m bench.serving --model smollm2   # the demo's real model (serving-benchmark-smollm2.json)
+    python -m bench.serving --model smollm2 --only custom --rounds 3 \
+        --servers custom-continuous-b8,custom-continuous-b8-mkl-head   # the lm_head's two paths
 """
 from __future__ import annotations
 
@@ -38,14 +40,16 @@ from .run import REPO, log, make_model, package
 #: name -> (parallelType, batchSize, continuousBatching, handler changes, concurrent clients). Static and continuous
 #: at batchSize 4, as the issue compares them; pp continuous with the 8 steps per call that TSP219 advises for its row
 #: groups; tp also with 4 steps per call (fewer round trips through the frontend, which shares the 2 CPUs with the
-#: ranks); batchSize 8 admits all 8 clients at once, as the anchor's scheduler does; one client, one request at a
-#: time: what continuous batching costs where nothing can join, with 1 and 4 decode steps per frontend call
+#: ranks); batchSize 8 admits all 8 clients at once, as the anchor's scheduler does (and once with the lm_head on
+#: PyTorch's default CPU path instead of oneDNN); one client, one request at a time: what continuous batching costs
+#: where nothing can join, with 1 and 4 decode steps per frontend call
 SERVERS = {
     "custom-static": ("custom", 4, False, {}, 8), "custom-continuous": ("custom", 4, True, {}, 8),
     "tp-static": ("tp", 4, False, {}, 8), "tp-continuous": ("tp", 4, True, {}, 8),
     "pp-static": ("pp", 4, False, {}, 8), "pp-continuous": ("pp", 4, True, {"steps_per_call": 8}, 8),
     "tp-continuous-steps4": ("tp", 4, True, {"steps_per_call": 4}, 8),
     "custom-continuous-b8": ("custom", 8, True, {}, 8), "tp-continuous-b8": ("tp", 8, True, {}, 8),
+    "custom-continuous-b8-mkl-head": ("custom", 8, True, {"onednn_lm_head": False}, 8),
     "custom-static-1client": ("custom", 4, False, {}, 1),
     "custom-continuous-steps1-1client": ("custom", 4, True, {"steps_per_call": 1}, 1),
     "custom-continuous-steps4-1client": ("custom", 4, True, {"steps_per_call": 4}, 1),
@@ -145,6 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="the random bench model, or SmolLM2-135M-Instruct (the demo's real model)")
     parser.add_argument("--only", default="custom,tp,pp,anchor",
                         help="the servers to run: parallelTypes and `anchor`, comma-separated")
+    parser.add_argument("--servers", help="run only these servers (names, comma-separated), and write the results "
+                        "under a name of their own")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ts_plugin-serving-"))
@@ -160,7 +166,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     jobs = workload(count, short, long)
     solo_jobs = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": long} for i in range(ONE_CLIENT_JOBS)]
     store = workdir / "store"
-    servers = {name: server for name, server in SERVERS.items() if server[0] in only}
+    picked = args.servers.split(",") if args.servers else None
+    servers = {name: server for name, server in SERVERS.items()
+               if (name in picked if picked else server[0] in only)}
     for name, (kind, batch, continuous, handler, _) in servers.items():
         package(store, name, kind, model_dir, long, maxBatchDelay=50, batchSize=batch, continuousBatching=continuous,
                 handler=handler)
@@ -189,7 +197,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                        for name, rounds in runs.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = ("serving-benchmark" + ("-smollm2" if args.model == "smollm2" else "")
-            + ("" if only == set(parser.get_default("only").split(",")) else "-" + "-".join(sorted(only))))
+            + ("-" + "-".join(picked) if picked else
+               "" if only == set(parser.get_default("only").split(",")) else "-" + "-".join(sorted(only))))
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     write_block(args.out / "benchmarks.md", stem.replace("-benchmark", ""), render(report))
     log(f"wrote {args.out / f'{stem}.json'} and its table in {args.out / 'benchmarks.md'}")

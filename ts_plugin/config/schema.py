@@ -112,6 +112,10 @@ class HandlerConfig(_Section):
     max_request_bytes: int = Field(1_000_000, ge=1, description="Requests with a larger body get a 413.")
     chat_template: Optional[str] = Field(
         None, description="Jinja chat template for v1/chat/completions, where the tokenizer has none (or to replace it).")
+    onednn_lm_head: bool = Field(
+        True, description="CPU, float32: compute the output projection (lm_head) through oneDNN, about twice as "
+        "fast as the default path for a decode step's few rows (custom, and pp's last stage). A head tied to the "
+        "input embedding gets a copy of its weight (vocab x hidden x 4 bytes); an untied one is replaced.")
     disable_any_whitespace: bool = Field(
         False, description="Structured output: JSON answers get no whitespace beyond what the grammar needs (vLLM's "
         "option). By default JSON's own free whitespace is allowed, which a small model may fill until max_tokens.")

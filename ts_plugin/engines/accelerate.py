@@ -31,6 +31,7 @@ import torch
 from ..config.schema import DEVICE_MAP_STRATEGIES as STRATEGIES
 from ..config.schema import HandlerConfig, parse_device
 from ._checkpoint import build_meta_model, load_causal_lm, peak_rss_mb, release_memory
+from ._onednn_head import use_onednn_head
 from .base import EngineError, HFStepModel, LoadContext, Progress
 
 
@@ -363,6 +364,10 @@ def load(context: LoadContext) -> DispatchedModel:
             shutil.rmtree(offload_dir, ignore_errors=True)
         raise
     model.eval()
+    if handler.onednn_lm_head:
+        note = use_onednn_head(model)
+        if note:
+            progress(note)
     release_memory()
     sizes = ", ".join(f"{name} {_mib(size)}" for name, size in bytes_per_device(model, device_map, dtype).items())
     progress(f"device map: {describe_device_map(model, device_map)}")

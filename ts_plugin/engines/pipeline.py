@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from ..distributed import InStepError, Ranks
 from ..prefix_cache import PrefixStore
+from ._onednn_head import use_onednn_head
 from ._checkpoint import (build_meta_model, checkpoint_index, checkpoint_key, checkpoint_names, peak_rss_mb,
                           read_tensors, release_memory, tied_names)
 from .base import (EngineError, Follower, LoadContext, StepModel, cache_kwargs, merge_caches, raise_if_any_rank_failed,
@@ -653,6 +654,10 @@ def load(context: LoadContext):
         before = peak_rss_mb()  # imports done, skeleton on meta: what follows is this stage's weights
         info = materialize_stage(model, ranks.rank, bounds, layers_path, context.model_path, context.device,
                                  context.dtype)
+        if info.is_last and config.handler.onednn_lm_head:
+            note = use_onednn_head(model)
+            if note:
+                context.progress(note)
         stage = PipelineStage(model, info, context.device, context.dtype)
     except Exception as error:  # noqa: BLE001 - agree with the other ranks first, then raise
         failure = error

@@ -140,6 +140,11 @@ class ContinuousBatch:
     def __len__(self) -> int:
         return len(self.rows) + len(self.waiting)
 
+    def load(self) -> Tuple[int, int]:
+        """(rows running, counting those part-prefilled; rows waiting for their prefill), as vLLM counts them."""
+        started = sum(1 for pending in self.waiting if pending.cache is not None)
+        return len(self.rows) + started, len(self.waiting) - started
+
     def _all_rows(self) -> List[_Row]:
         return self.rows + [pending.row for pending in self.waiting]
 
@@ -389,6 +394,10 @@ class ContinuousGroups:
 
     def __len__(self) -> int:
         return sum(len(batch) for batch in self.batches)
+
+    def load(self) -> Tuple[int, int]:
+        loads = [batch.load() for batch in self.batches]
+        return sum(running for running, _ in loads), sum(waiting for _, waiting in loads)
 
     def keep_only(self, request_ids: Sequence[str]) -> List[str]:
         return [cancelled for batch in self.batches for cancelled in batch.keep_only(request_ids)]

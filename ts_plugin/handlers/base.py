@@ -368,8 +368,7 @@ class LLMHandler:
         first = set(new)
         verdicts = [None if index in first and done[index] else done[index] for index in range(len(data))]
         context.stopping_criteria = [lambda _answer, verdict=verdict: verdict for verdict in verdicts]
-        if results:
-            self._record_metrics(context, results)
+        self._record_metrics(context, results, *self.continuous.load())
         return responses
 
     async def _handle_async(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
@@ -469,21 +468,33 @@ class LLMHandler:
                                                           last.logprobs if last else [], choice))
         for index in good:
             responses[index] = "".join(events[index]) if requests[index].stream else formats[index].whole(choices[index])
-        self._record_metrics(context, results)
+        self._record_metrics(context, results, running=0)
         return responses
 
-    def _record_metrics(self, context, results) -> None:
+    def _record_metrics(self, context, results, running: int, waiting: int = 0) -> None:
+        """vLLM's serving metrics through TorchServe's metrics API, under vLLM's names without its `vllm:` prefix
+        (TorchServe's metric lines cannot carry a colon): token counters, the prefix cache's queries and hits (in
+        tokens), per-request latency histograms, and the rows running and waiting after this call."""
+        from ts.metrics.metric_type_enum import MetricTypes
+
         metrics = getattr(context, "metrics", None)
         if metrics is None or self.ranks.rank != 0:
             return
-        prompt = sum(r.prompt_tokens for r in results)
-        completion = sum(r.completion_tokens for r in results)
-        seconds = max(r.seconds for r in results)
         try:
-            metrics.add_counter("PromptTokens", prompt)
-            metrics.add_counter("CompletionTokens", completion)
-            metrics.add_time("TimeToFirstToken", 1000 * min(r.time_to_first_token_s for r in results))
-            metrics.add_metric("TokensPerSecond", completion / seconds if seconds else 0.0, "count")  # the frontend rejects units like count/s
+            metrics.add_metric("num_requests_running", running, "count", metric_type=MetricTypes.GAUGE)
+            metrics.add_metric("num_requests_waiting", waiting, "count", metric_type=MetricTypes.GAUGE)
+            for name, value in (("prompt_tokens", sum(r.prompt_tokens for r in results)),
+                                ("generation_tokens", sum(r.completion_tokens for r in results)),
+                                ("prefix_cache_queries", sum(r.prompt_tokens for r in results)),
+                                ("prefix_cache_hits", sum(r.cached_tokens for r in results))):
+                if results:
+                    metrics.add_counter(name, value)
+            for result in results:
+                gaps = (result.seconds - result.time_to_first_token_s) / max(result.completion_tokens - 1, 1)
+                for name, value in (("time_to_first_token_seconds", result.time_to_first_token_s),
+                                    ("inter_token_latency_seconds", gaps),
+                                    ("e2e_request_latency_seconds", result.seconds)):
+                    metrics.add_metric(name, value, "seconds", metric_type=MetricTypes.HISTOGRAM)
         except Exception:  # noqa: BLE001 - metrics must never fail a request
             logger.warning("could not record metrics", exc_info=True)
 

@@ -45,11 +45,12 @@ class TorchServe:
     """One real TorchServe, started with `torchserve --start --foreground` in its own session."""
 
     def __init__(self, workdir: Path, model_store: Path, token_auth: bool = False,
-                 extra_env: Optional[Dict[str, str]] = None):
+                 extra_env: Optional[Dict[str, str]] = None, properties: Optional[Dict[str, str]] = None):
         self.workdir = Path(workdir).resolve()
         self.model_store = Path(model_store).resolve()
         self.token_auth = token_auth
         self.extra_env = dict(extra_env or {})
+        self.properties = dict(properties or {})  # more config.properties lines (e.g. metrics_mode)
         self.tmpdir = self.workdir / "tmp"
         self.log_dir = self.workdir / "logs"
         self.config_path = self.workdir / "config.properties"
@@ -103,6 +104,7 @@ class TorchServe:
             "disable_system_metrics": "true",
             "enable_envvars_config": "false",
             "enable_model_api": "true",  # register() needs the model control API (off by default in 0.12)
+            **self.properties,
         }
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()), encoding="utf-8")
 

@@ -120,10 +120,11 @@ def stream_text(chunks: List[bytes]) -> str:
 
 
 def stream_events(chunks: List[bytes]) -> list:
-    """Streamed answers are JSON lines; chunks may split or join them."""
+    """Streamed answers are server-sent events (`data: {...}`); chunks may split or join them."""
     import json
 
-    return [json.loads(line) for line in b"".join(chunks).decode().splitlines() if line.strip()]
+    return [json.loads(line[len("data:"):]) for line in b"".join(chunks).decode().splitlines()
+            if line.startswith("data:") and line.strip() != "data: [DONE]"]
 
 
 JSON = {"Content-Type": "application/json"}

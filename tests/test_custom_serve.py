@@ -86,6 +86,27 @@ def test_stream_yields_the_unstreamed_text(server, name):
     assert events[-1]["generated_text"] == plain and events[-1]["details"]["completion_tokens"] == 16
 
 
+def test_huggingface_hubs_tgi_client_reads_the_answers_and_the_stream(server):
+    """huggingface_hub's InferenceClient, a real TGI client: text_generation with details, and streamed with
+    details (one event per token: its id, text and logprob), gives the answer of single-process generate."""
+    from huggingface_hub import InferenceClient
+    from transformers import AutoTokenizer
+
+    ts, model_dir, _ = server
+    client = InferenceClient(model=f"{ts.inference_url}/predictions/acc-auto",
+                             headers={"Authorization": f"Bearer {ts.key}"} if ts.key else None)
+    expected = reference_text(model_dir, PROMPTS[1], 12)
+    answer = client.text_generation(PROMPTS[1], max_new_tokens=12, details=True)
+    assert (answer.generated_text, answer.details.generated_tokens) == (expected, 12)
+    assert answer.details.finish_reason == "length"
+    events = list(client.text_generation(PROMPTS[1], max_new_tokens=12, details=True, stream=True))
+    assert "".join(event.token.text for event in events) == expected == events[-1].generated_text
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = [event.token.id for event in events]
+    assert len(ids) == 12 and tokenizer.decode(ids, skip_special_tokens=True) == expected
+    assert all(event.token.logprob <= 0 for event in events) and events[-1].details.generated_tokens == 12
+
+
 def test_async_mode_bad_requests_get_4xx_without_failing_the_others(server):
     ts, model_dir, _ = server
     good = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 10}}

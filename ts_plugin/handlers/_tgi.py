@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_prompt, check_seed, check_stops
 from ..structured_output import Grammar
@@ -75,7 +75,10 @@ def parse_request(row: Dict[str, Any], limits: Limits) -> TextRequest:
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise RequestError(f'"parameters" must be an object, not {type(parameters).__name__}')
-    return TextRequest(check_prompt(body["inputs"]), _params(parameters, limits), stream)
+    params = _params(parameters, limits)
+    if stream:
+        params.logprobs = 0  # TGI's stream events carry each token's id and logprob
+    return TextRequest(check_prompt(body["inputs"]), params, stream)
 
 
 def number(params: Dict[str, Any], name: str, kind: type, default: Any, low: float, high: float,
@@ -140,21 +143,31 @@ def _grammar(value: Any) -> Optional[Grammar]:
 
 class TGIFormat:
     """text-generation-inference's answer (`postprocess`: the handler's, which a subclass may override) and its
-    stream events as JSON lines, so that a client can split chunks that arrive together."""
+    stream: server-sent events, one per token, `data: {"index", "token": {"id", "text", "logprob", "special"},
+    "generated_text", "details"}`, the last with the whole answer, as TGI streams them. A token whose text is not
+    complete yet (part of a UTF-8 character) has an empty text; the text comes with the token that completes it."""
 
-    def __init__(self, request: TextRequest, postprocess: Callable[[TextRequest, Any], Dict[str, Any]]):
+    def __init__(self, request: TextRequest, postprocess: Callable[[TextRequest, Any], Dict[str, Any]],
+                 special_ids: Sequence[int] = ()):
         self.request = request
         self.postprocess = postprocess
+        self.special_ids = set(special_ids)
+        self._index = 0
 
     def whole(self, results: List[Any]) -> Dict[str, Any]:
         return self.postprocess(self.request, results[0])  # one choice: TGI has no n
 
     def event(self, text: str, result=None, logprobs=(), choice: int = 0) -> str:
-        if result is None:
-            return _line({"token": {"text": text}, "generated_text": None, "details": None})
-        # the last line: the remaining text, plus the full answer as in TGI's final event
-        return _line({"token": {"text": text}, **self.whole([result])})
-
-
-def _line(event: Dict[str, Any]) -> str:
-    return json.dumps(event) + "\n"
+        # a step's text goes with its last token (a step decodes one token unless handler.steps_per_call says more)
+        tokens = list(logprobs) or [(None, None, [])]
+        events = []
+        for at, (token_id, logprob, _) in enumerate(tokens):
+            last = at == len(tokens) - 1
+            self._index += 1
+            event = {"index": self._index, "token": {"id": token_id, "text": text if last else "", "logprob": logprob,
+                                                     "special": token_id in self.special_ids},
+                     "generated_text": None, "details": None}
+            if last and result is not None:
+                event.update(self.whole([result]))
+            events.append(f"data: {json.dumps(event)}\n\n")
+        return "".join(events)

@@ -278,8 +278,9 @@ class LLMHandler:
 
     def postprocess(self, request: TextRequest, result) -> Dict[str, Any]:
         return {"generated_text": result.text,
-                "details": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                            "finish_reason": result.finish_reason}}
+                "details": {"finish_reason": result.finish_reason, "generated_tokens": result.completion_tokens,
+                            "seed": request.params.seed, "prompt_tokens": result.prompt_tokens,
+                            "completion_tokens": result.completion_tokens}}
 
     def handle(self, data: List[Dict[str, Any]], context: Any):
         """A list of responses (sync worker), or an awaitable of it (asyncCommunication: true)."""
@@ -316,7 +317,8 @@ class LLMHandler:
         line each call, the others an empty chunk (written as nothing) until their whole answer."""
         self.context = context
         request_ids = [context.request_ids[index] for index in range(len(data))]
-        for request_id in [request_id for request_id in self._live if request_id not in set(request_ids)]:
+        present = set(request_ids)
+        for request_id in [request_id for request_id in self._live if request_id not in present]:
             del self._live[request_id]
             self.log_progress(f"request {request_id} left the batch (its client went away): cancelled")
         self.continuous.keep_only([row_id for live in self._live.values() for row_id, _, _ in live.rows])
@@ -436,7 +438,7 @@ class LLMHandler:
     def response_format(self, request: TextRequest, request_id: str):
         """How one request's answer and stream events are written: TGI's or OpenAI's."""
         if request.api == "tgi":
-            return TGIFormat(request, self.postprocess)
+            return TGIFormat(request, self.postprocess, self.tokenizer.all_special_ids)
         return OpenAIFormat(request, request_id, self.served_model_names()[0], self.tokenizer)
 
     def _generate_batch(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
@@ -511,7 +513,7 @@ def request_route(context: Any, index: int) -> str:
 
 def set_content_type(context: Any, index: int, request: TextRequest) -> None:
     if request.stream:
-        kind = "application/jsonlines" if request.api == "tgi" else "text/event-stream"
+        kind = "text/event-stream"
     else:
         kind = "application/json"
     context.set_response_content_type(index, kind)

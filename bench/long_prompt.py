@@ -27,7 +27,7 @@ import requests
 
 from ts_plugin.testing import TorchServe, reference_answers
 
-from .report import write_block
+from .report import median_range, write_block
 from .run import REPO, log, package
 
 #: name -> handler.max_num_batched_tokens (None: every prompt prefilled whole)
@@ -136,18 +136,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def render(report: Dict[str, Any]) -> str:
-    def spread(values: List[float], digits: int) -> str:
-        return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
     lines = [f"{report['date']}: a {report['long_prompt_tokens']}-token prompt joins {report['running_streams']} "
              f"running streams ({report['model']}, custom, continuous batching, batchSize 8); median (min-max) of "
              f"{report['rounds']} interleaved round(s).", "",
              "| server | max_num_batched_tokens | largest gap / median gap | largest gap (s) | median gap (s) | "
              "long prompt TTFT (s) | all answers exact |", "|---|---|---|---|---|---|---|"]
     for name, runs in report["runs"].items():
-        lines.append(f"| {name} | {SERVERS.get(name) or "null (whole prompts)"} | {spread([r['gap_ratio'] for r in runs], 1)} | "
-                     f"{spread([r['max_gap_s'] for r in runs], 2)} | {spread([r['median_gap_s'] for r in runs], 3)} | "
-                     f"{spread([r['ttft_s'] for r in runs], 1)} | {all(r['exact'] for r in runs)} |")
+        lines.append(f"| {name} | {SERVERS.get(name) or "null (whole prompts)"} | {median_range([r['gap_ratio'] for r in runs], 1)} | "
+                     f"{median_range([r['max_gap_s'] for r in runs], 2)} | {median_range([r['median_gap_s'] for r in runs], 3)} | "
+                     f"{median_range([r['ttft_s'] for r in runs], 1)} | {all(r['exact'] for r in runs)} |")
     return "\n".join(lines)
 
 

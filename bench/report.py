@@ -52,6 +52,11 @@ class Row:
         return "n/a" if math.isnan(value) else f"{value:.0f}%" if self.unit == "%" else f"{value:.2f}x"
 
 
+def median_range(values: Sequence[float], digits: int) -> str:
+    """"median (min-max)" of a figure's rounds."""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
 def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> List[float]:
     return [a / b for a, b in zip(numerators, denominators) if b]
 

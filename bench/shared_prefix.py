@@ -30,7 +30,7 @@ import requests
 
 from ts_plugin.testing import TorchServe, free_ports
 
-from .report import write_block
+from .report import median_range, write_block
 from .run import REPO, log, package
 from .serving import references, run_workload
 
@@ -172,9 +172,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def render(report: Dict[str, Any]) -> str:
-    def spread(values: List[float], digits: int) -> str:
-        return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
     lines = [f"{report['date']}: {report['requests']} requests from {report['clients']} clients share a prefix "
              f"(prompts of {report['prompt_tokens']} tokens, each asks {report['new_tokens']}); {report['model']}; "
              f"ours on custom, continuous batching, batchSize 8; median (min-max) of {report['rounds']} interleaved "
@@ -182,9 +179,9 @@ def render(report: Dict[str, Any]) -> str:
              "| server | TTFT p50 (s) | TTFT p99 (s) | wall (s) | prompt tokens from the cache | all answers exact |",
              "|---|---|---|---|---|---|"]
     for name, runs in report["runs"].items():
-        cached = spread([r["cached_tokens"] for r in runs], 0)
-        lines.append(f"| {name} | {spread([r['ttft_p50_s'] for r in runs], 2)} | "
-                     f"{spread([r['ttft_p99_s'] for r in runs], 2)} | {spread([r['wall_s'] for r in runs], 1)} | "
+        cached = median_range([r["cached_tokens"] for r in runs], 0)
+        lines.append(f"| {name} | {median_range([r['ttft_p50_s'] for r in runs], 2)} | "
+                     f"{median_range([r['ttft_p99_s'] for r in runs], 2)} | {median_range([r['wall_s'] for r in runs], 1)} | "
                      f"{cached} | {all(r['exact'] for r in runs)} |")
     return "\n".join(lines)
 

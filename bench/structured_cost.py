@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from ts_plugin.testing import TorchServe
 
-from .report import write_block
+from .report import median_range, write_block
 from .run import REPO, log, package
 from .serving import PROMPTS, run_workload, stream_one, workload
 
@@ -98,8 +98,8 @@ def render(report: Dict[str, Any]) -> str:
         verdict = ("invalid: plain moved more than 10%" if not steady else
                    "met" if statistics.median(ratios) >= target else "missed")
         tokens = statistics.median(run["completion_tokens"] for run in report["runs"][name])
-        lines.append(f"| {name} | {statistics.median(rates):.1f} ({min(rates):.1f}-{max(rates):.1f}) | {tokens:.0f} | "
-                     f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | >= {target} | {verdict} |")
+        lines.append(f"| {name} | {median_range(rates, 1)} | {tokens:.0f} | {median_range(ratios, 2)} | >= {target} "
+                     f"| {verdict} |")
     valid = [run["valid_json"] for run in report["runs"]["json_object"]]
     plain_tokens = statistics.median(run["completion_tokens"] for run in report["runs"]["plain"])
     lines += ["", f"Plain: {plain_tokens:.0f} completion tokens. json_object answers that ended before max_tokens and "

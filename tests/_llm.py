@@ -8,7 +8,7 @@ import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ts_plugin.testing import reference_answers
 
@@ -113,6 +113,21 @@ def predict_concurrently(ts, name: str, bodies: list) -> list:
 
     with ThreadPoolExecutor(len(bodies)) as pool:
         return list(pool.map(lambda body: ts.predict(name, body), bodies))
+
+
+def scrape(ts, model: Optional[str] = None) -> dict:
+    """{metric name: summed value} of TorchServe's Prometheus text, of one model's lines where `model` is named."""
+    import re
+
+    import requests
+
+    text = requests.get(f"{ts.metrics_url}/metrics", timeout=10).text
+    values: dict = {}
+    for line in text.splitlines():
+        found = re.match(r"^([A-Za-z_:][\w:]*)(\{[^}]*\})? ([-+\d.eE]+|NaN)$", line)
+        if found and (model is None or f'ModelName="{model}"' in (found.group(2) or "")):
+            values[found.group(1)] = values.get(found.group(1), 0.0) + float(found.group(3))
+    return values
 
 
 def stream_text(chunks: List[bytes]) -> str:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _llm import PROMPTS
-from ts_plugin.continuous import ContinuousBatch
+from ts_plugin.continuous import ContinuousBatch, generate
 from ts_plugin.engines.base import HFStepModel, cache_layers
 from ts_plugin.requests import SamplingParams
 
@@ -219,3 +219,61 @@ def test_a_static_batch_of_a_sliding_window_model_keeps_its_finished_rows_and_is
                        [SamplingParams(n) for n in lengths], 0, [tokenizer.eos_token_id], max_batched_tokens=16,
                        rows_editable=False)
     assert [r.token_ids for r in results] == [reference(hf, ids, n) for ids, n in zip(prompts, lengths)]
+
+
+def _run_to_end(batch, joining, bound):
+    """Step until every request finished, checking that the cache never holds more positions than `bound`."""
+    results, first = {}, True
+    while first or len(batch):
+        for request_id, output in batch.step(joining if first else []).items():
+            if output.result is not None:
+                results[request_id] = output.result
+        first = False
+        for layer in cache_layers(batch.cache) if batch.cache is not None else []:
+            held = layer.keys.shape[0] * layer.keys.shape[-2]
+            held += sum(pending.done for pending in batch.waiting if pending.cache is not None)
+            assert held <= bound, (held, bound)
+    return results
+
+
+@pytest.mark.parametrize("max_batched_tokens", [None, 24])
+def test_a_small_kv_bound_makes_requests_wait_and_preempts_rows_and_every_answer_is_exact(model, max_batched_tokens):
+    """Four requests in a cache that holds the longest alone: they join as room frees, the newest running row is preempted
+    when the rows outgrow the bound, its prompt and tokens are prefilled again, and every answer equals
+    single-process greedy generate."""
+    hf, tokenizer = model
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS] + [tokenizer(LONG_PROMPT)["input_ids"]]
+    new_tokens = 40
+    bound = max(len(p) for p in prompts) + new_tokens
+    batch = ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0,
+                            max_batched_tokens=max_batched_tokens, kv_tokens=bound)
+    joining = [(f"r{i}", prompt, SamplingParams(new_tokens)) for i, prompt in enumerate(prompts)]
+    results = _run_to_end(batch, joining, bound)
+    assert batch.preemptions > 0
+    for request_id, prompt, params in joining:
+        assert results[request_id].token_ids == reference(hf, prompt, new_tokens), request_id
+    assert batch.cache is None and batch.kv_usage() == (0, bound)
+
+
+def test_a_request_that_can_never_fit_the_kv_bound_is_refused_before_it_changes_anything(model):
+    hf, tokenizer = model
+    prompt = tokenizer(PROMPTS[0])["input_ids"]
+    batch = ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0,
+                            kv_tokens=len(prompt) + 8)
+    batch.step([("fits", prompt, SamplingParams(8))])
+    with pytest.raises(ValueError, match="needs"):
+        batch.step([("too-big", prompt, SamplingParams(9))])
+    assert "fits" in batch and "too-big" not in batch
+
+
+def test_a_static_batch_under_a_small_kv_bound_gives_the_answers_of_an_unbounded_one(model):
+    hf, tokenizer = model
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS] + [tokenizer(LONG_PROMPT)["input_ids"]]
+    params = [SamplingParams(40)] * len(prompts)
+
+    def answers(kv_tokens):
+        results = generate(HFStepModel(hf, torch.device("cpu")), tokenizer, prompts, params, 0,
+                           [tokenizer.eos_token_id], kv_tokens=kv_tokens)
+        return [result.token_ids for result in results]
+
+    assert answers(max(len(p) for p in prompts) + 40) == answers(None)

@@ -4,27 +4,12 @@ what the answers report, the prefix cache's hits are the second answer's cached 
 in the latency histograms."""
 from __future__ import annotations
 
-import re
-
 import pytest
 
-from _llm import REPO, tiny_llama_and_store
+from _llm import REPO, scrape, tiny_llama_and_store
 from ts_plugin.testing import TorchServe, archive_model, java_available, write_config
 
 pytestmark = pytest.mark.serve
-
-
-def scrape(ts) -> dict:
-    """{metric name: summed value} of TorchServe's Prometheus text."""
-    import requests
-
-    text = requests.get(f"{ts.metrics_url}/metrics", timeout=10).text
-    values: dict = {}
-    for line in text.splitlines():
-        found = re.match(r"^([A-Za-z_:][\w:]*)(\{[^}]*\})? ([-+\d.eE]+|NaN)$", line)
-        if found:
-            values[found.group(1)] = values.get(found.group(1), 0.0) + float(found.group(3))
-    return values
 
 
 def test_vllm_named_metrics_reach_the_prometheus_endpoint(tmp_path):

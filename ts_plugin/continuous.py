@@ -24,7 +24,8 @@ seeded request here must give the same tokens alone or beside others; so only th
 The price of left padding: a long-running row keeps the batch as wide as its history; cropping reclaims it
 when that row leaves. Prefix caching keeps copies instead of pages: a prompt's full blocks are copied out after
 its prefill (ts_plugin.prefix_cache), and a later prompt that starts with them begins from a copy of them and
-prefills the rest as chunks. Preemption and a memory budget still need a paged cache (issue 26).
+prefills the rest as chunks. The memory bound (`kv_tokens`, from handler.kv_cache_memory) counts padded positions:
+requests wait while it is full and the newest row is preempted and recomputed when the rows outgrow it.
 
 Where the engine splits a batch into row groups (pp with `pippy.chunks`: at most one group per stage),
 `ContinuousGroups` keeps one ContinuousBatch per group and steps them in threads of their own: while stage 1
@@ -79,17 +80,19 @@ class StepOutput:
 
 
 class _Pending:
-    """A request that has not joined the rows yet: waiting, or with the first `done` prompt tokens prefilled into a
-    cache of its own (a chunked prefill)."""
+    """A request that has not joined the rows yet: waiting, or with the first `done` of its tokens prefilled into a
+    cache of its own (a chunked prefill). Its tokens are the prompt, and for a preempted row the tokens it had
+    generated (recomputed, as vLLM does: the next token follows from the last one's logits)."""
 
     def __init__(self, row: _Row):
         self.row = row
+        self.ids = row.seq.prompt_ids + row.seq.token_ids
         self.cache: Any = None
         self.done = 0
 
     @property
     def left(self) -> int:
-        return len(self.row.seq.prompt_ids) - self.done
+        return len(self.ids) - self.done
 
 
 class ContinuousBatch:
@@ -101,6 +104,11 @@ class ContinuousBatch:
     forward; the first that does not is prefilled in chunks, one per step, on a cache of its own, and joins when
     its last chunk gives its first token. So a long prompt delays the running rows' next token by one chunk's
     forward at a time instead of by its whole prefill. Without a budget every prompt joins whole.
+
+    `kv_tokens` bounds the KV positions the batch holds: rows x the widest row (left padding included), counting a
+    request that is being prefilled as joined. Waiting requests join in arrival order while the next decode step
+    fits; when the running rows outgrow it, the newest is preempted (its cache dropped, it waits first in line and
+    its prompt and tokens are prefilled again). A request whose prompt and max_new_tokens alone exceed it is refused.
 
     Example::
 
@@ -114,7 +122,8 @@ class ContinuousBatch:
 
     def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int,
                  max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
-                 prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None):
+                 prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None,
+                 kv_tokens: Optional[int] = None):
         self.model = model
         self.grammars = grammars
         self.prefix = prefix if rows_editable else None  # a prefix hit joins like a chunk, which needs row edits
@@ -126,6 +135,8 @@ class ContinuousBatch:
         self.pad_id = pad_token_id(tokenizer, eos_ids)
         self.default_seed = default_seed
         self.max_batched_tokens = max_batched_tokens
+        self.kv_tokens = kv_tokens if rows_editable else None  # a static batch of uneditable rows joins at once
+        self.preemptions = 0
         self._joined = 0  # requests so far: an unseeded one samples with default_seed + this
         self.rows: List[_Row] = []
         self.waiting: List[_Pending] = []  # in arrival order
@@ -144,6 +155,10 @@ class ContinuousBatch:
         """(rows running, counting those part-prefilled; rows waiting for their prefill), as vLLM counts them."""
         started = sum(1 for pending in self.waiting if pending.cache is not None)
         return len(self.rows) + started, len(self.waiting) - started
+
+    def kv_usage(self) -> Tuple[int, Optional[int]]:
+        """(KV positions held after the next decode step, counting requests being prefilled as joined; the bound)."""
+        return self._footprint(), self.kv_tokens
 
     def _all_rows(self) -> List[_Row]:
         return self.rows + [pending.row for pending in self.waiting]
@@ -167,10 +182,15 @@ class ContinuousBatch:
             row.text = ""
         started = time.perf_counter()
         for request_id, prompt, params in joining:
+            if self.kv_tokens is not None and len(prompt) + params.max_new_tokens > self.kv_tokens:
+                raise ValueError(f"request {request_id} needs {len(prompt) + params.max_new_tokens} KV positions; "
+                                 f"the batch holds {self.kv_tokens} (the handler refuses it before it gets here)")
+        for request_id, prompt, params in joining:
             seq = new_sequence(prompt, params, self.default_seed + self._joined, self.grammars)
             self.waiting.append(_Pending(_Row(request_id, seq, started)))
             self._joined += 1
         try:
+            self._preempt_to_fit()
             if self.rows:
                 self._decode()
             whole, chunks = self._schedule()
@@ -233,10 +253,37 @@ class ContinuousBatch:
 
     # --- internals -------------------------------------------------------------------------------------------
 
+    def _footprint(self, admitted: Sequence[_Pending] = ()) -> int:
+        """KV positions the running batch holds after its next decode step if the requests being prefilled and
+        `admitted` have joined it: every row is as wide as the widest."""
+        width = self.mask.shape[1] if self.rows else 0
+        lengths = [len(p.ids) for p in self.waiting if p.cache is not None or any(p is a for a in admitted)]
+        rows = len(self.rows) + len(lengths)
+        return rows * (max([width] + lengths) + 1) if rows else 0
+
+    def _fits(self, admitted: Sequence[_Pending]) -> bool:
+        return self.kv_tokens is None or self._footprint(admitted) <= self.kv_tokens
+
+    def _preempt_to_fit(self) -> None:
+        """Free KV positions for the next decode step, newest work first: a part-prefilled request starts over
+        later, a running row is cut out and waits, first in line, to be prefilled again with its tokens."""
+        while not self._fits(()):
+            started = [pending for pending in self.waiting if pending.cache is not None]
+            if started:
+                pending = started[-1]
+                self.model.end(pending.cache)
+                pending.cache, pending.done = None, 0
+            else:
+                row = self.rows[-1]
+                self._keep(list(range(len(self.rows) - 1)))
+                self.waiting.insert(0, _Pending(row))
+            self.preemptions += 1
+
     def _schedule(self) -> Tuple[List[_Pending], List[Tuple[_Pending, int]]]:
         """The waiting requests that join whole this step, and the (request, tokens) of this step's chunks: a
         prompt that starts from a prefix-cache hit or is part prefilled goes on where it stands. The first chunk
-        takes at least MIN_CHUNK tokens, so a prompt makes progress beside any batch."""
+        takes at least MIN_CHUNK tokens, so a prompt makes progress beside any batch. Requests start in arrival
+        order while the KV bound holds; the first that does not fit stops the rest."""
         if not self.rows_editable:
             if self.rows and self.waiting:
                 raise RuntimeError("this model's KV cache cannot take rows into a running batch (sliding-window "
@@ -246,9 +293,14 @@ class ContinuousBatch:
         budget = None if self.max_batched_tokens is None else self.max_batched_tokens - len(self.rows)
         whole: List[_Pending] = []
         chunks: List[Tuple[_Pending, int]] = []
+        admitted: List[_Pending] = []  # not started before this step
         for pending in self.waiting:
             if budget is not None and budget <= 0 and chunks:
                 break
+            if pending.cache is None:
+                if not self._fits(admitted + [pending]):
+                    break
+                admitted.append(pending)
             if pending.cache is None and not self._reuse_prefix(pending):
                 if budget is None or pending.left <= budget:
                     whole.append(pending)
@@ -266,8 +318,8 @@ class ContinuousBatch:
             budget = None if budget is None else budget - size
         for pending in whole:
             self.waiting.remove(pending)
-        if not chunks and self.waiting:  # none fits whole: the first starts a chunked prefill
-            first = self.waiting[0]
+        if not chunks and self.waiting and any(self.waiting[0] is a for a in admitted):
+            first = self.waiting[0]  # none fits the token budget whole: the first starts a chunked prefill
             chunks.append((first, min(first.left, max(budget, MIN_CHUNK))))
         return whole, chunks
 
@@ -276,15 +328,17 @@ class ContinuousBatch:
         if self.prefix is None:
             return False
         with self.prefix.lock:
-            blocks = self.prefix.match(pending.row.seq.prompt_ids)
+            blocks = self.prefix.match(pending.ids)
             if not blocks:
                 return False
             pending.cache = self.model.cache_from_prefix(blocks)
-        pending.done = pending.row.cached_tokens = len(blocks) * self.prefix.block_size
+        pending.done = len(blocks) * self.prefix.block_size
+        if not pending.row.seq.token_ids:  # a recomputed row's hit is not the prompt's
+            pending.row.cached_tokens = pending.done
         return True
 
     def _remember_prompts(self, rows: List[_Row], cache: Any, pads: List[int]) -> None:
-        """Keep the full blocks of the prompts just prefilled in `cache` (row i's prompt starts at pads[i])."""
+        """Keep the full blocks of the prompts just prefilled in `cache` (row i's tokens start at pads[i])."""
         if self.prefix is None:
             return
         size = self.prefix.block_size
@@ -319,16 +373,15 @@ class ContinuousBatch:
     def _join(self, joining: List[_Pending]) -> None:
         """Prefill whole prompts together, left-padded, and add them to the rows."""
         rows = [pending.row for pending in joining]
-        input_ids, mask, positions = left_padded([row.seq.prompt_ids for row in rows], self.pad_id)
+        input_ids, mask, positions = left_padded([pending.ids for pending in joining], self.pad_id)
         logits, cache = self.model.forward(input_ids, mask, positions, None)
-        self._remember_prompts(rows, cache, [mask.shape[1] - len(row.seq.prompt_ids) for row in rows])
+        self._remember_prompts(rows, cache, [mask.shape[1] - len(pending.ids) for pending in joining])
         self._add_rows(rows, logits, cache, mask, positions[:, -1:])
 
     def _prefill_chunk(self, pending: _Pending, size: int) -> None:
         """The next `size` prompt tokens of `pending` into its own cache; with the last, it joins the rows."""
-        prompt = pending.row.seq.prompt_ids
         end = pending.done + size
-        input_ids = torch.tensor([prompt[pending.done:end]], dtype=torch.long)
+        input_ids = torch.tensor([pending.ids[pending.done:end]], dtype=torch.long)
         mask = torch.ones((1, end), dtype=torch.long)
         positions = torch.arange(pending.done, end, dtype=torch.long).view(1, -1)
         logits, pending.cache = self.model.forward(input_ids, mask, positions, pending.cache)
@@ -377,13 +430,15 @@ class ContinuousBatch:
 class ContinuousGroups:
     """The live rows of one worker in `groups` ContinuousBatches, stepped concurrently; the same calls as one
     ContinuousBatch. A new request joins the group with the fewest rows. An unseeded request gets its seed in the
-    order requests joined, as in one batch."""
+    order requests joined, as in one batch. `kv_tokens` is shared out evenly: each group holds a cache of its own."""
 
     def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int, groups: int,
                  max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
-                 prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None):
+                 prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None,
+                 kv_tokens: Optional[int] = None):
+        share = None if kv_tokens is None else kv_tokens // groups
         self.batches = [ContinuousBatch(model, tokenizer, eos_ids, default_seed, max_batched_tokens, rows_editable,
-                                        prefix, grammars) for _ in range(groups)]
+                                        prefix, grammars, share) for _ in range(groups)]
         self.default_seed = default_seed
         self._joined = 0
         self.groups = groups
@@ -398,6 +453,15 @@ class ContinuousGroups:
     def load(self) -> Tuple[int, int]:
         loads = [batch.load() for batch in self.batches]
         return sum(running for running, _ in loads), sum(waiting for _, waiting in loads)
+
+    def kv_usage(self) -> Tuple[int, Optional[int]]:
+        usages = [batch.kv_usage() for batch in self.batches]
+        bounds = [bound for _, bound in usages]
+        return sum(used for used, _ in usages), None if None in bounds else sum(bounds)
+
+    @property
+    def preemptions(self) -> int:
+        return sum(batch.preemptions for batch in self.batches)
 
     def keep_only(self, request_ids: Sequence[str]) -> List[str]:
         return [cancelled for batch in self.batches for cancelled in batch.keep_only(request_ids)]
@@ -437,30 +501,32 @@ class ContinuousGroups:
 
 def continuous_batch(model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int,
                      batch_size: int, max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
-                     prefix: Optional[PrefixIndex] = None,
-                     grammars: Optional[Grammars] = None) -> Union[ContinuousBatch, ContinuousGroups]:
+                     prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None,
+                     kv_tokens: Optional[int] = None) -> Union[ContinuousBatch, ContinuousGroups]:
     """The live requests for `model`: one ContinuousBatch, or ContinuousGroups where the model generates a batch of
     `batch_size` rows in several groups. `prefix`: the worker's prefix cache, None for none. `grammars`: the
-    model's structured-output side, needed by requests whose parameters carry a grammar."""
+    model's structured-output side, needed by requests whose parameters carry a grammar. `kv_tokens`: the KV
+    positions all groups together may hold (kv_tokens_per_rank), None for no bound."""
     groups = len(model.row_groups(batch_size))
     if groups > 1:
         return ContinuousGroups(model, tokenizer, eos_ids, default_seed, groups, max_batched_tokens, rows_editable,
-                                prefix, grammars)
+                                prefix, grammars, kv_tokens)
     return ContinuousBatch(model, tokenizer, eos_ids, default_seed, max_batched_tokens, rows_editable, prefix,
-                           grammars)
+                           grammars, kv_tokens)
 
 
 def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], params: Sequence[SamplingParams],
              default_seed: int, eos_ids: Sequence[int], on_step: Optional[Callable[[int, StepOutput], None]] = None,
              max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
-             prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None) -> List[SequenceResult]:
+             prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None,
+             kv_tokens: Optional[int] = None) -> List[SequenceResult]:
     """Generate a static batch of tokenized prompts until each sequence stops: the continuous loop with every
     request joining at once, so finished rows leave the batch instead of stepping on with padding. A row without
     a seed samples with `default_seed + its row`. `on_step(row, output)` streams each step's output.
     `rows_editable`: False where the model's cache cannot drop rows (see ContinuousBatch). `prefix`: the worker's
-    prefix cache, which outlives the batch. `grammars`: as for continuous_batch."""
+    prefix cache, which outlives the batch. `grammars` and `kv_tokens`: as for continuous_batch."""
     live = continuous_batch(model, tokenizer, eos_ids, default_seed, len(prompts), max_batched_tokens, rows_editable,
-                            prefix, grammars)
+                            prefix, grammars, kv_tokens)
     try:
         ids = [str(row) for row in range(len(prompts))]
         joining = list(zip(ids, prompts, params))

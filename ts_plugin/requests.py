@@ -69,9 +69,12 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
-def check_lengths(prompt_tokens: int, params: SamplingParams, max_length: Optional[int], max_positions: Optional[int]) -> None:
-    """Reject prompts that do not fit; `max_length` is the configured bound, `max_positions` the model's."""
-    for bound, what in ((max_length, "handler.max_length"), (max_positions, "the model's maximum positions")):
+def check_lengths(prompt_tokens: int, params: SamplingParams, max_length: Optional[int], max_positions: Optional[int],
+                  kv_tokens: Optional[int] = None) -> None:
+    """Reject prompts that do not fit; `max_length` is the configured bound, `max_positions` the model's and
+    `kv_tokens` the KV positions one request may hold (handler.kv_cache_memory)."""
+    for bound, what in ((max_length, "handler.max_length"), (max_positions, "the model's maximum positions"),
+                        (kv_tokens, "the tokens handler.kv_cache_memory holds for one request")):
         if bound is None:
             continue
         if prompt_tokens >= bound:

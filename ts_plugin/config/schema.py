@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, List, Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 
 ParallelType = Literal["pp", "tp", "pptp", "custom"]
 DeviceType = Literal["cpu", "gpu"]
@@ -132,6 +132,12 @@ class HandlerConfig(_Section):
         "request counts one, and a prompt longer than what is left is prefilled in chunks over several steps, "
         "so a long prompt delays the running requests' next tokens by one chunk at a time, not its whole "
         "prefill. null: every prompt is prefilled whole at once.")
+    kv_cache_memory: Optional[ByteSize] = Field(
+        ByteSize(4 << 30), description="Memory for the running requests' keys and values on each rank, as bytes or "
+        "with a unit (4GiB, 512MB). Requests wait while it is full, the newest running request is preempted and "
+        "recomputed later when the others outgrow it (as vLLM does), and a request whose prompt and max_new_tokens "
+        "alone exceed it gets a 4xx. A rank holds its own layers and kv heads; rows are padded to the longest, "
+        "which counts. The prefix cache is beside it (prefix_cache_tokens). null: no bound.")
     enable_prefix_caching: bool = Field(
         True, description="Keep the KV of prompts' full 16-token blocks and prefill a later prompt that begins with "
         "the same blocks from the first block it does not share (vLLM's name and default). OpenAI's answers count "

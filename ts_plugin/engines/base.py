@@ -148,6 +148,17 @@ class HFStepModel(StepModel):
         return self._share(tokens) if self._share else tokens
 
 
+def kv_bytes_per_token(hf_config: Any, dtype: torch.dtype, tp_size: int, stage_layers: Optional[int] = None) -> int:
+    """Bytes of keys and values one token takes on a rank: its layers (`stage_layers`, default all) x its share of
+    the kv heads (tp ranks split them) x head dim x 2 x the dtype's size."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    layers = stage_layers or text.num_hidden_layers
+    return 2 * layers * -(-kv_heads // tp_size) * head_dim * dtype.itemsize
+
+
 def cache_kwargs(model: torch.nn.Module) -> Callable[[Any], dict]:
     """transformers 5 names the KV cache argument `cache`, 4.x `past_key_values`; only the last
     position's logits are needed where the model supports `logits_to_keep`."""

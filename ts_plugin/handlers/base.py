@@ -36,7 +36,7 @@ from ..config._loader import YamlSyntaxError, load_yaml
 from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_lengths
 from ..continuous import ContinuousBatch, ContinuousGroups, continuous_batch
 from ..engines import Follower, Loaded, LoadContext
-from ..engines.base import check_row_editable, uneditable_layers
+from ..engines.base import check_row_editable, kv_bytes_per_token, uneditable_layers
 from ..prefix_cache import PrefixIndex
 from ..structured_output import Grammars
 from ..engines import load as load_engine
@@ -105,6 +105,9 @@ class LLMHandler:
         self.continuous: Optional[Union[ContinuousBatch, ContinuousGroups]] = None  # continuousBatching: live rows
         self.rows_editable = True  # whether rows can leave and join this model's KV cache (no sliding windows)
         self.prefix_cache: Optional[PrefixIndex] = None  # outlives batches; None where off
+        self.kv_tokens: Optional[int] = None  # KV positions this rank's batch may hold (handler.kv_cache_memory)
+        self.kv_tokens_per_request: Optional[int] = None  # ... and one request, where row groups share them
+        self._preemptions_seen = 0
         self.grammars: Optional[Grammars] = None  # structured output: the tokenizer's side, checks and matchers
         self._live: Dict[str, _Live] = {}  # continuousBatching: the requests in the batch, by request id
 
@@ -163,10 +166,28 @@ class LLMHandler:
             handler = self.config.handler
             if handler.enable_prefix_caching and self.rows_editable:
                 self.prefix_cache = PrefixIndex(handler.prefix_cache_tokens)
+            if handler.kv_cache_memory is not None:
+                self.kv_tokens = handler.kv_cache_memory // self.kv_bytes_per_token()
+                self.kv_tokens_per_request = self.kv_tokens // len(self.model.row_groups(self.config.batch_size))
+                self.log_progress(f"KV cache bound: {handler.kv_cache_memory.human_readable()} per rank, "
+                                  f"{self.kv_tokens} tokens ({self.kv_tokens_per_request} for one request)")
             if self.config.continuous_batching:
                 check_row_editable(cache)
                 self.continuous = self._continuous_batch()
         self.initialized = True
+
+    def kv_bytes_per_token(self) -> int:
+        """What one token's keys and values take on the rank that holds the most of them (the largest pp stage)."""
+        stage_layers = None
+        if self.layout.pp_size > 1:
+            from ..engines.pipeline import stage_bounds
+
+            points = self.config.pippy.split_points if self.config.pippy else None
+            text = self.hf_config().get_text_config()
+            bounds = stage_bounds(text.num_hidden_layers, self.layout.pp_size,
+                                  points[0].rpartition(".")[0] if points else "", points)
+            stage_layers = max(end - start for start, end in bounds)
+        return kv_bytes_per_token(self.hf_config(), self.dtype, self.layout.tp_size, stage_layers)
 
     def check_layout(self) -> None:
         """Compare the derived layout with what torchrun actually started."""
@@ -205,7 +226,7 @@ class LLMHandler:
     def _continuous_batch(self) -> Union[ContinuousBatch, ContinuousGroups]:
         live = continuous_batch(self.model, self.tokenizer, self.eos_token_ids, self.config.handler.manual_seed,
                                 self.config.batch_size, self.config.handler.max_num_batched_tokens,
-                                prefix=self.prefix_cache, grammars=self.grammars)
+                                prefix=self.prefix_cache, grammars=self.grammars, kv_tokens=self.kv_tokens)
         self.log_progress(f"continuousBatching: requests join and leave the running batch at every step "
                           f"({live.groups} group(s) of rows)")
         return live
@@ -257,7 +278,8 @@ class LLMHandler:
                                         self.served_model_names(), self.config.handler.tool_call_parser))
                 request.input_ids = self.tokenizer(request.prompt,
                                                    add_special_tokens=request.add_special_tokens)["input_ids"]
-                check_lengths(len(request.input_ids), request.params, self.config.handler.max_length, self.max_positions)
+                check_lengths(len(request.input_ids), request.params, self.config.handler.max_length, self.max_positions,
+                              self.kv_tokens_per_request)
                 if request.params.grammar is not None:
                     self.grammars.check(request.params.grammar)
                 parsed.append(request)
@@ -274,7 +296,7 @@ class LLMHandler:
         seed = self.config.handler.manual_seed + self._batches
         return generate(self.model, self.tokenizer, [r.input_ids for r in requests], [r.params for r in requests],
                         seed, self.eos_token_ids, on_step, self.config.handler.max_num_batched_tokens,
-                        self.rows_editable, self.prefix_cache, self.grammars)
+                        self.rows_editable, self.prefix_cache, self.grammars, self.kv_tokens)
 
     def postprocess(self, request: TextRequest, result) -> Dict[str, Any]:
         return {"generated_text": result.text,
@@ -370,7 +392,7 @@ class LLMHandler:
         first = set(new)
         verdicts = [None if index in first and done[index] else done[index] for index in range(len(data))]
         context.stopping_criteria = [lambda _answer, verdict=verdict: verdict for verdict in verdicts]
-        self._record_metrics(context, results, *self.continuous.load())
+        self._record_metrics(context, results, *self.continuous.load(), live=self.continuous)
         return responses
 
     async def _handle_async(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
@@ -473,10 +495,12 @@ class LLMHandler:
         self._record_metrics(context, results, running=0)
         return responses
 
-    def _record_metrics(self, context, results, running: int, waiting: int = 0) -> None:
+    def _record_metrics(self, context, results, running: int, waiting: int = 0,
+                        live: Optional[Union[ContinuousBatch, ContinuousGroups]] = None) -> None:
         """vLLM's serving metrics through TorchServe's metrics API, under vLLM's names without its `vllm:` prefix
         (TorchServe's metric lines cannot carry a colon): token counters, the prefix cache's queries and hits (in
-        tokens), per-request latency histograms, and the rows running and waiting after this call."""
+        tokens), per-request latency histograms, the rows running and waiting after this call and, under
+        continuous batching (`live`), the KV bound's use (0 to 1) and the preemptions."""
         from ts.metrics.metric_type_enum import MetricTypes
 
         metrics = getattr(context, "metrics", None)
@@ -485,6 +509,12 @@ class LLMHandler:
         try:
             metrics.add_metric("num_requests_running", running, "count", metric_type=MetricTypes.GAUGE)
             metrics.add_metric("num_requests_waiting", waiting, "count", metric_type=MetricTypes.GAUGE)
+            if live is not None:
+                used, bound = live.kv_usage()
+                if bound:
+                    metrics.add_metric("kv_cache_usage_perc", used / bound, "percent", metric_type=MetricTypes.GAUGE)
+                metrics.add_counter("num_preemptions", live.preemptions - self._preemptions_seen)
+                self._preemptions_seen = live.preemptions
             for name, value in (("prompt_tokens", sum(r.prompt_tokens for r in results)),
                                 ("generation_tokens", sum(r.completion_tokens for r in results)),
                                 ("prefix_cache_queries", sum(r.prompt_tokens for r in results)),

@@ -1,0 +1,77 @@
+"""handler.kv_cache_memory through the real TorchServe, continuous batching, on every parallelType: a bound that
+holds one long request, so concurrent ones wait or are preempted and recomputed, with every answer equal to
+single-process greedy generate; a request that can never fit is refused with a 4xx; Prometheus shows the
+preemptions and the bound's use."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _llm import PROMPTS, REPO, predict_concurrently, reference_text, scrape, tiny_llama_and_store
+from ts_plugin.engines.base import kv_bytes_per_token
+from ts_plugin.testing import TorchServe, archive_model, java_available, write_config
+
+pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
+
+NEW_TOKENS = 60
+REQUEST_TOKENS = 100  # KV positions the bound holds for one request: one PROMPTS request and NEW_TOKENS fit
+MODELS = {  # name -> (example, handler, tp ranks, pp stages, row groups)
+    "kv-custom": ("custom", "accelerate_handler.py", 1, 1, 1),
+    "kv-tp": ("tp", "deepspeed_handler.py", 2, 1, 1),
+    "kv-pp": ("pp", "pipeline_handler.py", 1, 2, 2),  # the example's chunks 2: two groups, a bound each
+    "kv-pptp": ("pptp", "pptp_handler.py", 2, 2, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from transformers import AutoConfig
+
+    root = tmp_path_factory.mktemp("kv")
+    model_dir, store = tiny_llama_and_store(root)
+    hf_config = AutoConfig.from_pretrained(str(model_dir))
+    for name, (example, handler, tp, pp, groups) in MODELS.items():
+        per_token = kv_bytes_per_token(hf_config, torch.float32, tp, hf_config.num_hidden_layers // pp)
+        config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml",
+                              continuousBatching=True, batchSize=4, maxBatchDelay=50, deviceType="cpu",
+                              handler={"max_new_tokens": NEW_TOKENS, "max_length": 200,
+                                       "kv_cache_memory": REQUEST_TOKENS * groups * per_token})
+        archive_model(store, name, handler, config, model_dir)
+    properties = {"metrics_mode": "prometheus", "model_metrics_auto_detect": "true"}
+    with TorchServe(root / "ts", store, properties=properties) as ts:
+        ts.start(models={name: name for name in MODELS})
+        for name in MODELS:
+            ts.wait_ready(name)
+        yield ts, model_dir
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_requests_beyond_the_bound_wait_or_are_preempted_and_every_answer_is_exact(server, name):
+    ts, model_dir = server
+    prompts = [PROMPTS[2], "a request again", "another request", "a second request"]  # none ends before NEW_TOKENS
+    before = scrape(ts, name).get("num_preemptions", 0)
+    answers = predict_concurrently(ts, name, [{"inputs": prompt, "parameters": {"max_new_tokens": NEW_TOKENS}}
+                                              for prompt in prompts])
+    for prompt, answer in zip(prompts, answers):
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["generated_text"] == reference_text(model_dir, prompt, NEW_TOKENS), prompt
+    metrics = scrape(ts, name)
+    assert metrics["num_preemptions"] > before  # four rows of ~65 positions outgrew a bound of 100 (per group)
+    assert 0 <= metrics["kv_cache_usage_perc"] <= 1
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_request_larger_than_the_bound_gets_a_4xx_and_one_that_fits_is_answered(server, name):
+    from transformers import AutoTokenizer
+
+    ts, model_dir = server
+    prompt = "tokens flow through stages ; ranks agree on every step . " * 6
+    prompt_tokens = len(AutoTokenizer.from_pretrained(str(model_dir))(prompt)["input_ids"])
+    too_many = REQUEST_TOKENS - prompt_tokens + 1  # still within handler.max_length and max_new_tokens
+    assert too_many <= NEW_TOKENS and prompt_tokens + too_many <= 200
+    refused = ts.predict(name, {"inputs": prompt, "parameters": {"max_new_tokens": too_many}})
+    assert refused.status_code == 422, refused.text
+    assert "kv_cache_memory" in refused.text and f"at most {too_many - 1} new tokens" in refused.text
+    fits = ts.predict(name, {"inputs": prompt, "parameters": {"max_new_tokens": too_many - 1}})
+    assert fits.status_code == 200, fits.text
+    assert fits.json()["generated_text"] == reference_text(model_dir, prompt, too_many - 1)

@@ -67,6 +67,8 @@ CB_UNSET = _rule("TSP217", "warning", "batchSize > 1 with continuousBatching not
                  "arrives while a batch generates waits for the batch's longest request)")
 STEPS_UNUSED = _rule("TSP218", "warning", "handler.steps_per_call without continuousBatching (only continuous "
                      "batching reads it)")
+WHOLE_PREFILL = _rule("TSP220", "warning", "handler.max_num_batched_tokens null (a whole prompt is one forward, which "
+                      "must end within responseTimeout and stalls every running request)")
 DEVICE_IDS_DUPLICATE = _rule("TSP301", "error", "deviceIds lists a GPU twice")
 DEVICE_IDS_NEGATIVE = _rule("TSP302", "error", "a negative GPU id in deviceIds")
 DEVICE_IDS_TOO_FEW = _rule("TSP303", "error", "deviceIds shorter than the GPUs one worker needs")
@@ -411,6 +413,14 @@ def _check_parallel(config: ModelConfig, layout: ParallelLayout, out: _Collector
 
 def _check_continuous(config: ModelConfig, out: _Collector) -> None:
     """From the frontend's code (pytorch/serve v0.12.0 WorkLoadManager, ContinuousBatching, AsyncWorkerThread)."""
+    if "max_num_batched_tokens" in config.handler.model_fields_set and config.handler.max_num_batched_tokens is None:
+        # WorkerThread waits responseTimeout per message: the handler keeps long batches alive between steps,
+        # never inside one forward
+        out.add(WHOLE_PREFILL, ("handler", "max_num_batched_tokens"),
+                "handler.max_num_batched_tokens is null, so every prompt is prefilled whole in one forward: the "
+                f"frontend kills the worker when one forward outlasts responseTimeout ({config.response_timeout} s) "
+                "and every request in flight fails, and running requests get no token meanwhile",
+                "remove it (default 256) or set a number of tokens whose forward takes well under responseTimeout")
     if not config.continuous_batching:
         if config.handler.steps_per_call > 1:
             out.add(STEPS_UNUSED, ("handler", "steps_per_call"),

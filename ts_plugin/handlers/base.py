@@ -481,7 +481,8 @@ class LLMHandler:
         streamer = None
         if any(requests[i].stream for i in good) and self.ranks.local_rank == 0:
             streamer = _Streamer(context, rows, formats)
-        results = self.inference([request for _, _, request in rows], streamer)
+        with _KeepAlive(context, good, self.config.response_timeout / 3, self.ranks.local_rank == 0):
+            results = self.inference([request for _, _, request in rows], streamer)
         events: Dict[int, List[str]] = {index: [] for index in good}
         choices: Dict[int, List[Any]] = {index: [] for index in good}
         for row, ((index, choice, request), result) in enumerate(zip(rows, results)):
@@ -567,6 +568,44 @@ class _Live:
         self.results: Dict[int, Any] = {}
 
 
+#: one message at a time on the worker's socket: a static batch's streamer and its keep-alive write from two threads
+_SENDING = threading.Lock()
+
+
+class _KeepAlive:
+    """Keeps a static batch that outlasts responseTimeout alive: TorchServe's WorkerThread waits responseTimeout for
+    each message of the worker, not for the whole answer, so while the batch runs each of its requests (`indexes`)
+    gets an empty intermediate response every `interval_s`. An answer that gets one goes out as a chunked
+    response (the empty chunks are written as nothing), so its status can no longer change: that is the price of
+    a batch longer than responseTimeout. `sends`: False on ranks whose messages the frontend does not read."""
+
+    def __init__(self, context: Any, indexes: List[int], interval_s: float, sends: bool = True):
+        self.context, self.indexes, self.interval_s = context, indexes, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ts_plugin-keepalive", daemon=True) if sends else None
+
+    def __enter__(self) -> "_KeepAlive":
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        from ts.handler_utils.utils import send_intermediate_predict_response
+
+        chunks = [""] * (max(self.context.request_ids) + 1)
+        ids = {index: self.context.request_ids[index] for index in self.indexes}
+        while not self._stop.wait(self.interval_s):
+            with _SENDING:
+                if self._stop.is_set():
+                    return
+                send_intermediate_predict_response(chunks, ids, "Intermediate Prediction success", 200, self.context)
+
+
 class _Streamer:
     """Sends each streaming request's new text as a TorchServe intermediate response (rank 0 only)."""
 
@@ -587,8 +626,9 @@ class _Streamer:
 
         chunks: List[Any] = [None] * (max(self.context.request_ids) + 1)
         chunks[index] = self.formats[index].event(output.text, None, output.logprobs, choice)
-        send_intermediate_predict_response(chunks, {index: self.context.request_ids[index]},
-                                           "Intermediate Prediction success", 200, self.context)
+        with _SENDING:
+            send_intermediate_predict_response(chunks, {index: self.context.request_ids[index]},
+                                               "Intermediate Prediction success", 200, self.context)
 
 
 class PipelineHandler(LLMHandler):

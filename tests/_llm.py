@@ -77,6 +77,20 @@ def serving(workdir: Path, store: Path, names):
         yield ts
 
 
+@contextmanager
+def serving_examples(root: Path, models: Dict[str, Tuple[str, str]], **overrides):
+    """A TorchServe serving the tiny Llama as each of `models` (name -> (example folder, handler file)), each from
+    its example's model-config.yaml with `overrides`; yields (ts, the model folder)."""
+    from ts_plugin.testing import archive_model, write_config
+
+    model_dir, store = tiny_llama_and_store(root)
+    for name, (example, handler) in models.items():
+        config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml", **overrides)
+        archive_model(store, name, handler, config, model_dir)
+    with serving(root / "ts", store, models) as ts:
+        yield ts, model_dir
+
+
 def reference_text(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
     """Greedy single-process HF generate, the ground truth for every parallel layout."""
     return reference_answers(model_dir, [(prompt, max_new_tokens)])[0][1]

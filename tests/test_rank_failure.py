@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from _llm import PROMPTS, REPO, assert_gone, ranks_of, reference_text, serving, tiny_llama_and_store
-from ts_plugin.testing import archive_model, java_available, write_config
+from _llm import PROMPTS, REPO, assert_gone, ranks_of, reference_text, serving_examples
+from ts_plugin.testing import java_available
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
@@ -22,14 +22,10 @@ AFTER = 20  # exact answers asked for after the failure
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rank-failure")
-    model_dir, store = tiny_llama_and_store(root)
-    for name, example in MODELS.items():
-        config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml", batchSize=1,
-                              responseTimeout=30, deviceType="cpu", handler={"max_new_tokens": 16})
-        archive_model(store, name, str(HANDLER), config, model_dir)
-    with serving(root / "ts", store, MODELS) as ts:
-        yield ts, model_dir
+    models = {name: (example, str(HANDLER)) for name, example in MODELS.items()}
+    with serving_examples(tmp_path_factory.mktemp("rank-failure"), models, batchSize=1, responseTimeout=30,
+                          deviceType="cpu", handler={"max_new_tokens": 16}) as served:
+        yield served
 
 
 def _restarted(ts, name: str, old_pid: int, within: float = 180) -> float:

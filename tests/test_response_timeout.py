@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from _llm import PROMPTS, REPO, reference_text, serving, tiny_llama_and_store
-from ts_plugin.testing import archive_model, java_available, write_config
+from _llm import PROMPTS, REPO, reference_text, serving_examples
+from ts_plugin.testing import java_available
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
@@ -22,15 +22,11 @@ MODELS = {"slow-custom": "custom", "slow-tp": "tp"}  # name -> example
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("response-timeout")
-    model_dir, store = tiny_llama_and_store(root)
-    for name, example in MODELS.items():
-        config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml", batchSize=2,
-                              maxBatchDelay=1000, responseTimeout=TIMEOUT_S, deviceType="cpu",
-                              continuousBatching=False, handler={"max_new_tokens": LONG})
-        archive_model(store, name, str(HANDLER), config, model_dir)
-    with serving(root / "ts", store, MODELS) as ts:
-        yield ts, model_dir
+    models = {name: (example, str(HANDLER)) for name, example in MODELS.items()}
+    with serving_examples(tmp_path_factory.mktemp("response-timeout"), models, batchSize=2, maxBatchDelay=1000,
+                          responseTimeout=TIMEOUT_S, deviceType="cpu", continuousBatching=False,
+                          handler={"max_new_tokens": LONG}) as served:
+        yield served
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -1,7 +1,7 @@
 """handler.kv_cache_memory through the real TorchServe, continuous batching, on every parallelType: a bound that
 holds one long request, so concurrent ones wait or are preempted and recomputed, with every answer equal to
-single-process greedy generate; a request that can never fit is refused with a 4xx; Prometheus shows the
-preemptions and the bound's use."""
+single-process greedy generate; a request that can never fit is refused with a 4xx; cancelled requests free
+their place; Prometheus shows the rows, the preemptions and the bound's use."""
 from __future__ import annotations
 
 import pytest
@@ -75,3 +75,23 @@ def test_a_request_larger_than_the_bound_gets_a_4xx_and_one_that_fits_is_answere
     fits = ts.predict(name, {"inputs": prompt, "parameters": {"max_new_tokens": too_many - 1}})
     assert fits.status_code == 200, fits.text
     assert fits.json()["generated_text"] == reference_text(model_dir, prompt, too_many - 1)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cancelled_requests_leave_the_batch_and_free_the_bound(server, name):
+    """Clients that go away after their first token: their rows leave at the next call, so after a request that
+    runs to its end no row is left running or waiting and the bound is free again."""
+    import requests
+
+    ts, model_dir = server
+    body = {"inputs": "another request", "parameters": {"max_new_tokens": NEW_TOKENS}, "stream": True}
+    for _ in range(20):
+        with requests.post(f"{ts.inference_url}/predictions/{name}", json=body, headers=ts._headers(), stream=True,
+                           timeout=60) as response:
+            assert response.status_code == 200
+            next(response.iter_content(chunk_size=None))
+    answer = ts.predict(name, {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 8}})
+    assert answer.status_code == 200 and answer.json()["generated_text"] == reference_text(model_dir, PROMPTS[2], 8)
+    metrics = scrape(ts, name)
+    assert metrics["num_requests_running"] == 0 and metrics["num_requests_waiting"] == 0
+    assert metrics["kv_cache_usage_perc"] == 0

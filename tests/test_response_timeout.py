@@ -1,6 +1,6 @@
 """A static batch that outlasts responseTimeout (issue 29 item 4), through the real TorchServe: its WorkerThread
 waits responseTimeout for each message of the worker, so the handler sends an empty intermediate response every
-third of it while a batch runs (a streaming request's own chunks already did). Before, the frontend killed the worker at responseTimeout and every request in
+quarter of it in which a step of the batch ended (a streaming request's own chunks already did). Before, the frontend killed the worker at responseTimeout and every request in
 flight failed."""
 from __future__ import annotations
 

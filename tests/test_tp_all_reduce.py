@@ -180,10 +180,35 @@ def test_a_stale_build_lock_gives_up_on_the_op_in_bounded_time(tmp_path, monkeyp
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)
-    monkeypatch.setattr(cpu_tp, "BUILD_LOCK_WAIT_S", 1.0)
     Path(_get_build_directory("deepspeed_shm_comm", verbose=False), "lock").write_text("")
     log = []
     started = time.monotonic()
-    assert not cpu_tp.use_shared_memory_all_reduce(Ranks(0, 1, 0), log.append)
+    assert not cpu_tp.use_shared_memory_all_reduce(Ranks(0, 1, 0), log.append, lock_wait_s=1.0)
     assert time.monotonic() - started < 10
     assert "build lock" in log[-1] and "stayed for 1 s" in log[-1], log
+
+
+@pytest.mark.serve
+def test_a_stale_build_lock_leaves_a_tp_worker_that_loads_in_time_and_answers_exactly(tmp_path, monkeypatch):
+    """Through the real TorchServe: a lock that outlasted startupTimeout made the frontend keep one rank's LOAD
+    reply queued, and every request after it hung. The wait is a quarter of startupTimeout, then gloo."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from _llm import PROMPTS, REPO, reference_text, tiny_llama_and_store
+    from ts_plugin.testing import TorchServe, archive_model, java_available, write_config
+
+    if not java_available():
+        pytest.skip("TorchServe needs Java 11+")
+    extensions = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    Path(_get_build_directory("deepspeed_shm_comm", verbose=False), "lock").write_text("")
+    model_dir, store = tiny_llama_and_store(tmp_path)
+    config = write_config(tmp_path / "tp.yaml", REPO / "examples/tp/model-config.yaml", startupTimeout=40,
+                          deviceType="cpu", handler={"max_new_tokens": 8})
+    archive_model(store, "lock-tp", "deepspeed_handler.py", config, model_dir)
+    with TorchServe(tmp_path / "ts", store, extra_env={"TORCH_EXTENSIONS_DIR": str(extensions)}) as ts:
+        ts.start(models={"lock-tp": "lock-tp"})
+        ts.wait_ready("lock-tp", timeout=120)
+        for prompt in PROMPTS:
+            answer = ts.predict("lock-tp", {"inputs": prompt, "parameters": {"max_new_tokens": 8}}, timeout=60)
+            assert answer.status_code == 200 and answer.json()["generated_text"] == reference_text(model_dir, prompt, 8)

@@ -224,12 +224,15 @@ class ContinuousBatch:
         return outputs
 
     def steps(self, joining: Sequence[Tuple[str, List[int], SamplingParams]], count: int,
-              slot_freed: Optional[threading.Event] = None) -> Dict[str, StepOutput]:
+              slot_freed: Optional[threading.Event] = None,
+              heartbeat: Optional[Callable[[], None]] = None) -> Dict[str, StepOutput]:
         """Up to `count` steps, the first with `joining`; fewer once a row finishes (here, or in another group that
         shares `slot_freed`), since its slot is then free for a new request. Each request's output holds its text
-        of all the steps."""
+        of all the steps. `heartbeat()` is called after each step."""
         slot_freed = slot_freed or threading.Event()
+        heartbeat = heartbeat or (lambda: None)
         outputs = self.step(joining)
+        heartbeat()
         for _ in range(count - 1):
             if any(output.result for output in outputs.values()):
                 slot_freed.set()
@@ -237,6 +240,7 @@ class ContinuousBatch:
                 break
             for request_id, output in self.step([]).items():
                 outputs[request_id] = outputs[request_id].then(output)
+            heartbeat()
         return outputs
 
     def reset(self) -> None:
@@ -466,7 +470,8 @@ class ContinuousGroups:
     def keep_only(self, request_ids: Sequence[str]) -> List[str]:
         return [cancelled for batch in self.batches for cancelled in batch.keep_only(request_ids)]
 
-    def steps(self, joining: Sequence[Tuple[str, List[int], SamplingParams]], count: int) -> Dict[str, StepOutput]:
+    def steps(self, joining: Sequence[Tuple[str, List[int], SamplingParams]], count: int,
+              heartbeat: Optional[Callable[[], None]] = None) -> Dict[str, StepOutput]:
         parts: List[list] = [[] for _ in self.batches]
         for request_id, prompt, params in joining:
             if params.seed is None:
@@ -476,7 +481,7 @@ class ContinuousGroups:
             parts[group].append((request_id, prompt, params))
         # the groups stop together once one frees a slot: a group stepping alone would leave the other stages idle
         slot_freed = threading.Event()
-        futures = [self._pool.submit(batch.steps, part, count, slot_freed)
+        futures = [self._pool.submit(batch.steps, part, count, slot_freed, heartbeat)
                    for batch, part in zip(self.batches, parts) if part or len(batch)]
         outputs: Dict[str, StepOutput] = {}
         failure: Optional[BaseException] = None
@@ -519,12 +524,13 @@ def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], par
              default_seed: int, eos_ids: Sequence[int], on_step: Optional[Callable[[int, StepOutput], None]] = None,
              max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
              prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None,
-             kv_tokens: Optional[int] = None) -> List[SequenceResult]:
+             kv_tokens: Optional[int] = None, heartbeat: Optional[Callable[[], None]] = None) -> List[SequenceResult]:
     """Generate a static batch of tokenized prompts until each sequence stops: the continuous loop with every
     request joining at once, so finished rows leave the batch instead of stepping on with padding. A row without
     a seed samples with `default_seed + its row`. `on_step(row, output)` streams each step's output.
     `rows_editable`: False where the model's cache cannot drop rows (see ContinuousBatch). `prefix`: the worker's
-    prefix cache, which outlives the batch. `grammars` and `kv_tokens`: as for continuous_batch."""
+    prefix cache, which outlives the batch. `grammars` and `kv_tokens`: as for continuous_batch. `heartbeat()` is
+    called after every step (a sign of progress for a watchdog)."""
     live = continuous_batch(model, tokenizer, eos_ids, default_seed, len(prompts), max_batched_tokens, rows_editable,
                             prefix, grammars, kv_tokens)
     try:
@@ -533,7 +539,8 @@ def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], par
         results: Dict[str, SequenceResult] = {}
         while joining or len(live):
             # one step per call where text streams; else until a row finishes (no new request can take its place)
-            outputs = live.steps(joining, 1 if on_step is not None else max(p.max_new_tokens for p in params))
+            outputs = live.steps(joining, 1 if on_step is not None else max(p.max_new_tokens for p in params),
+                                 heartbeat=heartbeat)
             joining = []
             for request_id, output in outputs.items():
                 if on_step is not None and (output.text or output.logprobs or output.result is not None):

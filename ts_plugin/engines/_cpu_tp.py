@@ -28,11 +28,12 @@ from .base import Progress
 _SHM_OP = "deepspeed_shm_comm"
 
 
-def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress) -> bool:
+def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress, lock_wait_s: float = 60.0) -> bool:
     """Start DeepSpeed's communication with its shared-memory all-reduce: load it (or build it, ~30 s the first
     time on a machine) and let it find the other ranks; returns whether every rank uses it. Where a rank cannot
-    (ranks on other hosts, no compiler, an op that does not build), every rank turns it off and DeepSpeed
-    all-reduces with the process group (gloo). Call it before `deepspeed.init_inference`, on every rank."""
+    (ranks on other hosts, no compiler, an op that does not build, another process's build lock held for more
+    than `lock_wait_s`), every rank turns it off and DeepSpeed all-reduces with the process group (gloo). Call it
+    before `deepspeed.init_inference`, on every rank."""
     import deepspeed
     import deepspeed.comm
 
@@ -45,7 +46,7 @@ def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress) -> bool:
         os.environ["LOCAL_SIZE"] = str(ranks.world_size)
         started = time.monotonic()
         try:
-            load_shared_memory_op()
+            load_shared_memory_op(lock_wait_s)
         except Exception as error:  # noqa: BLE001 - a compiler error, a missing header: fall back, loudly
             reason = f"{type(error).__name__}: {error}"
         else:
@@ -63,8 +64,6 @@ def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress) -> bool:
 
 #: bytes of one rank's segment: shm.cpp's allreduce_workspace, two 1 MiB and two 32 MiB buffers (+ a few states)
 SEGMENT_BYTES = 2 * 2**20 + 2 * 32 * 2**20 + 4096
-#: how long a worker waits for another process's build lock on the op before it gives up on the op
-BUILD_LOCK_WAIT_S = 120.0
 
 
 def _segment_name(rank: int) -> Path:
@@ -98,31 +97,32 @@ def _shared_memory_problem(ranks: Ranks) -> Optional[str]:
     return None
 
 
-def load_shared_memory_op() -> None:
+def load_shared_memory_op(lock_wait_s: float = 60.0) -> None:
     """Load DeepSpeed's `deepspeed_shm_comm` op, building it first where torch's extension cache lacks it (~30 s);
-    raise where it cannot be built here. `make venv` calls it once, so a first tp worker need not build."""
+    raise where it cannot be built here, or another process's build lock stays past `lock_wait_s`. `make venv`
+    calls it once, so a first tp worker need not build."""
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     builder = ShareMemCommBuilder()
     if not builder.is_compatible():
         raise RuntimeError("DeepSpeed says it is not compatible with this host")
-    _wait_for_build_lock(builder.name)
+    _wait_for_build_lock(builder.name, lock_wait_s)
     with _interpreter_tools_first():
         builder.load(verbose=False)
 
 
-def _wait_for_build_lock(name: str) -> None:
-    """Raise where the op's build lock stays past BUILD_LOCK_WAIT_S: torch takes it for every load, built or not,
-    and waits for it without a bound, so a lock left by a process killed while building would hang every worker.
-    A real build (~30 s) releases it well within the wait."""
+def _wait_for_build_lock(name: str, wait_s: float) -> None:
+    """Raise where the op's build lock stays past `wait_s`: torch takes it for every load, built or not, and
+    waits for it without a bound, so a lock left by a process killed while building would hang every worker. A
+    real build (~30 s) usually releases it within the wait; where not, this worker uses gloo."""
     from torch.utils.cpp_extension import _get_build_directory
 
     lock = Path(_get_build_directory(name, verbose=False), "lock")
-    deadline = time.monotonic() + BUILD_LOCK_WAIT_S
+    deadline = time.monotonic() + wait_s
     while lock.exists():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the build lock {lock} stayed for {BUILD_LOCK_WAIT_S:.0f} s (left by a process "
-                               "killed while building?); remove it if no build is running")
+            raise RuntimeError(f"the build lock {lock} stayed for {wait_s:.0f} s (left by a process killed while "
+                               "building?); remove it if no build is running")
         time.sleep(0.5)
 
 

@@ -62,7 +62,9 @@ def load(context: LoadContext) -> HFStepModel:
     progress = context.progress
     settings = inference_config(config, layout, context.deepspeed_file, context.model_dir, device, dtype)
     if device.type == "cpu" and ranks.world_size > 1:
-        use_shared_memory_all_reduce(ranks, progress)
+        # a tp LOAD that outlasts startupTimeout desynchronises TorchServe 0.12 (README, Limitations): the wait
+        # for another process's build of the op takes at most a quarter of it
+        use_shared_memory_all_reduce(ranks, progress, min(60.0, config.startup_timeout / 4))
     module = _load_slices(config, layout, settings, context.model_path, device, dtype, progress)
     if module is None:
         module = _load_whole(config, layout, settings, context.model_path, device, dtype, progress)

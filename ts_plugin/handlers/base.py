@@ -108,6 +108,7 @@ class LLMHandler:
         self.kv_tokens: Optional[int] = None  # KV positions this rank's batch may hold (handler.kv_cache_memory)
         self.kv_tokens_per_request: Optional[int] = None  # ... and one request, where row groups share them
         self._preemptions_seen = 0
+        self._keepalive = _KeepAlive(None, [], 0, sends=False)  # the running static batch's (see _KeepAlive)
         self.grammars: Optional[Grammars] = None  # structured output: the tokenizer's side, checks and matchers
         self._live: Dict[str, _Live] = {}  # continuousBatching: the requests in the batch, by request id
 
@@ -118,6 +119,7 @@ class LLMHandler:
         from ..distributed import Ranks, bind_to_launcher, init_process_group, pick_device
 
         self.context = context
+        loading_since = time.monotonic()
         self.model_dir = Path(context.system_properties.get("model_dir", "."))
         self.ranks = Ranks.from_env()
         # first: a rank orphaned by a torchrun restart must not load (see bind_to_launcher)
@@ -142,6 +144,12 @@ class LLMHandler:
         self.tokenizer = self.load_tokenizer()
         loaded = self.load_model()
         self.log_progress(f"model ready in {time.perf_counter() - started:.1f}s")
+        if self.ranks.world_size > 1 and time.monotonic() - loading_since > self.config.startup_timeout:
+            # WorkerThread polls one LOAD reply per rank, each for startupTimeout, and keeps the last: a late
+            # rank's reply stays queued and answers the next request, and every later answer is one request late
+            logger.error("[rank %d] loading took %.0f s, longer than startupTimeout (%d s): TorchServe 0.12 may "
+                         "now pair this worker's replies with the wrong requests. Raise startupTimeout.",
+                         self.ranks.rank, time.monotonic() - loading_since, self.config.startup_timeout)
         if isinstance(loaded, Follower):
             self.follower = loaded
             self.follower.start()
@@ -296,7 +304,7 @@ class LLMHandler:
         seed = self.config.handler.manual_seed + self._batches
         return generate(self.model, self.tokenizer, [r.input_ids for r in requests], [r.params for r in requests],
                         seed, self.eos_token_ids, on_step, self.config.handler.max_num_batched_tokens,
-                        self.rows_editable, self.prefix_cache, self.grammars, self.kv_tokens)
+                        self.rows_editable, self.prefix_cache, self.grammars, self.kv_tokens, self._keepalive.beat)
 
     def postprocess(self, request: TextRequest, result) -> Dict[str, Any]:
         return {"generated_text": result.text,
@@ -481,7 +489,8 @@ class LLMHandler:
         streamer = None
         if any(requests[i].stream for i in good) and self.ranks.local_rank == 0:
             streamer = _Streamer(context, rows, formats)
-        with _KeepAlive(context, good, self.config.response_timeout / 3, self.ranks.local_rank == 0):
+        self._keepalive = _KeepAlive(context, good, self.config.response_timeout / 4, self.ranks.local_rank == 0)
+        with self._keepalive:
             results = self.inference([request for _, _, request in rows], streamer)
         events: Dict[int, List[str]] = {index: [] for index in good}
         choices: Dict[int, List[Any]] = {index: [] for index in good}
@@ -574,15 +583,22 @@ _SENDING = threading.Lock()
 
 class _KeepAlive:
     """Keeps a static batch that outlasts responseTimeout alive: TorchServe's WorkerThread waits responseTimeout for
-    each message of the worker, not for the whole answer, so while the batch runs each of its requests (`indexes`)
-    gets an empty intermediate response every `interval_s`. An answer that gets one goes out as a chunked
-    response (the empty chunks are written as nothing), so its status can no longer change: that is the price of
-    a batch longer than responseTimeout. `sends`: False on ranks whose messages the frontend does not read."""
+    each message of the worker, not for the whole answer, so each of the batch's requests (`indexes`) gets an
+    empty intermediate response every `interval_s` in which the batch made progress (a step ended: `beat`). A
+    hung step stops them, and the frontend's timeout still ends a worker that hangs. An answer that got one goes
+    out as a chunked response (the empty chunks are written as nothing), so its status can no longer change: that
+    is the price of a batch longer than responseTimeout. `sends`: False on ranks whose messages the frontend does
+    not read."""
 
     def __init__(self, context: Any, indexes: List[int], interval_s: float, sends: bool = True):
         self.context, self.indexes, self.interval_s = context, indexes, interval_s
         self._stop = threading.Event()
+        self._progress = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ts_plugin-keepalive", daemon=True) if sends else None
+
+    def beat(self) -> None:
+        """A step ended."""
+        self._progress.set()
 
     def __enter__(self) -> "_KeepAlive":
         if self._thread is not None:
@@ -600,6 +616,9 @@ class _KeepAlive:
         chunks = [""] * (max(self.context.request_ids) + 1)
         ids = {index: self.context.request_ids[index] for index in self.indexes}
         while not self._stop.wait(self.interval_s):
+            if not self._progress.is_set():
+                continue
+            self._progress.clear()
             with _SENDING:
                 if self._stop.is_set():
                     return

@@ -11,7 +11,7 @@ MARKER = "FAIL-ON-RANK-1"
 class RankFailsHandler(LLMHandler):
     def initialize(self, context):
         if context.model_name.endswith("-gloo"):
-            def no_compiler():
+            def no_compiler(*_):
                 raise RuntimeError("no C++ compiler on this host (a test's stand-in)")
 
             _cpu_tp.load_shared_memory_op = no_compiler

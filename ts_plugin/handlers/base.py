@@ -175,14 +175,23 @@ class LLMHandler:
             if handler.enable_prefix_caching and self.rows_editable:
                 self.prefix_cache = PrefixIndex(handler.prefix_cache_tokens)
             if handler.kv_cache_memory is not None:
-                self.kv_tokens = handler.kv_cache_memory // self.kv_bytes_per_token()
-                self.kv_tokens_per_request = self.kv_tokens // len(self.model.row_groups(self.config.batch_size))
-                self.log_progress(f"KV cache bound: {handler.kv_cache_memory.human_readable()} per rank, "
-                                  f"{self.kv_tokens} tokens ({self.kv_tokens_per_request} for one request)")
+                self._bound_kv_cache(handler.kv_cache_memory)
             if self.config.continuous_batching:
                 check_row_editable(cache)
                 self.continuous = self._continuous_batch()
         self.initialized = True
+
+    def _bound_kv_cache(self, memory) -> None:
+        try:
+            per_token = self.kv_bytes_per_token()
+        except (AttributeError, TypeError) as error:  # a config without the usual head and layer counts
+            logger.warning("handler.kv_cache_memory is not applied: the KV size of a token of this model is "
+                           "unknown (%s)", error)
+            return
+        self.kv_tokens = memory // per_token
+        self.kv_tokens_per_request = self.kv_tokens // len(self.model.row_groups(self.config.batch_size))
+        self.log_progress(f"KV cache bound: {memory.human_readable()} per rank, {self.kv_tokens} tokens "
+                          f"({self.kv_tokens_per_request} for one request)")
 
     def kv_bytes_per_token(self) -> int:
         """What one token's keys and values take on the rank that holds the most of them (the largest pp stage)."""

@@ -277,3 +277,27 @@ def test_a_static_batch_under_a_small_kv_bound_gives_the_answers_of_an_unbounded
         return [result.token_ids for result in results]
 
     assert answers(max(len(p) for p in prompts) + 40) == answers(None)
+
+
+def test_an_answer_that_ends_with_eos_keeps_that_token_for_tgis_last_stream_event(model):
+    """The end of sequence is no token of the answer (nor of OpenAI's logprobs), but TGI streams it last, with
+    its id, logprob and special: true."""
+    import json
+
+    from ts_plugin.handlers._tgi import TGIFormat
+
+    hf, tokenizer = model
+    prompt = tokenizer(PROMPTS[1])["input_ids"]
+    batch = ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0)
+    result = _run_to_end(batch, [("r", prompt, SamplingParams(40, logprobs=0))], bound=10**9)["r"]
+    if hf.config.model_type != "llama":  # the tiny gpt2 does not end this prompt within 40 tokens
+        assert result.finish_reason == "length" and result.end_logprob is None
+        return
+    assert result.finish_reason == "eos_token" and result.token_ids == reference(hf, prompt, 40)
+    assert len(result.logprobs) == len(result.token_ids) and tokenizer.eos_token_id not in result.token_ids
+    eos_id, logprob, _ = result.end_logprob
+    assert eos_id == tokenizer.eos_token_id and logprob <= 0
+    tgi = TGIFormat(None, lambda request, res: {"generated_text": res.text}, tokenizer.all_special_ids)
+    last = json.loads(tgi.event("", result, []).split("data: ")[-1])
+    assert last["token"] == {"id": eos_id, "text": "", "logprob": logprob, "special": True}
+    assert last["generated_text"] == result.text

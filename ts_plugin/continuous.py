@@ -212,7 +212,7 @@ class ContinuousBatch:
                 result = SequenceResult(seq.text, seq.token_ids, len(seq.prompt_ids), seq.finish_reason,
                                         (seq.first_token_at or row.started) - row.started, now - row.started,
                                         seq.logprobs if seq.params.logprobs is not None else None,
-                                        row.cached_tokens)
+                                        row.cached_tokens, seq.end_logprob)
             new_logprobs = row.seq.logprobs[row.logprobs_sent:]
             row.logprobs_sent += len(new_logprobs)
             outputs[row.request_id] = StepOutput(row.text, result, new_logprobs)

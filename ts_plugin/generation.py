@@ -31,6 +31,7 @@ class SequenceResult:
     seconds: float
     logprobs: Optional[List[TokenLogprob]] = None  # per token of token_ids, where asked (on the driver rank)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    end_logprob: Optional[TokenLogprob] = None  # the end-of-sequence token it ended with, where logprobs were asked
 
     @property
     def completion_tokens(self) -> int:
@@ -50,6 +51,7 @@ class _Sequence:
     prefix_offset: int = 0  # incremental decoding: seq.text holds the text of token_ids[:read_offset]
     read_offset: int = 0
     logprobs: List[TokenLogprob] = field(default_factory=list)  # filled where tokens are chosen (the driver)
+    end_logprob: Optional[TokenLogprob] = None  # the end of sequence's entry, taken out of logprobs
     grammar: Optional[RowGrammar] = None  # structured output: what the next token may be
     _processors: Optional[Tuple[Any, Any]] = None
 
@@ -210,7 +212,9 @@ def advance(seq: _Sequence, token: int, tokenizer: Any, eos: set, now: float, ro
         seq.first_token_at = now
     if token in eos:
         seq.finish_reason = "eos_token"
-        del seq.logprobs[len(seq.token_ids):]  # an end of sequence is no token of the answer
+        if len(seq.logprobs) > len(seq.token_ids):  # an end of sequence is no token of the answer (TGI sends it)
+            seq.end_logprob = seq.logprobs.pop(len(seq.token_ids))
+        del seq.logprobs[len(seq.token_ids):]
     else:
         seq.token_ids.append(token)
         _decode_new(seq, tokenizer, flush=len(seq.token_ids) >= seq.params.max_new_tokens)

@@ -158,8 +158,10 @@ class TGIFormat:
         return self.postprocess(self.request, results[0])  # one choice: TGI has no n
 
     def event(self, text: str, result=None, logprobs=(), choice: int = 0) -> str:
-        # a step's text goes with its last token (a step decodes one token unless handler.steps_per_call says more)
-        tokens = list(logprobs) or [(None, None, [])]
+        # a step's text goes with its last token (a step decodes one token unless handler.steps_per_call says more);
+        # as TGI, an answer that ended with an end of sequence sends that token last
+        ended = [result.end_logprob] if result is not None and result.end_logprob is not None else []
+        tokens = list(logprobs) + ended or [(None, None, [])]
         events = []
         for at, (token_id, logprob, _) in enumerate(tokens):
             last = at == len(tokens) - 1

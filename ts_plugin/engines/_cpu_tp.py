@@ -26,9 +26,11 @@ from ..distributed import Ranks, any_rank_failed
 from .base import Progress
 
 _SHM_OP = "deepspeed_shm_comm"
+#: the longest a worker waits for another process's build lock on the op before it uses gloo
+BUILD_LOCK_WAIT_S = 60.0
 
 
-def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress, lock_wait_s: float = 60.0) -> bool:
+def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress, lock_wait_s: float = BUILD_LOCK_WAIT_S) -> bool:
     """Start DeepSpeed's communication with its shared-memory all-reduce: load it (or build it, ~30 s the first
     time on a machine) and let it find the other ranks; returns whether every rank uses it. Where a rank cannot
     (ranks on other hosts, no compiler, an op that does not build, another process's build lock held for more
@@ -97,7 +99,7 @@ def _shared_memory_problem(ranks: Ranks) -> Optional[str]:
     return None
 
 
-def load_shared_memory_op(lock_wait_s: float = 60.0) -> None:
+def load_shared_memory_op(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> None:
     """Load DeepSpeed's `deepspeed_shm_comm` op, building it first where torch's extension cache lacks it (~30 s);
     raise where it cannot be built here, or another process's build lock stays past `lock_wait_s`. `make venv`
     calls it once, so a first tp worker need not build."""

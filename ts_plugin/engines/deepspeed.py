@@ -13,7 +13,7 @@ from ..config import ModelConfig, ParallelLayout
 from ..distributed import any_rank_failed, broadcast_tokens
 from ._checkpoint import (build_meta_model, checkpoint_index, checkpoint_key, checkpoint_names, load_causal_lm,
                           peak_rss_mb, read_tensors, release_memory, tied_names)
-from ._cpu_tp import use_lean_forwards, use_shared_memory_all_reduce
+from ._cpu_tp import BUILD_LOCK_WAIT_S, use_lean_forwards, use_shared_memory_all_reduce
 from .base import EngineError, HFStepModel, LoadContext, Progress
 
 
@@ -64,7 +64,7 @@ def load(context: LoadContext) -> HFStepModel:
     if device.type == "cpu" and ranks.world_size > 1:
         # a tp LOAD that outlasts startupTimeout desynchronises TorchServe 0.12 (README, Limitations): the wait
         # for another process's build of the op takes at most a quarter of it
-        use_shared_memory_all_reduce(ranks, progress, min(60.0, config.startup_timeout / 4))
+        use_shared_memory_all_reduce(ranks, progress, min(BUILD_LOCK_WAIT_S, config.startup_timeout / 4))
     module = _load_slices(config, layout, settings, context.model_path, device, dtype, progress)
     if module is None:
         module = _load_whole(config, layout, settings, context.model_path, device, dtype, progress)

@@ -24,7 +24,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ts_plugin.engines import ENGINES
 from ts_plugin.testing import TorchServe, archive_model, make_tiny_model, reference_answers, write_config
 from ts_plugin.testing.tiny_model import _CORPUS
 
@@ -78,7 +77,7 @@ def package(store: Path, name: str, kind: str, model_dir: Path, max_new: int = 6
                **overrides.pop("handler", {})}
     config = write_config(store.parent / f"{name}.yaml", REPO / "examples" / kind / "model-config.yaml",
                           deviceType="cpu", responseTimeout=600, startupTimeout=600, handler=handler, **overrides)
-    archive_model(store, name, f"{ENGINES[kind]}_handler.py", config)
+    archive_model(store, name, config)
 
 
 def fresh_from_pretrained(model_dir: Path) -> float:

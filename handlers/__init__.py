@@ -1,1 +1,1 @@
-"""ts_plugin's base handlers, one per parallelType; shipped as ts_plugin.bundled.handlers."""
+"""ts_plugin's base handler file (one for every parallelType); shipped as ts_plugin.bundled.handlers."""

@@ -24,12 +24,12 @@ LOAD_SCRIPT = textwrap.dedent(r'''
 
     import yaml
 
-    from ts_plugin import handlers
+    from ts_plugin.handlers import LLMHandler
     from ts_plugin.testing import worker_context
 
-    handler_name, model_dir, config_file, out_dir = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+    model_dir, config_file, out_dir = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     config = yaml.safe_load((model_dir / config_file).read_text())  # TorchServe hands the parsed file over
-    handler = getattr(handlers, handler_name)()
+    handler = LLMHandler()
     try:
         handler.initialize(worker_context(model_dir, config, config_file=config_file))
         message = "loaded"
@@ -42,8 +42,8 @@ LOAD_SCRIPT = textwrap.dedent(r'''
 ''')
 
 
-def load_on_two_ranks(handler: str, model_dir: Path, config_file: str, workdir: Path) -> List[str]:
-    """What initializing `handler` (a class name in ts_plugin.handlers) with `model_dir / config_file` under
+def load_on_two_ranks(model_dir: Path, config_file: str, workdir: Path) -> List[str]:
+    """What initializing ts_plugin's handler with `model_dir / config_file` under
     `torchrun --nproc-per-node 2` on the CPU ended in, per rank: "loaded" or "ErrorType: message"."""
     from ts_plugin.testing import free_ports
 
@@ -51,7 +51,7 @@ def load_on_two_ranks(handler: str, model_dir: Path, config_file: str, workdir: 
     script.write_text(LOAD_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(workdir)}
     result = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                             str(free_ports(1)[0]), str(script), handler, str(model_dir), config_file, str(workdir)],
+                             str(free_ports(1)[0]), str(script), str(model_dir), config_file, str(workdir)],
                             cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     return [(workdir / f"load{rank}.txt").read_text() for rank in (0, 1)]
@@ -78,15 +78,15 @@ def serving(workdir: Path, store: Path, names):
 
 
 @contextmanager
-def serving_examples(root: Path, models: Dict[str, Tuple[str, str]], **overrides):
-    """A TorchServe serving the tiny Llama as each of `models` (name -> (example folder, handler file)), each from
-    its example's model-config.yaml with `overrides`; yields (ts, the model folder)."""
+def serving_examples(root: Path, models: Dict[str, str], handler_file: Optional[str] = None, **overrides):
+    """A TorchServe serving the tiny Llama as each of `models` (name -> example folder), each from its example's
+    model-config.yaml with `overrides`, with ts_plugin's handler or `handler_file`; yields (ts, the model folder)."""
     from ts_plugin.testing import archive_model, write_config
 
     model_dir, store = tiny_llama_and_store(root)
-    for name, (example, handler) in models.items():
+    for name, example in models.items():
         config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml", **overrides)
-        archive_model(store, name, handler, config, model_dir)
+        archive_model(store, name, config, model_dir, handler=handler_file)
     with serving(root / "ts", store, models) as ts:
         yield ts, model_dir
 

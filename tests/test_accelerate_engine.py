@@ -1,4 +1,4 @@
-"""parallelType custom, in-process (no TorchServe): the Accelerate engine and the AccelerateHandler."""
+"""parallelType custom, in-process (no TorchServe): the Accelerate engine and the handler."""
 from __future__ import annotations
 
 import asyncio
@@ -67,10 +67,10 @@ IDS = torch.tensor([[1, 17, 45, 99, 3, 250, 7, 31]])
 # --- a handler without TorchServe ----------------------------------------------------------------
 
 def make_handler(model_dir: Path, **config):
-    from accelerate_handler import AccelerateHandler
+    from llm_handler import LLMHandler
 
     config = {"parallelType": "custom", "deviceType": "cpu", **config}
-    handler = AccelerateHandler()
+    handler = LLMHandler()
     handler.initialize(worker_context(model_dir, config))
     return handler
 
@@ -250,14 +250,14 @@ def test_handler_greedy_output_equals_generate_and_bad_rows_get_4xx(llama, model
 
 
 @pytest.mark.parametrize("config, words", [
-    ({"parallelType": "tp", "torchrun": {"nproc-per-node": 1}}, "serves parallelType custom, not tp"),
-    ({"parallelType": None}, "not none"),
+    ({"parallelType": None}, "sets no parallelType"),
+    ({"parallelType": "tp", "torchrun": {"nproc-per-node": 2}}, "asks for 2 ranks but torchrun started 1"),
     ({"parallelType": "custom", "parallelLevel": 2, "asyncCommunication": True, "batchSize": 2}, "TSP211"),
 ])
-def test_handler_refuses_other_parallel_types(llama, config, words):
-    from accelerate_handler import AccelerateHandler
+def test_handler_refuses_configs_it_cannot_serve(llama, config, words):
+    from llm_handler import LLMHandler
 
-    handler = AccelerateHandler()
+    handler = LLMHandler()
     with pytest.raises(ConfigError, match=words):
         handler.initialize(worker_context(llama, {k: v for k, v in config.items() if v is not None}))
 

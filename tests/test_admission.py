@@ -17,7 +17,7 @@ HANDLER = str(REPO / "tests/data/faults/slow_steps_handler.py")
 
 
 def test_a_full_job_queue_refuses_with_503_and_every_accepted_request_is_exact(tmp_path):
-    with serving_examples(tmp_path, {"queue": ("custom", HANDLER)}, batchSize=1, jobQueueSize=2,
+    with serving_examples(tmp_path, {"queue": "custom"}, HANDLER, batchSize=1, jobQueueSize=2,
                           deviceType="cpu", handler={"max_new_tokens": 8}) as (ts, model_dir):
         body = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 8}}
         with ThreadPoolExecutor(10) as pool:

@@ -110,19 +110,19 @@ def test_warnings_do_not_block_the_archive(work):
     assert (work / "out" / "m.mar").is_file()
 
 
-def test_handler_by_parallel_type_or_archiver_name(work):
+def test_handler_by_name_or_archiver_name(work):
     args = ["--model-name", "m", "--version", "1.0", "--config-file", "good.yaml", "--export-path", "out",
             "--archive-format", "no-archive", "--force"]
     (work / "out").mkdir()
     manifest = work / "out/m/MAR-INF/MANIFEST.json"
-    assert ts_archive(*args, "--handler", "pp", cwd=work).returncode == 0
-    assert json.loads(manifest.read_text())["model"]["handler"] == "pipeline_handler.py"
-    assert (work / "out/m/pipeline_handler.py").is_file()
+    assert ts_archive(*args, "--handler", "ts_plugin", cwd=work).returncode == 0
+    assert json.loads(manifest.read_text())["model"]["handler"] == "llm_handler.py"
+    assert (work / "out/m/llm_handler.py").is_file()
     assert ts_archive(*args, "--handler", "base_handler", cwd=work).returncode == 0  # TorchServe's own, as before
     assert json.loads(manifest.read_text())["model"]["handler"] == "base_handler"
     refused = ts_archive(*args, "--handler", "nope", cwd=work, tmpdir=work / "staging")
     assert refused.returncode == 2
-    assert "'nope' is not a file" in refused.stderr and "tp, pp, pptp, custom" in refused.stderr
+    assert "'nope' is not a file" in refused.stderr and "ts_plugin (ts_plugin's base handler" in refused.stderr
     assert "base_handler" in refused.stderr
     assert os.listdir(work / "staging") == []
 

@@ -19,11 +19,11 @@ pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason
 LONG = 100  # new tokens of the long request, on PROMPTS[2] (the tiny model ends the others sooner)
 BUDGET = 32  # handler.max_num_batched_tokens: PROMPTS join whole, LONG_PROMPT is prefilled in chunks
 LONG_PROMPT = "tokens flow through stages ; ranks agree on every step . " * 6
-MODELS = {  # name -> (example, handler, overrides)
-    "cb-custom": ("custom", "accelerate_handler.py", {}),
-    "cb-tp": ("tp", "deepspeed_handler.py", {}),
-    "cb-pp": ("pp", "pipeline_handler.py", {}),  # the example's chunks 2: two groups of rows, one per stage
-    "cb-pptp": ("pptp", "pptp_handler.py", {}),
+MODELS = {  # name -> (example, overrides)
+    "cb-custom": ("custom", {}),
+    "cb-tp": ("tp", {}),
+    "cb-pp": ("pp", {}),  # the example's chunks 2: two groups of rows, one per stage
+    "cb-pptp": ("pptp", {}),
 }
 
 
@@ -31,12 +31,12 @@ MODELS = {  # name -> (example, handler, overrides)
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("cb")
     model_dir, store = tiny_llama_and_store(root)
-    for name, (example, handler, overrides) in MODELS.items():
+    for name, (example, overrides) in MODELS.items():
         config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml",
                               continuousBatching=True, batchSize=4, maxBatchDelay=50, deviceType="cpu",
                               handler={"max_new_tokens": LONG, "max_length": 200,
                                        "max_num_batched_tokens": BUDGET}, **overrides)
-        archive_model(store, name, handler, config, model_dir)
+        archive_model(store, name, config, model_dir)
     with serving(root / "ts", store, MODELS) as ts:
         yield ts, model_dir
 

@@ -41,7 +41,7 @@ def server(tmp_path_factory):
     for name, config in configs.items():
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        archive_model(store, name, "accelerate_handler.py", path, model_dir)
+        archive_model(store, name, path, model_dir)
     with TorchServe(root / "ts", store) as ts:
         ts.start(models={name: name for name in MODELS}, timeout=300)
         yield ts, model_dir, store

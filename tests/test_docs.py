@@ -26,27 +26,6 @@ def test_examples_validate_cleanly(example):
     assert report.findings == [], report.text()
 
 
-def test_every_parallel_type_has_an_example_and_a_handler_named_after_its_engine():
-    """parallelType -> engine module -> handlers/<engine>_handler.py, whose one class serves that parallelType."""
-    import importlib.util
-    import inspect
-
-    from ts_plugin.engines import ENGINES
-
-    assert {p.parent.name for p in EXAMPLES} == set(ENGINES) == {"tp", "pp", "pptp", "custom"}
-    for parallel_type, engine in ENGINES.items():
-        assert callable(importlib.import_module(f"ts_plugin.engines.{engine}").load)
-        file = f"{engine}_handler.py"
-        spec = importlib.util.spec_from_file_location(file[:-3], REPO / "handlers" / file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        # TorchServe's loader takes the one class defined in the file itself
-        classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
-        assert len(classes) == 1, file
-        assert classes[0].parallel_type == parallel_type, file
-        assert classes[0].__name__.lower() == f"{engine}handler", file
-
-
 def test_invalid_example_is_refused():
     assert not validate_file(REPO / "examples/invalid/model-config.yaml").ok
 

@@ -124,18 +124,30 @@ def test_sampling_uses_transformers_processors_per_row():
     assert choose_tokens(logits, [penalized]).tolist() == [expected]
 
 
-def test_incremental_decoding_gives_the_text_of_the_whole_sequence(tmp_path):
-    """seq.text is built from short windows, not by decoding everything at every token: it must still equal the
-    whole sequence's decoding, split UTF-8 characters and all (random ids from a byte-level vocabulary)."""
+class _DecodeOnly:
+    """A tokenizer without a Rust side (as a slow one): only decode."""
+
+    def __init__(self, tokenizer):
+        self.decode = tokenizer.decode
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["decode-stream", "window"])
+def test_incremental_decoding_gives_the_text_of_the_whole_sequence(tmp_path, fast):
+    """seq.text is built token by token (tokenizers' DecodeStream on a fast tokenizer, short windows otherwise),
+    not by decoding everything at every token: it must still equal the whole sequence's decoding, split UTF-8
+    characters and all (random ids from a byte-level vocabulary)."""
     import random
 
     from ts_plugin.generation import advance, new_sequence
     from ts_plugin.testing import make_tokenizer
 
     tokenizer = make_tokenizer(tmp_path)
+    assert hasattr(tokenizer, "_tokenizer")
+    vocab = len(tokenizer)
+    tokenizer = tokenizer if fast else _DecodeOnly(tokenizer)
     rng = random.Random(1)
     for trial in range(30):
-        ids = [rng.randrange(3, len(tokenizer)) for _ in range(rng.randrange(1, 40))]
+        ids = [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 40))]
         seq = new_sequence([1], SamplingParams(len(ids)), 0)
         streamed = []
         for token in ids:

@@ -19,13 +19,13 @@ from ts_plugin.testing import java_available
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
 
 HANDLER = str(REPO / "tests/data/faults/slow_steps_handler.py")  # 0.25 s a step: a stream is in flight for long
-MODELS = {"hang-tp": ("tp", HANDLER), "hang-pp": ("pp", HANDLER)}
+MODELS = {"hang-tp": "tp", "hang-pp": "pp"}  # name -> example
 TIMEOUT_S = 30
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with serving_examples(tmp_path_factory.mktemp("hung-rank"), MODELS, batchSize=1, responseTimeout=TIMEOUT_S,
+    with serving_examples(tmp_path_factory.mktemp("hung-rank"), MODELS, HANDLER, batchSize=1, responseTimeout=TIMEOUT_S,
                           deviceType="cpu", continuousBatching=False, handler={"max_new_tokens": 60}) as served:
         yield served
 

@@ -15,11 +15,11 @@ pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason
 
 NEW_TOKENS = 60
 REQUEST_TOKENS = 100  # KV positions the bound holds for one request: one PROMPTS request and NEW_TOKENS fit
-MODELS = {  # name -> (example, handler, tp ranks, pp stages, row groups)
-    "kv-custom": ("custom", "accelerate_handler.py", 1, 1, 1),
-    "kv-tp": ("tp", "deepspeed_handler.py", 2, 1, 1),
-    "kv-pp": ("pp", "pipeline_handler.py", 1, 2, 2),  # the example's chunks 2: two groups, a bound each
-    "kv-pptp": ("pptp", "pptp_handler.py", 2, 2, 1),
+MODELS = {  # name -> (example, tp ranks, pp stages, row groups)
+    "kv-custom": ("custom", 1, 1, 1),
+    "kv-tp": ("tp", 2, 1, 1),
+    "kv-pp": ("pp", 1, 2, 2),  # the example's chunks 2: two groups, a bound each
+    "kv-pptp": ("pptp", 2, 2, 1),
 }
 
 
@@ -30,13 +30,13 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("kv")
     model_dir, store = tiny_llama_and_store(root)
     hf_config = AutoConfig.from_pretrained(str(model_dir))
-    for name, (example, handler, tp, pp, groups) in MODELS.items():
+    for name, (example, tp, pp, groups) in MODELS.items():
         per_token = kv_bytes_per_token(hf_config, torch.float32, tp, hf_config.num_hidden_layers // pp)
         config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml",
                               continuousBatching=True, batchSize=4, maxBatchDelay=50, deviceType="cpu",
                               handler={"max_new_tokens": NEW_TOKENS, "max_length": 200,
                                        "kv_cache_memory": REQUEST_TOKENS * groups * per_token})
-        archive_model(store, name, handler, config, model_dir)
+        archive_model(store, name, config, model_dir)
     properties = {"metrics_mode": "prometheus", "model_metrics_auto_detect": "true"}
     with TorchServe(root / "ts", store, properties=properties) as ts:
         ts.start(models={name: name for name in MODELS})

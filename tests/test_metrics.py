@@ -19,7 +19,7 @@ def test_vllm_named_metrics_reach_the_prometheus_endpoint(tmp_path):
     config = write_config(tmp_path / "m.yaml", REPO / "examples/custom/model-config.yaml", batchSize=4,
                           deviceType="cpu", continuousBatching=True, maxBatchDelay=20,
                           handler={"max_new_tokens": 16})
-    archive_model(store, "m", "accelerate_handler.py", config, model_dir)
+    archive_model(store, "m", config, model_dir)
     properties = {"metrics_mode": "prometheus", "model_metrics_auto_detect": "true"}
     with TorchServe(tmp_path / "ts", store, properties=properties) as ts:
         ts.start(models={"m": "m"})

@@ -20,14 +20,14 @@ SCRIPT = textwrap.dedent(r'''
     import json, logging, os, sys
     from pathlib import Path
 
-    from ts_plugin.handlers import DeepSpeedHandler, PipelineHandler, PPTPHandler
+    from ts_plugin.handlers import LLMHandler
     from ts_plugin.testing import worker_context
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     model_dir, prompts, max_new = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
     config = json.loads((model_dir / "ranks.json").read_text())
-    handler = {"tp": DeepSpeedHandler, "pp": PipelineHandler, "pptp": PPTPHandler}[config["parallelType"]]()
+    handler = LLMHandler()
     handler.initialize(worker_context(model_dir, config))
     if handler.follower is not None:
         handler.follower.thread.join(timeout=240)  # until rank 0's STOP

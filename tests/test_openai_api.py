@@ -282,12 +282,12 @@ def test_stream_events_end_with_the_finish_usage_and_done(tokenizer):
 
 # --- the real openai client against the real TorchServe --------------------------------------------------------
 
-MODELS = {  # name -> (example, handler, continuous batching)
-    "oa-custom": ("custom", "accelerate_handler.py", False),
-    "oa-custom-cb": ("custom", "accelerate_handler.py", True),
-    "oa-tp-cb": ("tp", "deepspeed_handler.py", True),
-    "oa-pp-cb": ("pp", "pipeline_handler.py", True),
-    "oa-pptp-cb": ("pptp", "pptp_handler.py", True),
+MODELS = {  # name -> (example, continuous batching)
+    "oa-custom": ("custom", False),
+    "oa-custom-cb": ("custom", True),
+    "oa-tp-cb": ("tp", True),
+    "oa-pp-cb": ("pp", True),
+    "oa-pptp-cb": ("pptp", True),
 }
 
 
@@ -297,14 +297,14 @@ def server(tmp_path_factory):
         pytest.skip("TorchServe needs Java 11+")
     root = tmp_path_factory.mktemp("oa")
     model_dir, store = tiny_llama_and_store(root)
-    for name, (example, handler, continuous) in MODELS.items():
+    for name, (example, continuous) in MODELS.items():
         extra = {"continuousBatching": True, "maxBatchDelay": 50} if continuous else {}
         config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml",
                               batchSize=4, deviceType="cpu",
                               # compact JSON: a random-weight model is otherwise free to write whitespace until the end
                               handler={"max_new_tokens": 32, "chat_template": TEMPLATE, "disable_any_whitespace": True},
                               **extra)
-        archive_model(store, name, handler, config, model_dir)
+        archive_model(store, name, config, model_dir)
     with serving(root / "ts", store, MODELS) as ts:
         yield ts, model_dir
 

@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent(r'''
     import torch.distributed as dist
     import yaml
 
-    from ts_plugin.handlers import PipelineHandler
+    from ts_plugin.handlers import LLMHandler
     from ts_plugin.testing import failed_statuses, start_batch, worker_context
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -55,7 +55,7 @@ SCRIPT = textwrap.dedent(r'''
 
     results = {}
     for config_file, idle, exit_without_stop in cases:
-        handler = PipelineHandler()
+        handler = LLMHandler()
         ctx = worker_context(model_dir, yaml.safe_load((model_dir / config_file).read_text()), config_file=config_file)
         handler.initialize(ctx)
         rank = handler.ranks.rank
@@ -227,7 +227,7 @@ def test_a_rank_that_cannot_load_its_stage_fails_the_load_on_every_rank(tmp_path
     del state["lm_head.weight"]
     torch.save(state, model_dir / "pytorch_model.bin")
     (model_dir / "pp-chunks1.yaml").write_text(yaml.safe_dump(CONFIG, sort_keys=False))
-    first, last = load_on_two_ranks("PipelineHandler", model_dir, "pp-chunks1.yaml", tmp_path)
+    first, last = load_on_two_ranks(model_dir, "pp-chunks1.yaml", tmp_path)
     assert first == "EngineError: another rank failed to load its pipeline stage; its model log says why"
     assert last.startswith("PipelineError: 1 tensor(s) of stage 1 are not in the checkpoint")
     assert "lm_head.weight" in last
@@ -361,7 +361,7 @@ def test_other_families_split_in_process(tmp_path, family, stages):
 
 def test_single_rank_pipeline_serves_in_process(tmp_path, monkeypatch, models):
     """parallelType pp with nproc-per-node 1 (a pipeline of one stage): no process group, same answers."""
-    from ts_plugin.handlers import PipelineHandler
+    from ts_plugin.handlers import LLMHandler
     from ts_plugin.testing import failed_statuses, worker_context
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -372,7 +372,7 @@ def test_single_rank_pipeline_serves_in_process(tmp_path, monkeypatch, models):
     rows = [{"body": json.dumps({"inputs": p, "parameters": {"max_new_tokens": n}}).encode()}
             for p, n in zip(PROMPTS, MAX_NEW)] + [{"body": b"{not json"}]
     context = worker_context(model_dir, config, config_file="pp-single.yaml", batch_size=len(rows))
-    handler = PipelineHandler()
+    handler = LLMHandler()
     handler.initialize(context)
     answers = handler.handle(rows, context)
     for answer, prompt, n in zip(answers, PROMPTS, MAX_NEW):
@@ -380,15 +380,3 @@ def test_single_rank_pipeline_serves_in_process(tmp_path, monkeypatch, models):
     assert failed_statuses(context) == {3: 400}
     handler.shutdown()
 
-
-def test_handler_refuses_other_parallel_types(tmp_path, monkeypatch, models):
-    from ts_plugin.handlers.base import ConfigError
-    from ts_plugin.handlers import PipelineHandler
-    from ts_plugin.testing import worker_context
-
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    config = {"parallelType": "custom", "deviceType": "cpu", "handler": {"max_new_tokens": 8}}
-    (models["llama"] / "custom.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(ConfigError, match="serves parallelType pp, not custom"):
-        PipelineHandler().initialize(worker_context(models["llama"], config, config_file="custom.yaml"))

@@ -40,7 +40,7 @@ def server(tmp_path_factory):
                 torchrun={"nproc-per-node": 2, "rdzv-endpoint": f"127.0.0.1:{next(rendezvous)}"},
                 pippy={"chunks": chunks, "rpc_timeout": 300, "num_worker_threads": 8},
                 handler={"max_new_tokens": MAX_NEW_TOKENS, "max_length": 128})
-            archive_model(store, name, "pipeline_handler.py", config, folders[arch])
+            archive_model(store, name, config, folders[arch])
     with TorchServe(root / "ts", store) as ts:
         ts.start(models={name: name for name in MODELS})
         yield ts, folders

@@ -15,7 +15,7 @@ def server(tmp_path_factory):
     model_dir, store = tiny_llama_and_store(root)
     config = write_config(root / "pptp.yaml", REPO / "examples/pptp/model-config.yaml",
                           maxBatchDelay=300, handler={"max_new_tokens": 24, "max_length": 128})
-    archive_model(store, "llama-pptp", "pptp_handler.py", config, model_dir)
+    archive_model(store, "llama-pptp", config, model_dir)
     with TorchServe(root / "ts", store) as ts:
         ts.start(models={"llama-pptp": "llama-pptp"})
         yield ts, model_dir

@@ -22,8 +22,7 @@ AFTER = 20  # exact answers asked for after the failure
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    models = {name: (example, str(HANDLER)) for name, example in MODELS.items()}
-    with serving_examples(tmp_path_factory.mktemp("rank-failure"), models, batchSize=1, responseTimeout=30,
+    with serving_examples(tmp_path_factory.mktemp("rank-failure"), MODELS, str(HANDLER), batchSize=1, responseTimeout=30,
                           deviceType="cpu", handler={"max_new_tokens": 16}) as served:
         yield served
 

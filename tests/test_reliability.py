@@ -71,7 +71,6 @@ def _configs(endpoints: List[int]) -> Dict[str, dict]:
     }
 
 
-HANDLERS = {"tp": "deepspeed_handler.py", "pp": "pipeline_handler.py", "custom": "accelerate_handler.py"}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,7 @@ def server(tmp_path_factory):
     for name, config in configs.items():
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        archive_model(store, name, HANDLERS[config["parallelType"]], path, model_dir)
+        archive_model(store, name, path, model_dir)
     started = time.perf_counter()
     with TorchServe(root / "ts", store) as ts:
         ts.start(models={name: name for name in ("tp", "pp", "custom", "tp-s", "pp-s")}, timeout=300)

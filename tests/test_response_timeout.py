@@ -22,8 +22,7 @@ MODELS = {"slow-custom": "custom", "slow-tp": "tp"}  # name -> example
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    models = {name: (example, str(HANDLER)) for name, example in MODELS.items()}
-    with serving_examples(tmp_path_factory.mktemp("response-timeout"), models, batchSize=2, maxBatchDelay=1000,
+    with serving_examples(tmp_path_factory.mktemp("response-timeout"), MODELS, str(HANDLER), batchSize=2, maxBatchDelay=1000,
                           responseTimeout=TIMEOUT_S, deviceType="cpu", continuousBatching=False,
                           handler={"max_new_tokens": LONG}) as served:
         yield served

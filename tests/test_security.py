@@ -49,7 +49,7 @@ def test_archive_refuses_a_python_tag(tmp_path):
     config.write_text(f"minWorkers: 1\nhandler: !!python/object/apply:os.system ['touch {marker}']\n")
     store = tmp_path / "store"
     store.mkdir()
-    code = ts_archive(["--model-name", "m", "--version", "1.0", "--handler", str(REPO / "handlers/deepspeed_handler.py"),
+    code = ts_archive(["--model-name", "m", "--version", "1.0", "--handler", str(REPO / "handlers/llm_handler.py"),
                        "--config-file", str(config), "--export-path", str(store), "--archive-format", "no-archive"])
     assert code == 1 and not marker.exists() and not any(store.iterdir())
 
@@ -93,7 +93,7 @@ def test_trust_remote_code_reaches_every_transformers_load(tiny_llama, monkeypat
     told handler.trust_remote_code: False unless the config turns it on."""
     import transformers
 
-    from ts_plugin.handlers import AccelerateHandler, PipelineHandler
+    from ts_plugin.handlers import LLMHandler
     from ts_plugin.testing import worker_context
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -111,7 +111,7 @@ def test_trust_remote_code_reaches_every_transformers_load(tiny_llama, monkeypat
         monkeypatch.setattr(auto_class, method, recording)
     handler_config = {"max_new_tokens": 4} if trust is None else {"max_new_tokens": 4, "trust_remote_code": trust}
     config = {"parallelType": parallel_type, "deviceType": "cpu", "handler": handler_config, **extra}
-    handler = {"custom": AccelerateHandler, "pp": PipelineHandler}[parallel_type]()
+    handler = LLMHandler()
     handler.initialize(worker_context(tiny_llama, config))
     handler.shutdown()
     loaded = {where for where, _ in passed}

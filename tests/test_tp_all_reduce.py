@@ -205,7 +205,7 @@ def test_a_stale_build_lock_leaves_a_tp_worker_that_loads_in_time_and_answers_ex
     model_dir, store = tiny_llama_and_store(tmp_path)
     config = write_config(tmp_path / "tp.yaml", REPO / "examples/tp/model-config.yaml", startupTimeout=40,
                           deviceType="cpu", handler={"max_new_tokens": 8})
-    archive_model(store, "lock-tp", "deepspeed_handler.py", config, model_dir)
+    archive_model(store, "lock-tp", config, model_dir)
     with TorchServe(tmp_path / "ts", store, extra_env={"TORCH_EXTENSIONS_DIR": str(extensions)}) as ts:
         ts.start(models={"lock-tp": "lock-tp"})
         ts.wait_ready("lock-tp", timeout=120)

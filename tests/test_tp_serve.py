@@ -24,7 +24,7 @@ def server(tmp_path_factory):
                                     safetensors=arch == "llama")
         config = write_config(root / f"{arch}.yaml", REPO / "examples/tp/model-config.yaml",
                               batchSize=4, maxBatchDelay=300, handler={"max_new_tokens": 24, "max_length": 128})
-        archive_model(store, f"{arch}-tp", "deepspeed_handler.py", config, model_dir)
+        archive_model(store, f"{arch}-tp", config, model_dir)
         models[arch] = model_dir
     with TorchServe(root / "ts", store) as ts:
         ts.start(models={f"{arch}-tp": f"{arch}-tp" for arch in ARCHS})

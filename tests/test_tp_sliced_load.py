@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(r'''
     import torch
 
     from ts_plugin.engines._cpu_tp import deepspeed_layer_forwards
-    from ts_plugin.handlers import DeepSpeedHandler
+    from ts_plugin.handlers import LLMHandler
     from ts_plugin.testing import worker_context
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent(r'''
         model_dir = out_dir / case
         config = json.loads((model_dir / "tp.json").read_text())
         lines.clear()
-        handler = DeepSpeedHandler()
+        handler = LLMHandler()
         handler.initialize(worker_context(model_dir, config))
         rows = [{"body": json.dumps({"inputs": p, "parameters": {"max_new_tokens": max_new}}).encode()}
                 for p in prompts]
@@ -198,7 +198,7 @@ def test_a_model_autotp_shards_but_cannot_run_is_refused_at_load(tmp_path):
     counts: DeepSpeed's own forward fails on every request. The worker must not reach READY with it."""
     model_dir = make_tiny_model(tmp_path / "phi3", arch="phi3", layers=2)
     (model_dir / "model-config.yaml").write_text(yaml.safe_dump(CONFIG))
-    for message in load_on_two_ranks("DeepSpeedHandler", model_dir, "model-config.yaml", tmp_path):
+    for message in load_on_two_ranks(model_dir, "model-config.yaml", tmp_path):
         assert message.startswith("EngineError: DeepSpeed sharded Phi3ForCausalLM over the ranks, but the sharded "
                                   "model cannot run"), message
         assert "parallelType pp or custom" in message

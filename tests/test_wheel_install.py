@@ -1,6 +1,6 @@
 """ts_plugin installed from its wheel (not editable) into a fresh virtualenv and used from a folder outside the
-repository: the handlers and examples ship inside the package, `ts-plugin archive --handler custom` packs the shipped
-handler, and the demo serves from the installed package on the real TorchServe."""
+repository: the handlers and examples ship inside the package, `ts-plugin archive --handler ts_plugin` packs the
+shipped handler, and the demo serves from the installed package on the real TorchServe."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -73,13 +73,13 @@ def test_validate_and_archive_the_shipped_files(installed, tmp_path):
     from ts_plugin.testing import make_tiny_model
 
     model = make_tiny_model(tmp_path / "model", arch="llama", layers=2, hidden=32)
-    run([installed.bin / "ts-plugin", "archive", "--model-name", "tiny", "--version", "1.0", "--handler", "custom",
+    run([installed.bin / "ts-plugin", "archive", "--model-name", "tiny", "--version", "1.0", "--handler", "ts_plugin",
          "--extra-files", model, "--config-file", example, "--export-path", installed.user,
          "--archive-format", "no-archive", "--force"], installed.user)
     packed = installed.user / "tiny"
     manifest = json.loads((packed / "MAR-INF" / "MANIFEST.json").read_text(encoding="utf-8"))
-    assert manifest["model"]["handler"] == "accelerate_handler.py"
-    assert (packed / "accelerate_handler.py").read_bytes() == (REPO / "handlers/accelerate_handler.py").read_bytes()
+    assert manifest["model"]["handler"] == "llm_handler.py"
+    assert (packed / "llm_handler.py").read_bytes() == (REPO / "handlers/llm_handler.py").read_bytes()
 
 
 @pytest.mark.serve

@@ -23,7 +23,7 @@ def test_worker_start_fails_with_the_validator_message(tmp_path):
     store = tmp_path / "store"
     store.mkdir()
     archiver = str(Path(sys.executable).parent / "torch-model-archiver")
-    subprocess.run([archiver, "--model-name", "bad", "--version", "1.0", "--handler", str(REPO / "handlers/deepspeed_handler.py"),
+    subprocess.run([archiver, "--model-name", "bad", "--version", "1.0", "--handler", str(REPO / "handlers/llm_handler.py"),
                     "--config-file", str(tmp_path / "model-config.yaml"), "--export-path", str(store),
                     "--archive-format", "no-archive"], check=True, capture_output=True)
     with TorchServe(tmp_path / "ts", store) as ts:

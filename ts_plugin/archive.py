@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
-from .bundled import HANDLERS, handler_file
+from .bundled import HANDLER_NAME, handler_file
 from .config import Report, ValidationContext, validate_file
 
 
@@ -60,17 +60,17 @@ def _private_tempdir() -> Iterator[str]:
 
 def _resolve_handler(handler: str) -> str:
     """--handler as torch-model-archiver takes it (a file, `file:function`, one of its built-in handler names), or
-    a parallelType, which stands for ts_plugin's base handler of that type."""
+    `ts_plugin`, which stands for ts_plugin's base handler file (it serves every parallelType)."""
     from model_archiver.model_packaging_utils import model_handlers
 
     file = handler if ".py" in handler else handler.split(":")[0] + ".py"  # the archiver's reading of the name
     if os.path.isfile(handler) or os.path.isfile(file) or handler in model_handlers:
         return handler
-    if handler in HANDLERS:
-        return str(handler_file(handler))
-    raise ValueError(f"--handler {handler!r} is not a file; give a handler file, a parallelType "
-                     f"({', '.join(HANDLERS)}: ts_plugin's base handler for it) or one of torch-model-archiver's "
-                     f"built-in handlers ({', '.join(model_handlers)})")
+    if handler == HANDLER_NAME:
+        return str(handler_file())
+    raise ValueError(f"--handler {handler!r} is not a file; give a handler file, {HANDLER_NAME} (ts_plugin's base "
+                     f"handler, for every parallelType) or one of torch-model-archiver's built-in handlers "
+                     f"({', '.join(model_handlers)})")
 
 
 def _parse_archiver_args(argv: List[str]):
@@ -88,7 +88,7 @@ def archive(argv: List[str], out=None, err=None) -> int:
     """Validate, then package exactly as `torch-model-archiver argv...` would. Returns an exit code.
 
     Example:
-        archive(["--model-name", "llama", "--version", "1.0", "--handler", "tp",
+        archive(["--model-name", "llama", "--version", "1.0", "--handler", "ts_plugin",
                  "--extra-files", "model/", "--config-file", "model-config.yaml", "--archive-format", "no-archive"])
     """
     from model_archiver.model_packaging import generate_model_archive

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .bundled import HANDLERS
 from .config import ValidationContext, validate_file
+from .config.parallel_types import PARALLEL_TYPES
 from .gguf import DTYPES as GGUF_DTYPES
 from .testing.demo import DEMO_MODELS
 
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_convert_gguf)
     demo = sub.add_parser("demo", help="archive a model per parallelType, serve it and query it")
     demo.add_argument("--workdir", default="demo-work")
-    demo.add_argument("--only", nargs="*", choices=list(HANDLERS), default=None)
+    demo.add_argument("--only", nargs="*", choices=list(PARALLEL_TYPES), default=None)
     demo.add_argument("--model", choices=DEMO_MODELS, default=None,
                       help="smollm2 (a real model; the default when the demo extra is installed) or tiny")
     demo.set_defaults(func=cmd_demo)

@@ -48,8 +48,11 @@ class _Sequence:
     emitted: str = ""
     finish_reason: Optional[str] = None
     first_token_at: Optional[float] = None
-    prefix_offset: int = 0  # incremental decoding: seq.text holds the text of token_ids[:read_offset]
+    # incremental decoding: seq.text holds the text of token_ids[:read_offset]; prefix_offset is where the
+    # fallback's window starts, or how many tokens the fast tokenizer's DecodeStream (`decoder`) was given
+    prefix_offset: int = 0
     read_offset: int = 0
+    decoder: Any = None
     logprobs: List[TokenLogprob] = field(default_factory=list)  # filled where tokens are chosen (the driver)
     end_logprob: Optional[TokenLogprob] = None  # the end of sequence's entry, taken out of logprobs
     grammar: Optional[RowGrammar] = None  # structured output: what the next token may be
@@ -194,11 +197,29 @@ def next_tokens(model: StepModel, logits: Optional[torch.Tensor], sequences: Seq
 
 
 def _decode_new(seq: _Sequence, tokenizer: Any, flush: bool) -> None:
-    """Extend seq.text by the new tokens' text, decoding a short window instead of the whole sequence (decoding all
-    of it at every token is quadratic). The window starts one token back, so that tokenizers which drop a leading
-    space at a sequence's start (sentencepiece) decode the new text as part of the whole; text ending in an
-    incomplete UTF-8 character waits for the token that completes it, unless `flush` (the sequence ends)."""
+    """Extend seq.text by the new tokens' text; text ending in an incomplete UTF-8 character waits for the token
+    that completes it, unless `flush` (the sequence ends: then it is decoded as a whole decode would show it).
+    A fast tokenizer's Rust side does this itself (tokenizers' DecodeStream); for the others, a short window is
+    decoded instead of the whole sequence (decoding all of it at every token is quadratic). The window starts
+    one token back, so that tokenizers which drop a leading space at a sequence's start (sentencepiece) decode the
+    new text as part of the whole."""
     ids = seq.token_ids
+    backend = getattr(tokenizer, "_tokenizer", None)
+    # decode() cleans up spaces after the Rust decoder where the tokenizer asks for it; the stream does not
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        from tokenizers.decoders import DecodeStream
+
+        seq.decoder = seq.decoder or DecodeStream(skip_special_tokens=True)
+        for token in ids[seq.prefix_offset:]:
+            chunk = seq.decoder.step(backend, token)
+            if chunk is not None:
+                seq.text += chunk
+                seq.read_offset = seq.prefix_offset + 1
+            seq.prefix_offset += 1
+        if flush and seq.read_offset < len(ids):
+            seq.text += tokenizer.decode(ids[seq.read_offset:], skip_special_tokens=True)
+            seq.read_offset = len(ids)
+        return
     before = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
     window = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
     if (len(window) > len(before) and not window.endswith("\ufffd")) or flush:

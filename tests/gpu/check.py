@@ -84,11 +84,11 @@ def main() -> int:
     expected = reference(model_dir)
     store = work / "model_store"
     store.mkdir(exist_ok=True)
-    handlers = {"tp": "deepspeed_handler.py", "pp": "pipeline_handler.py", "custom": "accelerate_handler.py"}
-    for name, config in configs(gpus, model_bytes).items():
+    models = configs(gpus, model_bytes)
+    for name, config in models.items():
         path = work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        code = archive(["--model-name", name, "--version", "1.0", "--handler", str(REPO / "handlers" / handlers[name]),
+        code = archive(["--model-name", name, "--version", "1.0", "--handler", str(REPO / "handlers/llm_handler.py"),
                         "--extra-files", str(model_dir), "--config-file", str(path), "--export-path", str(store),
                         "--archive-format", "no-archive", "--force"])
         if code != 0:
@@ -97,9 +97,9 @@ def main() -> int:
     results, ok = {}, True
     with TorchServe(work / "torchserve", store) as server:
         t0 = time.perf_counter()
-        server.start(models={name: name for name in handlers}, timeout=240)
+        server.start(models={name: name for name in models}, timeout=240)
         print(f"gpu check: READY in {time.perf_counter() - t0:.0f} s", flush=True)
-        for name in handlers:
+        for name in models:
             answers, tokens, t0 = [], 0, time.perf_counter()
             for prompt in PROMPTS:
                 response = server.predict(name, {"inputs": prompt, "parameters": {"max_new_tokens": NEW_TOKENS}})

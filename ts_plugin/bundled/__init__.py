@@ -6,14 +6,15 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-#: parallelType -> its base handler file (`ts-plugin archive --handler TYPE` and the demo)
-HANDLERS = {"tp": "deepspeed_handler.py", "pp": "pipeline_handler.py", "pptp": "pptp_handler.py",
-            "custom": "accelerate_handler.py"}
+#: the base handler file, for every parallelType (`ts-plugin archive --handler ts_plugin` packs it)
+HANDLER = "llm_handler.py"
+#: the name that stands for it where a handler is named
+HANDLER_NAME = "ts_plugin"
 
 
-def handler_file(name: str) -> Path:
-    """A shipped handler file, by file name or by the parallelType it serves."""
-    return Path(str(files(f"{__name__}.handlers").joinpath(HANDLERS.get(name, name))))
+def handler_file(name: str = HANDLER) -> Path:
+    """A shipped handler file, by file name; `ts_plugin` is the base handler."""
+    return Path(str(files(f"{__name__}.handlers").joinpath(HANDLER if name == HANDLER_NAME else name)))
 
 
 def example_config(name: str) -> Path:

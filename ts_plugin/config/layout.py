@@ -3,28 +3,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .schema import TORCHRUN_PARALLEL_TYPES, ModelConfig
+from .parallel_types import parallel_type
+from .schema import ModelConfig
 
 
 @dataclass(frozen=True)
 class ParallelLayout:
     parallel_type: str  # "" when the config sets none (an ordinary worker)
-    world_size: int  # processes per worker (torchrun ranks; 1 for custom)
+    world_size: int  # processes per worker (torchrun ranks; 1 for one-process types)
     gpus_per_worker: int
     pp_size: int
     tp_size: int
     #: how long a collective waits for a peer: pippy.rpc_timeout for pp (its legacy meaning), else responseTimeout
     process_group_timeout_s: float
-
-    @property
-    def uses_torchrun(self) -> bool:
-        return self.parallel_type in TORCHRUN_PARALLEL_TYPES
+    uses_torchrun: bool = False
 
     @classmethod
     def of(cls, config: ModelConfig) -> "ParallelLayout":
         """Derive the layout the way TorchServe 0.12 launches the worker."""
-        ptype = config.parallel_type or ""
-        if ptype in TORCHRUN_PARALLEL_TYPES:
+        record = parallel_type(config.parallel_type)
+        if record is not None and record.torchrun:
             # the torchrun section sets parallelLevel = nproc-per-node (default 1)
             if config.torchrun is not None:
                 world = config.torchrun.nproc_per_node or 1
@@ -33,13 +31,14 @@ class ParallelLayout:
             gpus = world
         else:
             world = 1
-            gpus = config.parallel_level or 1 if ptype == "custom" else 1
-        if ptype == "pp":
-            pp = world
-        elif ptype == "pptp":
+            gpus = config.parallel_level or 1 if record is not None and record.device_map else 1
+        if record is not None and record.pipeline and record.tensor_parallel:
             pp = (config.pippy.pp_size if config.pippy else None) or 1
+        elif record is not None and record.pipeline:
+            pp = world
         else:
             pp = 1
         tp = world // pp if pp and world % pp == 0 else 1
-        rpc_timeout = config.pippy.rpc_timeout if ptype == "pp" and config.pippy else None
-        return cls(ptype, world, gpus, pp, tp, float(rpc_timeout or config.response_timeout))
+        rpc_timeout = config.pippy.rpc_timeout if config.parallel_type == "pp" and config.pippy else None
+        return cls(config.parallel_type or "", world, gpus, pp, tp, float(rpc_timeout or config.response_timeout),
+                   uses_torchrun=record is not None and record.torchrun)

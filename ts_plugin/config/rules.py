@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from ._loader import LoadedYaml, YamlSyntaxError, load_yaml
 from .layout import ParallelLayout
-from .schema import SECTIONS, TORCHRUN_PARALLEL_TYPES, ModelConfig, TorchrunConfig, known_keys, parse_device
+from .parallel_types import PARALLEL_TYPES, names, parallel_type
+from .schema import SECTIONS, ModelConfig, TorchrunConfig, known_keys, parse_device
 
 Severity = Literal["error", "warning"]
 
@@ -46,7 +47,7 @@ LEVEL_AND_NPROC = _rule("TSP201", "error", "torchrun.nproc-per-node and parallel
 LEVEL_WITHOUT_TORCHRUN = _rule("TSP202", "error", "pp/tp/pptp with parallelLevel but no torchrun section (never READY)")
 TORCHRUN_WITHOUT_NPROC = _rule("TSP203", "error", "a torchrun section without nproc-per-node beside parallelLevel (silently 1 process)")
 CUSTOM_MULTI_GPU_SYNC = _rule("TSP204", "error", "custom with parallelLevel > 1 but no asyncCommunication (never READY)")
-CUSTOM_WITH_TORCHRUN = _rule("TSP205", "error", "custom with a torchrun section (custom runs one process)")
+CUSTOM_WITH_TORCHRUN = _rule("TSP205", "error", "a torchrun section under a one-process parallelType (custom)")
 PARALLEL_WITHOUT_TYPE = _rule("TSP206", "error", "parallelLevel or torchrun without parallelType (ignored)")
 MULTI_NODE = _rule("TSP207", "error", "torchrun.nnodes > 1 (the frontend is single-node)")
 PPTP_NO_PP_SIZE = _rule("TSP208", "error", "pptp without pippy.pp_size")
@@ -358,16 +359,16 @@ def _check_parallel(config: ModelConfig, layout: ParallelLayout, out: _Collector
         for path, value in ((("parallelLevel",), level), (("torchrun",), torchrun)):
             if value is not None:
                 out.add(PARALLEL_WITHOUT_TYPE, path, f"`{path[0]}` is set but parallelType is not, so TorchServe ignores it",
-                        "add `parallelType: pp|tp|pptp|custom`, or remove it")
+                        f"add `parallelType: {'|'.join(PARALLEL_TYPES)}`, or remove it")
         return
     if torchrun is not None and torchrun.nnodes > 1:
         out.add(MULTI_NODE, ("torchrun", "nnodes"), f"torchrun.nnodes is {torchrun.nnodes}; TorchServe 0.12 serves on one node",
                 "set `nnodes: 1` (or remove it) and run one TorchServe per node")
-    if ptype == "custom":
+    if not parallel_type(ptype).torchrun:
         if torchrun is not None:
-            out.add(CUSTOM_WITH_TORCHRUN, ("torchrun",), "parallelType custom runs one process, but a torchrun section is set",
+            out.add(CUSTOM_WITH_TORCHRUN, ("torchrun",), f"parallelType {ptype} runs one process, but a torchrun section is set",
                     "remove the torchrun section; give the process GPUs with `parallelLevel: N` + `asyncCommunication: true`")
-        if level is not None and level > 1 and not config.async_communication:
+        if ptype == "custom" and level is not None and level > 1 and not config.async_communication:
             out.add(CUSTOM_MULTI_GPU_SYNC, ("parallelLevel",),
                     f"parallelType custom with parallelLevel {level} never reaches READY without asyncCommunication",
                     "add `asyncCommunication: true` (the ts_plugin accelerate handler supports it), or remove parallelLevel")
@@ -394,7 +395,7 @@ def _check_parallel(config: ModelConfig, layout: ParallelLayout, out: _Collector
             out.add(PPTP_PP_SIZE_DIVIDES, ("pippy", "pp_size"),
                     f"pippy.pp_size {pp_size} does not divide the world size {layout.world_size}",
                     f"use a divisor of {layout.world_size} for pp_size, or change nproc-per-node")
-    if torchrun is not None and ptype in TORCHRUN_PARALLEL_TYPES and _default_rendezvous(torchrun):
+    if torchrun is not None and _default_rendezvous(torchrun):
         # Seen with TorchServe 0.12: the first torchrun on the host hosts the c10d store on 29400 and every later
         # one connects to it. When a rank of the hosting model dies, the frontend kills that torchrun and with it
         # the store; the agents of every other torchrun model lose it and tear their ranks down too.
@@ -528,17 +529,13 @@ def _check_devices(config: ModelConfig, layout: ParallelLayout, out: _Collector,
 
 
 def _check_sections(config: ModelConfig, layout: ParallelLayout, out: _Collector) -> None:
-    ptype = config.parallel_type
-    if ptype == "pp" and config.deepspeed is not None:
-        out.add(SECTION_CONFLICT, ("deepspeed",), "a deepspeed section under parallelType pp is never used",
-                "remove it, or use parallelType tp (DeepSpeed) or pptp")
-    if ptype in ("tp", "custom") and config.pippy is not None:
-        out.add(SECTION_CONFLICT, ("pippy",), f"a pippy section under parallelType {ptype} is never used",
-                "remove it, or use parallelType pp or pptp")
-    if ptype in TORCHRUN_PARALLEL_TYPES and config.handler.device_map is not None:
-        out.add(SECTION_CONFLICT, ("handler", "device_map"),
-                f"handler.device_map is for parallelType custom (Accelerate), not {ptype}",
-                "remove handler.device_map, or use parallelType custom")
+    ptype, record = config.parallel_type, parallel_type(config.parallel_type)
+    for path, used_by in ((("deepspeed",), "tensor_parallel"), (("pippy",), "pipeline"),
+                          (("handler", "device_map"), "device_map")):
+        if record is not None and not getattr(record, used_by) and _value_at(config, path) is not None:
+            key = ".".join(path)
+            out.add(SECTION_CONFLICT, path, f"{key} is never used under parallelType {ptype}",
+                    f"remove it, or use parallelType {names(**{used_by: True})}")
     if config.pippy is not None and ptype == "pp" and config.pippy.chunks > config.batch_size:
         out.add(CHUNKS_OVER_BATCH, ("pippy", "chunks"),
                 f"pippy.chunks {config.pippy.chunks} > batchSize {config.batch_size}: a batch never fills all micro-batches",
@@ -572,12 +569,20 @@ def _check_sections(config: ModelConfig, layout: ParallelLayout, out: _Collector
     _check_tp_sizes(tp_sizes, layout, out)
 
 
+def _value_at(config: ModelConfig, path: Tuple[str, ...]) -> Any:
+    value: Any = config
+    for part in path:
+        value = getattr(value, part)
+    return value
+
+
 def _check_tp_sizes(sizes: List[Tuple[Tuple[Any, ...], int, str]], layout: ParallelLayout, out: _Collector) -> None:
-    if layout.parallel_type not in ("tp", "pptp"):
+    record = parallel_type(layout.parallel_type)
+    if record is None or not record.tensor_parallel:
         return
     for path, size, name in sizes:
         if size != layout.tp_size:
-            what = "the world size" if layout.parallel_type == "tp" else "world size / pp_size"
+            what = "world size / pp_size" if record.pipeline else "the world size"
             out.add(TP_SIZE_MISMATCH, path, f"{name} is {size} but {what} is {layout.tp_size}",
                     f"set it to {layout.tp_size} or leave it out (ts_plugin derives it)")
 

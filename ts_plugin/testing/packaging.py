@@ -30,14 +30,15 @@ def write_config(path: Union[str, Path], base: Union[str, Path], **overrides) ->
     return Path(path)
 
 
-def archive_model(store: Union[str, Path], name: str, handler: str, config: Union[str, Path],
-                  model_dir: Optional[Union[str, Path]] = None, archive_format: str = "no-archive") -> None:
-    """`ts-plugin archive` of `handler` (a file, or a parallelType or file name of one of ts_plugin's shipped
-    handlers) with `config` into `store`, with `model_dir` as the extra files (else the config's
-    handler.model_path names the folder); raise with its output on failure."""
+def archive_model(store: Union[str, Path], name: str, config: Union[str, Path],
+                  model_dir: Optional[Union[str, Path]] = None, handler: Optional[Union[str, Path]] = None,
+                  archive_format: str = "no-archive") -> None:
+    """`ts-plugin archive` of `config` into `store` with ts_plugin's base handler (or the `handler` file of your
+    own), with `model_dir` as the extra files (else the config's handler.model_path names the folder); raise
+    with its output on failure."""
     from ..archive import archive
 
-    handler = Path(handler) if Path(handler).is_file() else handler_file(handler)
+    handler = Path(handler) if handler is not None else handler_file()
     extra = ["--extra-files", str(Path(model_dir).resolve())] if model_dir is not None else []
     Path(store).mkdir(parents=True, exist_ok=True)
     output = io.StringIO()

@@ -229,7 +229,7 @@ def test_a_rank_that_cannot_load_its_stage_fails_the_load_on_every_rank(tmp_path
     (model_dir / "pp-chunks1.yaml").write_text(yaml.safe_dump(CONFIG, sort_keys=False))
     first, last = load_on_two_ranks(model_dir, "pp-chunks1.yaml", tmp_path)
     assert first == "EngineError: another rank failed to load its pipeline stage; its model log says why"
-    assert last.startswith("PipelineError: 1 tensor(s) of stage 1 are not in the checkpoint")
+    assert last.startswith("CheckpointError: 1 tensor(s) of stage 1 are not in the checkpoint")
     assert "lm_head.weight" in last
 
 
@@ -306,7 +306,8 @@ def test_other_families_split_in_process(tmp_path, family, stages):
     from ts_plugin.continuous import generate
     from ts_plugin.engines._checkpoint import build_meta_model
     from ts_plugin.engines.base import StepModel, merge_caches, select_cache_rows
-    from ts_plugin.engines.pipeline import PipelineStage, find_layer_list, materialize_stage, stage_bounds
+    from ts_plugin.engines._checkpoint import materialize_stage
+    from ts_plugin.engines.pipeline import PipelineStage, find_layer_list, stage_bounds
     from ts_plugin.requests import SamplingParams
     from ts_plugin.testing import make_tiny_model
 

@@ -3,13 +3,16 @@ files and index, the model's key mapping, tied weights, and reading a tensor or 
 
 The engines that load by parts (pp stages, tp slices, pptp stage slices) build the model here with
 parameters on the meta device, map each model tensor to its checkpoint tensor the way `from_pretrained`
-renames them, and read only what the rank keeps (`read_tensors` with `blocks`).
+renames them, and read only what the rank keeps (`read_tensors` with `blocks`). A pipeline stage (pp, pptp)
+keeps its own layers and the modules around them (`materialize_stage`).
 """
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -18,6 +21,10 @@ import torch
 from .base import EngineError
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointError(EngineError):
+    """The checkpoint lacks tensors the model needs, or holds them in a layout this loader does not convert."""
 
 #: (model tensor name, full shape) -> the block of it this rank reads (None: the whole tensor)
 Blocks = Callable[[str, Tuple[int, ...]], Optional[Tuple[slice, ...]]]
@@ -198,3 +205,138 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+
+
+# --- loading only a pipeline stage's tensors (pp, pptp) ---------------------------------------------------
+
+class _Skipped(torch.nn.Module):
+    """Stands in for a decoder layer of another stage: returns its input (which the next hook replaces)."""
+
+    def forward(self, *args, **kwargs):
+        return args[0] if args else kwargs.get("hidden_states")
+
+
+@dataclass
+class StageInfo:
+    index: int
+    count: int
+    layers_path: str
+    start: int
+    end: int
+    num_layers: int
+    stage_bytes: int
+    model_bytes: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.count - 1
+
+
+class Slicer:
+    """What a rank keeps of each tensor of its stage (pptp: its tensor-parallel chunk)."""
+
+    def block(self, name: str, shape: Tuple[int, ...]) -> Optional[Tuple[slice, ...]]:
+        """The block of the full `shape`-d tensor `name` to read (None: all of it)."""
+        return None
+
+    def wrap(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor the model holds for what was read."""
+        return tensor
+
+
+def _module_of(model: torch.nn.Module, module: Optional[torch.nn.Module]) -> Optional[str]:
+    if module is None:
+        return None
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    return None
+
+
+def materialize_stage(model: torch.nn.Module, stage: int, bounds: List[Tuple[int, int]], layers_path: str,
+                      model_path: Path, device: torch.device, dtype: torch.dtype,
+                      slicer: Optional[Slicer] = None) -> StageInfo:
+    """Keep this stage's layers (other layers become pass-throughs), the input embedding on the first stage,
+    the output embedding on the last, and the small modules around the layers (final norm, learned position
+    table) everywhere; read only those tensors from the checkpoint, onto `device`. A `slicer`, when given, says
+    which block of each tensor this rank reads and wraps what was read (pptp: a DTensor shard)."""
+    layers = model.get_submodule(layers_path)
+    start, end = bounds[stage]
+    last = stage == len(bounds) - 1
+    index = checkpoint_index(model_path)
+    names, converted = checkpoint_names(model, index)  # before other stages' layers leave the model
+    tied = tied_names(model)
+    # the whole model's size as from_pretrained holds it (tied parameters once)
+    model_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                      if not (name not in names and any(partner in names for partner in tied.get(name, []))))
+    for i in range(len(layers)):
+        if not start <= i < end:
+            layers[i] = _Skipped()  # the meta parameters of other stages' layers are dropped here
+    skip = []  # module prefixes whose tensors this stage leaves on meta
+    input_name = _module_of(model, model.get_input_embeddings())
+    output_name = _module_of(model, model.get_output_embeddings())
+    if stage != 0 and input_name:
+        skip.append(input_name + ".")
+    if not last and output_name:
+        skip.append(output_name + ".")
+
+    # every parameter and persistent buffer, with all the names it has (tied parameters have several)
+    slots: Dict[str, Tuple[torch.nn.Module, str, bool]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, tensor in itertools.chain(((a, t) for a, t in module._parameters.items()),
+                                            ((a, t) for a, t in module._buffers.items()
+                                             if a not in module._non_persistent_buffers_set)):
+            if tensor is None:
+                continue
+            name = f"{module_name}.{attr}" if module_name else attr
+            if any(name.startswith(prefix) for prefix in skip):
+                continue
+            slots[name] = (module, attr, attr in module._parameters)
+    wanted: Dict[str, str] = {}
+    missing = []
+    for name, (module, attr, is_param) in slots.items():
+        key = checkpoint_key(name, names, tied)
+        if key is not None:
+            wanted[name] = key
+        elif is_param or getattr(module, attr).device.type == "meta":
+            missing.append(name)
+    if missing:
+        hint = ""
+        if any(name in converted for name in missing):
+            hint = (f" {type(model).__name__}'s checkpoint stores them in another layout (transformers converts it "
+                    "when loading the whole model); parallelType pp loads tensors one to one. Save the model with "
+                    "transformers 5 (save_pretrained) first, or serve it with parallelType tp or custom.")
+        raise CheckpointError(f"{len(missing)} tensor(s) of stage {stage} are not in the checkpoint {model_path}: "
+                            f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}.{hint}")
+    stage_bytes = 0
+    # checkpoint name -> the materialized tensor / Parameter: names tied to one checkpoint tensor share one
+    # Parameter object, as in the single-process model
+    shared: Dict[str, torch.Tensor] = {}
+    parameters: Dict[str, torch.nn.Parameter] = {}
+    for name, tensor in read_tensors(wanted, index, slicer.block if slicer else None):
+        module, attr, is_param = slots[name]
+        key = wanted[name]
+        if key not in shared:
+            current = getattr(module, attr)  # the skeleton's dtype: `dtype`, or what the model keeps in fp32
+            target_dtype = current.dtype if tensor.is_floating_point() and current.is_floating_point() else tensor.dtype
+            local = tensor.to(device=device, dtype=target_dtype)
+            stage_bytes += local.numel() * local.element_size()  # what this rank holds, not a DTensor's global size
+            shared[key] = slicer.wrap(name, local) if slicer is not None else local
+        del tensor
+        if is_param:
+            if key not in parameters:
+                parameters[key] = torch.nn.Parameter(shared[key], requires_grad=False)
+            module._parameters[attr] = parameters[key]
+        else:
+            module._buffers[attr] = shared[key]
+    del shared, parameters
+    for module in model.modules():  # non-persistent buffers (rotary inv_freq, ...) were built on CPU
+        for attr, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type != "meta" and buffer.device != device:
+                module._buffers[attr] = buffer.to(device)
+    release_memory()
+    return StageInfo(stage, len(bounds), layers_path, start, end, len(layers), stage_bytes, model_bytes)

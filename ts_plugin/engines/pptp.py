@@ -20,10 +20,10 @@ import torch.distributed as dist
 
 from ..config.rules import PPTP_HEADS_HINT, attention_split_problem
 from ..distributed import Ranks, broadcast_tokens, collective_device
-from ._checkpoint import build_meta_model, peak_rss_mb, release_memory
 from ..prefix_cache import PrefixStore
+from ._checkpoint import Slicer, build_meta_model, materialize_stage, peak_rss_mb, release_memory
 from .base import EngineError, LoadContext, StepModel, raise_if_any_rank_failed
-from .pipeline import PipelineStage, Slicer, find_layer_list, materialize_stage, stage_bounds
+from .pipeline import PipelineStage, find_layer_list, stage_bounds
 
 
 def tensor_parallel_plan(model: torch.nn.Module, layers_path: str, start: int, end: int) -> Dict[str, object]:

@@ -115,14 +115,15 @@ def test_handler_by_name_or_archiver_name(work):
             "--archive-format", "no-archive", "--force"]
     (work / "out").mkdir()
     manifest = work / "out/m/MAR-INF/MANIFEST.json"
-    assert ts_archive(*args, "--handler", "ts_plugin", cwd=work).returncode == 0
-    assert json.loads(manifest.read_text())["model"]["handler"] == "llm_handler.py"
-    assert (work / "out/m/llm_handler.py").is_file()
+    for name in ("ts_plugin", "pp"):  # a parallelType names the same base handler
+        assert ts_archive(*args, "--handler", name, cwd=work).returncode == 0
+        assert json.loads(manifest.read_text())["model"]["handler"] == "llm_handler.py"
+        assert (work / "out/m/llm_handler.py").is_file()
     assert ts_archive(*args, "--handler", "base_handler", cwd=work).returncode == 0  # TorchServe's own, as before
     assert json.loads(manifest.read_text())["model"]["handler"] == "base_handler"
     refused = ts_archive(*args, "--handler", "nope", cwd=work, tmpdir=work / "staging")
     assert refused.returncode == 2
-    assert "'nope' is not a file" in refused.stderr and "ts_plugin (ts_plugin's base handler" in refused.stderr
+    assert "'nope' is not a file" in refused.stderr and "ts_plugin or a parallelType (pp, tp, pptp, custom" in refused.stderr
     assert "base_handler" in refused.stderr
     assert os.listdir(work / "staging") == []
 

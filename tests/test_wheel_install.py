@@ -1,6 +1,6 @@
 """ts_plugin installed from its wheel (not editable) into a fresh virtualenv and used from a folder outside the
-repository: the handlers and examples ship inside the package, `ts-plugin archive --handler ts_plugin` packs the
-shipped handler, and the demo serves from the installed package on the real TorchServe."""
+repository: the handlers and examples ship inside the package, `ts-plugin archive --handler custom` packs the shipped
+handler, and the demo serves from the installed package on the real TorchServe."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -73,7 +73,7 @@ def test_validate_and_archive_the_shipped_files(installed, tmp_path):
     from ts_plugin.testing import make_tiny_model
 
     model = make_tiny_model(tmp_path / "model", arch="llama", layers=2, hidden=32)
-    run([installed.bin / "ts-plugin", "archive", "--model-name", "tiny", "--version", "1.0", "--handler", "ts_plugin",
+    run([installed.bin / "ts-plugin", "archive", "--model-name", "tiny", "--version", "1.0", "--handler", "custom",
          "--extra-files", model, "--config-file", example, "--export-path", installed.user,
          "--archive-format", "no-archive", "--force"], installed.user)
     packed = installed.user / "tiny"

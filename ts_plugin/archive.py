@@ -12,6 +12,7 @@ from typing import Dict, Iterator, List, Optional
 
 from .bundled import HANDLER_NAME, handler_file
 from .config import Report, ValidationContext, validate_file
+from .config.parallel_types import PARALLEL_TYPES
 
 
 def archive_contents(extra_files: Optional[str], *named: Optional[str]) -> Dict[str, Path]:
@@ -60,16 +61,17 @@ def _private_tempdir() -> Iterator[str]:
 
 def _resolve_handler(handler: str) -> str:
     """--handler as torch-model-archiver takes it (a file, `file:function`, one of its built-in handler names), or
-    `ts_plugin`, which stands for ts_plugin's base handler file (it serves every parallelType)."""
+    `ts_plugin` or a parallelType, which stand for ts_plugin's base handler file (it serves every parallelType)."""
     from model_archiver.model_packaging_utils import model_handlers
 
     file = handler if ".py" in handler else handler.split(":")[0] + ".py"  # the archiver's reading of the name
     if os.path.isfile(handler) or os.path.isfile(file) or handler in model_handlers:
         return handler
-    if handler == HANDLER_NAME:
+    if handler == HANDLER_NAME or handler in PARALLEL_TYPES:
         return str(handler_file())
-    raise ValueError(f"--handler {handler!r} is not a file; give a handler file, {HANDLER_NAME} (ts_plugin's base "
-                     f"handler, for every parallelType) or one of torch-model-archiver's built-in handlers "
+    raise ValueError(f"--handler {handler!r} is not a file; give a handler file, {HANDLER_NAME} or a parallelType "
+                     f"({', '.join(PARALLEL_TYPES)}: ts_plugin's base handler, which serves every parallelType) or "
+                     f"one of torch-model-archiver's built-in handlers "
                      f"({', '.join(model_handlers)})")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-#: the base handler file, for every parallelType (`ts-plugin archive --handler ts_plugin` packs it)
+#: the base handler file, for every parallelType (`ts-plugin archive --handler ts_plugin|<parallelType>` packs it)
 HANDLER = "llm_handler.py"
 #: the name that stands for it where a handler is named
 HANDLER_NAME = "ts_plugin"

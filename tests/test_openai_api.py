@@ -121,7 +121,7 @@ def test_tokenize_and_detokenize_as_vllm_answers_them(tokenizer):
     (COMPLETIONS, {"prompt": "hi", "temperature": 3}, 400, "temperature"),
     (COMPLETIONS, {"prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     (COMPLETIONS, {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias key 'x'"),
-    (COMPLETIONS, {"prompt": "hi", "logit_bias": {"1": 101}}, 400, "-100 to 100"),
+    (COMPLETIONS, {"prompt": "hi", "logit_bias": {"1": 101}}, 400, "logit_bias.1 is 101; it must be less than or equal to 100"),
     (COMPLETIONS, {"prompt": "hi", "stop": ["a"] * 5}, 400, "at most 4"),
     (COMPLETIONS, {"prompt": 5}, 400, "prompt"),
     (COMPLETIONS, {"prompt": "hi", "bogus": 1}, 400, "bogus"),

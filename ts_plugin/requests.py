@@ -85,23 +85,6 @@ def check_lengths(prompt_tokens: int, params: SamplingParams, max_length: Option
                 f"ask for at most {bound - prompt_tokens} new tokens", 422)
 
 
-MAX_STOP_SEQUENCES = 4
-
-
-def check_seed(seed: Any, name: str) -> Optional[int]:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise RequestError(f"{name} must be a non-negative integer, not {seed!r}")
-    return seed
-
-
-def check_stops(stop: Any, name: str) -> List[str]:
-    """A stop string or a list of them -> the list."""
-    stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_SEQUENCES:
-        raise RequestError(f"{name} must be a string or a list of at most {MAX_STOP_SEQUENCES} non-empty strings")
-    return stop
-
-
 def stop_span(text: str, stops: Sequence[str]) -> Optional[Tuple[int, int]]:
     """(start, end) of the stop sequence that ends first in `text`, or None."""
     spans = [(text.find(s), text.find(s) + len(s)) for s in stops if s in text]

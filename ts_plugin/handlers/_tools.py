@@ -33,11 +33,12 @@ class ToolChoice:
     parser: Optional[str] = None  # mode "auto": handler.tool_call_parser
 
 
-def parse_tools(body: Dict[str, Any], tool_call_parser: Optional[str]
+def parse_tools(tools: Optional[List[Any]], choice: Any, parallel_tool_calls: Optional[bool],
+                tool_call_parser: Optional[str]
                 ) -> Tuple[Optional[List[Dict[str, Any]]], Optional[ToolChoice], Optional[Grammar]]:
-    """(the tools for the chat template, how to read the answer, the grammar that forces a call) of a chat body;
-    (None, None, None) for a request without tools or with tool_choice "none"."""
-    tools, choice = body.get("tools"), body.get("tool_choice")
+    """(the tools for the chat template, how to read the answer, the grammar that forces a call) of a chat body's
+    tools, tool_choice and parallel_tool_calls; (None, None, None) for a request without tools or with
+    tool_choice "none"."""
     if tools is None:
         if choice not in (None, "none"):
             raise RequestError('"tool_choice" needs "tools"')
@@ -66,7 +67,7 @@ def parse_tools(body: Dict[str, Any], tool_call_parser: Optional[str]
                      "required": ["name", "parameters"], "additionalProperties": False}
                     for name, (parameters, _) in functions.items()]
         calls = {"type": "array", "minItems": 1, "items": {"anyOf": one_call}}
-        if body.get("parallel_tool_calls") is False:
+        if parallel_tool_calls is False:
             calls["maxItems"] = 1
         return tools, ToolChoice("required"), Grammar.json_schema(calls, "tools")
     if choice == "auto":

@@ -177,3 +177,44 @@ def test_an_unexpected_error_while_reading_a_row_stays_that_rows_400(parsing_han
     parsed = parsing_handler.preprocess([{"body": b"boom"}, {"body": b"fine"}])
     assert isinstance(parsed[0], RequestError) and parsed[0].status == 400 and "KeyError" in str(parsed[0])
     assert isinstance(parsed[1], TextRequest)
+
+
+WATCH_SCRIPT = r"""
+import os, sys, time
+import torch.distributed as dist
+from ts_plugin.distributed import Ranks, watch_peers
+ranks = Ranks.from_env()
+dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size)
+watch_peers(ranks, timeout_s=3, interval_s=0.5)
+print("watching", flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_ranks_watch_leaves_the_worker_when_a_peer_stops_answering(tmp_path):
+    """distributed.watch_peers on two gloo ranks: quiet while both answer (several rounds), and the live rank
+    leaves (exit 70) within an interval and the timeout once its peer is SIGSTOPped."""
+    import time
+
+    from ts_plugin.testing import free_ports
+
+    script = tmp_path / "watch.py"
+    script.write_text(WATCH_SCRIPT)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0]), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PATH": ""}
+    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "watching", proc.stderr.read()
+        time.sleep(3)  # six rounds of the watch
+        assert [proc.poll() for proc in procs] == [None, None]
+        procs[1].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        assert procs[0].wait(timeout=30) == 70, procs[0].stderr.read()
+        assert time.monotonic() - stopped < 3 + 0.5 + 5
+        assert "did not answer within 3 s" in procs[0].stderr.read()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

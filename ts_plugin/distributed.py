@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -134,7 +136,33 @@ def peer_lost(error: BaseException) -> bool:
     return False
 
 
-def leave_worker(ranks: Ranks, error: BaseException) -> None:
+#: how often the ranks of a worker check that all of them still answer (watch_peers)
+WATCH_INTERVAL_S = 5.0
+
+
+def watch_peers(ranks: Ranks, timeout_s: float, interval_s: float = WATCH_INTERVAL_S) -> None:
+    """Every `interval_s`, the ranks meet in a barrier of their own (a gloo group beside the worker's); a rank that
+    does not arrive within `timeout_s` (stopped, or stuck outside a collective) makes the others leave the worker,
+    so TorchServe restarts it. Without this a hung rank shows only when the next request times out, and an idle
+    worker keeps a dead rank indefinitely. Every rank calls it once, after loading (creating the group is a
+    collective); the barrier runs in a thread of its own, so a long step does not delay it."""
+    if ranks.world_size == 1 or not dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    group = dist.new_group(backend="gloo", timeout=timeout)
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                dist.monitored_barrier(group, timeout=timeout, wait_all_ranks=True)
+            except Exception as error:  # noqa: BLE001 - whatever the barrier says, a peer did not answer in time
+                leave_worker(ranks, error, f"a rank of this worker did not answer within {timeout_s:.0f} s")
+
+    threading.Thread(target=watch, name="ts_plugin-watch-peers", daemon=True).start()
+
+
+def leave_worker(ranks: Ranks, error: BaseException, why: Optional[str] = None) -> None:
     """End this rank at once, without answering, after a failure that left the ranks out of step: another rank is
     gone, or this one failed alone while its peers wait in a collective it will never join (pairing the next
     collectives with those would hang or give wrong sums). torchrun then ends the other ranks, and TorchServe
@@ -144,7 +172,8 @@ def leave_worker(ranks: Ranks, error: BaseException) -> None:
     then files that answer as one of the new generation's LOAD replies, reports READY before every new rank has
     loaded, and from there pairs every request with the reply to the previous one (seen in CI: the first request
     after the restart got `Backend response time: 0` and no answer)."""
-    why = "another rank of this worker is gone" if peer_lost(error) else "this rank failed alone, out of step"
+    if why is None:
+        why = "another rank of this worker is gone" if peer_lost(error) else "this rank failed alone, out of step"
     logger.error("rank %d/%d: %s (%s: %s); exiting without an answer so that TorchServe restarts the worker "
                  "cleanly", ranks.rank, ranks.world_size, why, type(error).__name__, error, exc_info=error)
     for handler in logging.getLogger().handlers:

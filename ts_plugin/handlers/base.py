@@ -113,7 +113,7 @@ class LLMHandler:
     def initialize(self, context: Any) -> None:
         import torch
 
-        from ..distributed import Ranks, bind_to_launcher, init_process_group, pick_device
+        from ..distributed import Ranks, bind_to_launcher, init_process_group, pick_device, watch_peers
 
         self.context = context
         loading_since = time.monotonic()
@@ -147,6 +147,8 @@ class LLMHandler:
             logger.error("[rank %d] loading took %.0f s, longer than startupTimeout (%d s): TorchServe 0.12 may "
                          "now pair this worker's replies with the wrong requests. Raise startupTimeout.",
                          self.ranks.rank, time.monotonic() - loading_since, self.config.startup_timeout)
+        # a rank silent for longer than the frontend waits for a reply restarts the worker, idle or not
+        watch_peers(self.ranks, self.config.response_timeout)
         if isinstance(loaded, Follower):
             self.follower = loaded
             self.follower.start()

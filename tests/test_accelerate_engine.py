@@ -238,6 +238,7 @@ def test_handler_greedy_output_equals_generate_and_bad_rows_get_4xx(llama, model
                                            "offload_folder": "offload"})
     try:
         assert "disk" in handler.model.device_map.values()
+        assert "_ll_tokenizer" in vars(handler.grammars)  # the grammar's token table was built at load
         bodies = [{"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 20}}, b"{not json",
                   {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 9}}]
         answers, statuses = ask(handler, bodies)

@@ -71,8 +71,8 @@ _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 
 class Grammars:
-    """One model's grammar side: its token table for llguidance (built at the first structured request: under a
-    second for a 49k vocabulary), request checks and one matcher per row. `compact_json`
+    """One model's grammar side: its token table for llguidance (`build_token_table`, at load, or else at the first
+    structured request), request checks and one matcher per row. `compact_json`
     (handler.disable_any_whitespace) leaves JSON no free whitespace; by default it has JSON's own, as in vLLM.
 
     Example:
@@ -96,6 +96,11 @@ class Grammars:
         # llguidance ends a grammar with the model's end of sequence, which ends the row here too
         return llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
                                             eos_token=self.eos_ids or None)
+
+    def build_token_table(self) -> None:
+        """Build llguidance's table of the tokenizer's tokens now, so that the first structured request does not
+        wait for it."""
+        self._ll_tokenizer  # noqa: B018 - a cached property: computing it is the point
 
     def _compile(self, grammar: Grammar) -> str:
         import llguidance

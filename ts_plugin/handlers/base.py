@@ -166,6 +166,11 @@ class LLMHandler:
                                                      len(self.tokenizer)), self.eos_token_ids,
                                  compact_json=self.config.handler.disable_any_whitespace)
         if self.model is not None:
+            try:  # every rank that parses requests checks grammars against it
+                self.grammars.build_token_table()
+            except Exception as error:  # noqa: BLE001 - only structured requests need it: they get the error
+                logger.warning("structured output will fail: llguidance cannot read this tokenizer (%s: %s)",
+                               type(error).__name__, error)
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.hf_config())

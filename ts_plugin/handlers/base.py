@@ -35,7 +35,7 @@ from ..config import ModelConfig, ParallelLayout, Report, ValidationContext, val
 from ..config._loader import YamlSyntaxError, load_yaml
 from ..config.parallel_types import PARALLEL_TYPES
 from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_lengths
-from ..continuous import ContinuousBatch, ContinuousGroups, continuous_batch
+from ..continuous import ContinuousBatch, ContinuousGroups, StepOutput, continuous_batch
 from ..engines import Follower, Loaded, LoadContext
 from ..engines.base import check_row_editable, kv_bytes_per_token, uneditable_layers
 from ..prefix_cache import PrefixIndex
@@ -390,21 +390,8 @@ class LLMHandler:
             if done[index]:
                 continue
             live = self._live[request_id]
-            events = []
-            for choice, (row_id, _, _) in enumerate(live.rows):
-                output = outputs.get(row_id)
-                if output is None:  # this choice finished in an earlier call
-                    continue
-                if output.result is not None:
-                    live.results[choice] = output.result
-                    results.append(output.result)
-                if live.request.stream:
-                    events.append(live.answer.event(output.text, output.result, output.logprobs, choice))
-            done[index] = len(live.results) == live.request.n
-            if live.request.stream:
-                responses[index] = "".join(events)
-            elif done[index]:
-                responses[index] = live.answer.whole([live.results[choice] for choice in range(live.request.n)])
+            responses[index] = live.respond(outputs, results)
+            done[index] = live.done
             if done[index]:
                 del self._live[request_id]
             set_content_type(context, index, live.request)
@@ -492,29 +479,25 @@ class LLMHandler:
         if not requests:
             return responses
         good = sorted(requests)
-        formats = {index: self.response_format(requests[index], context.request_ids.get(index, str(index)))
-                   for index in good}
+        lives = {}
         for index in good:
+            request_id = context.request_ids.get(index, str(index))
+            lives[index] = _Live(requests[index], self.response_format(requests[index], request_id), request_id)
             set_content_type(context, index, requests[index])
-        # one row per choice: (index in the batch, choice, the request with that choice's parameters)
-        rows = [(index, choice, dataclasses.replace(requests[index], params=params))
-                for index in good for choice, params in enumerate(choice_params(requests[index]))]
+        # one row per choice: (index in the batch, choice, its request)
+        rows = [(index, choice, lives[index]) for index in good for choice in range(requests[index].n)]
         streamer = None
         if any(requests[i].stream for i in good) and self.ranks.local_rank == 0:
-            streamer = _Streamer(context, rows, formats)
+            streamer = _Streamer(context, rows)
         self._keepalive = _KeepAlive(context, good, self.config.response_timeout / 4, self.ranks.local_rank == 0)
         with self._keepalive:
-            results = self.inference([request for _, _, request in rows], streamer)
-        events: Dict[int, List[str]] = {index: [] for index in good}
-        choices: Dict[int, List[Any]] = {index: [] for index in good}
-        for row, ((index, choice, request), result) in enumerate(zip(rows, results)):
-            choices[index].append(result)
-            if request.stream:
-                last = streamer.last.get(row) if streamer else None
-                events[index].append(formats[index].event(last.text if last else "", result,
-                                                          last.logprobs if last else [], choice))
+            results = self.inference([dataclasses.replace(live.request, params=live.rows[choice][2])
+                                      for _, choice, live in rows], streamer)
+        # a streamed row's last output (its last text and logprobs) goes out with the answer
+        outputs = {live.rows[choice][0]: (streamer.last.get(row) if streamer else None) or StepOutput("", result)
+                   for row, ((_, choice, live), result) in enumerate(zip(rows, results))}
         for index in good:
-            responses[index] = "".join(events[index]) if requests[index].stream else formats[index].whole(choices[index])
+            responses[index] = lives[index].respond(outputs, [])
         self._record_metrics(context, results, running=0)
         return responses
 
@@ -581,13 +564,36 @@ def choice_params(request: TextRequest) -> List[SamplingParams]:
 
 
 class _Live:
-    """A request in the continuous batch: its answer's format, its rows (one per choice), their results so far."""
+    """A request being generated: its answer's format, its rows (row id, prompt ids, parameters: one per choice) and
+    their results so far. A static batch and each call of a continuous one answer it through `respond`."""
 
     def __init__(self, request: TextRequest, answer: Any, request_id: str):
         self.request, self.answer = request, answer
         self.rows = [(request_id if request.n == 1 else f"{request_id}#{choice}", request.input_ids, params)
                      for choice, params in enumerate(choice_params(request))]
         self.results: Dict[int, Any] = {}
+
+    @property
+    def done(self) -> bool:
+        return len(self.results) == self.request.n
+
+    def respond(self, outputs: Dict[str, StepOutput], finished: List[Any]) -> Any:
+        """This call's response from its rows' `outputs` (by row id; a row without one finished earlier): the
+        stream's events, or the whole answer once every choice finished ("" before). Appends the results that
+        came now to `finished`."""
+        events = []
+        for choice, (row_id, _, _) in enumerate(self.rows):
+            output = outputs.get(row_id)
+            if output is None:
+                continue
+            if output.result is not None:
+                self.results[choice] = output.result
+                finished.append(output.result)
+            if self.request.stream:
+                events.append(self.answer.event(output.text, output.result, output.logprobs, choice))
+        if self.request.stream:
+            return "".join(events)
+        return self.answer.whole([self.results[choice] for choice in range(self.request.n)]) if self.done else ""
 
 
 #: one message at a time on the worker's socket: a static batch's streamer and its keep-alive write from two threads
@@ -641,15 +647,14 @@ class _KeepAlive:
 class _Streamer:
     """Sends each streaming request's new text as a TorchServe intermediate response (rank 0 only)."""
 
-    def __init__(self, context: Any, rows: List[Tuple[int, int, TextRequest]], formats: Dict[int, Any]):
+    def __init__(self, context: Any, rows: List[Tuple[int, int, _Live]]):
         self.context = context
-        self.rows = rows  # (index in the batch, choice, request)
-        self.formats = formats
+        self.rows = rows  # (index in the batch, choice, its request)
         self.last: Dict[int, Any] = {}  # row -> its last StepOutput, which goes out with handle's return value
 
     def __call__(self, row: int, output: Any) -> None:
-        index, choice, request = self.rows[row]
-        if not request.stream:
+        index, choice, live = self.rows[row]
+        if not live.request.stream:
             return
         if output.result is not None:
             self.last[row] = output
@@ -657,7 +662,7 @@ class _Streamer:
         from ts.handler_utils.utils import send_intermediate_predict_response
 
         chunks: List[Any] = [None] * (max(self.context.request_ids) + 1)
-        chunks[index] = self.formats[index].event(output.text, None, output.logprobs, choice)
+        chunks[index] = live.answer.event(output.text, None, output.logprobs, choice)
         with _SENDING:
             send_intermediate_predict_response(chunks, {index: self.context.request_ids[index]},
                                                "Intermediate Prediction success", 200, self.context)

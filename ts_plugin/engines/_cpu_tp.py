@@ -31,7 +31,7 @@ BUILD_LOCK_WAIT_S = 60.0
 
 
 def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress, lock_wait_s: float = BUILD_LOCK_WAIT_S) -> bool:
-    """Start DeepSpeed's communication with its shared-memory all-reduce: load it (or build it, ~30 s the first
+    """Start DeepSpeed's communication with its shared-memory all-reduce: load it (or compile it, the first
     time on a machine) and let it find the other ranks; returns whether every rank uses it. Where a rank cannot
     (ranks on other hosts, no compiler, an op that does not build, another process's build lock held for more
     than `lock_wait_s`), every rank turns it off and DeepSpeed all-reduces with the process group (gloo). Call it
@@ -100,7 +100,7 @@ def _shared_memory_problem(ranks: Ranks) -> Optional[str]:
 
 
 def load_shared_memory_op(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> None:
-    """Load DeepSpeed's `deepspeed_shm_comm` op, building it first where torch's extension cache lacks it (~30 s);
+    """Load DeepSpeed's `deepspeed_shm_comm` op, compiling it first where torch's extension cache lacks it;
     raise where it cannot be built here, or another process's build lock stays past `lock_wait_s`. `make venv`
     calls it once, so a first tp worker need not build."""
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
@@ -116,7 +116,7 @@ def load_shared_memory_op(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> None:
 def _wait_for_build_lock(name: str, wait_s: float) -> None:
     """Raise where the op's build lock stays past `wait_s`: torch takes it for every load, built or not, and
     waits for it without a bound, so a lock left by a process killed while building would hang every worker. A
-    real build (~30 s) usually releases it within the wait; where not, this worker uses gloo."""
+    real build usually releases it within the wait; where not, this worker uses gloo."""
     from torch.utils.cpp_extension import _get_build_directory
 
     lock = Path(_get_build_directory(name, verbose=False), "lock")
@@ -133,7 +133,7 @@ def _interpreter_tools_first() -> Iterator[None]:
     """Put the interpreter's own bin folder first on PATH while the op loads, so that every process finds the same
     `ninja` (a venv's, from DeepSpeed's requirements, before a system one). Two ninja versions read each other's
     build log as stale, so a TorchServe worker (whose PATH has the venv) and a script run without it rebuilt the
-    op (~30 s) in turn."""
+    op in turn."""
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
     try:

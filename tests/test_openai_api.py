@@ -121,7 +121,11 @@ def test_tokenize_and_detokenize_as_vllm_answers_them(tokenizer):
     (COMPLETIONS, {"prompt": "hi", "temperature": 3}, 400, "temperature"),
     (COMPLETIONS, {"prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     (COMPLETIONS, {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias key 'x'"),
-    (COMPLETIONS, {"prompt": "hi", "logit_bias": {"1": 101}}, 400, "logit_bias.1 is 101; it must be less than or equal to 100"),
+    (COMPLETIONS, {"prompt": "hi", "logit_bias": {"1": 101}}, 400,
+     "logit_bias.1 is 101; it must be less than or equal to 100"),
+    (COMPLETIONS, {"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo with logprobs is not supported"),
+    (COMPLETIONS, {"prompt": "hi", "best_of": 2}, 400, "best_of is 2"),
+    (COMPLETIONS, {"prompt": "hi", "suffix": "x"}, 400, "suffix is not supported"),
     (COMPLETIONS, {"prompt": "hi", "stop": ["a"] * 5}, 400, "at most 4"),
     (COMPLETIONS, {"prompt": 5}, 400, "prompt"),
     (COMPLETIONS, {"prompt": "hi", "bogus": 1}, 400, "bogus"),
@@ -155,6 +159,17 @@ def test_logprobs_take_openais_shapes_for_completions_and_chat(tokenizer):
                                          {"token": texts[1], "bytes": list(texts[1].encode()), "logprob": -1.5}]}]
     assert parse(tokenizer, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, CHAT).params.logprobs == 0
     assert parse(tokenizer, {"prompt": "hi"}).params.logprobs is None
+
+
+def test_echo_puts_the_prompt_before_each_choices_text(tokenizer):
+    result = SequenceResult(" there", [5], 2, "length", 0.1, 0.2)
+    whole = OpenAIFormat(parse(tokenizer, {"prompt": "hi", "echo": True, "n": 2}), "r", "m", tokenizer)
+    assert [c["text"] for c in whole.whole([result, result])["choices"]] == ["hi there", "hi there"]
+    streamed = OpenAIFormat(parse(tokenizer, {"prompt": "hi", "echo": True, "n": 2, "stream": True}), "r", "m",
+                            tokenizer)
+    texts = [(choice, streamed.event(piece, None, (), choice)) for choice, piece in ((0, " th"), (1, " t"), (0, "ere"))]
+    assert [(choice, json.loads(event[len("data: "):])["choices"][0]["text"]) for choice, event in texts] == [
+        (0, "hi th"), (1, "hi t"), (0, "ere")]
 
 
 WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
@@ -327,6 +342,12 @@ def test_openai_client_completions_and_chat_streamed_and_not(server, name):
     assert completion.usage.completion_tokens <= 12 and completion.usage.prompt_tokens > 0
     streamed = api.completions.create(model=name, prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True)
     assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == expected
+    # echo: the prompt first, then the same answer, whole and streamed
+    echoed = api.completions.create(model=name, prompt=PROMPTS[0], max_tokens=12, temperature=0, echo=True, n=2)
+    assert [choice.text for choice in echoed.choices] == [PROMPTS[0] + expected] * 2
+    streamed = api.completions.create(model=name, prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True,
+                                      echo=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == PROMPTS[0] + expected
 
     messages = [{"role": "user", "content": "hello world"}]
     chat_prompt = "user: hello world\nassistant:"

@@ -44,6 +44,7 @@ class TextRequest:
     model: Optional[str] = None  # OpenAI: the model name the client gave
     include_usage: bool = False  # OpenAI streaming: a usage event before [DONE]
     n: int = 1  # OpenAI's choices: rows generated for the same prompt
+    echo: bool = False  # OpenAI completions: each choice's text starts with the prompt
     add_special_tokens: bool = True  # False for a chat template's text, which already holds them (BOS)
     tool_choice: Any = None  # OpenAI chat with tools: how the answer is read back (handlers._tools.ToolChoice)
     input_ids: List[int] = field(default_factory=list)  # filled by the handler's tokenizer

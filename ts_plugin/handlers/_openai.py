@@ -33,11 +33,14 @@ def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any
     if route not in (COMPLETIONS, CHAT):
         raise RequestError(f"unknown route {route!r}; this model serves {', '.join(ROUTES)}", 404)
     body = parse_body(CompletionBody if route == COMPLETIONS else ChatBody, _served_body(row, limits, served_names))
-    tools, tool_choice, tool_grammar = None, None, None
+    tools, tool_choice, tool_grammar, echo = None, None, None, False
     if isinstance(body, CompletionBody):
-        if body.echo or body.suffix:
-            raise RequestError("echo and suffix are not supported")
-        prompt = body.text
+        if body.suffix:
+            raise RequestError("suffix is not supported (it asks for text inserted before it)")
+        if body.echo and body.logprobs is not None:
+            raise RequestError("echo with logprobs is not supported: the prompt's own logprobs are not computed; "
+                               "ask for echo or for logprobs")
+        prompt, echo = body.text, body.echo
     else:
         tools, tool_choice, tool_grammar = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls,
                                                        tool_call_parser)
@@ -48,8 +51,8 @@ def parse_openai(row: Dict[str, Any], route: str, limits: Limits, tokenizer: Any
             raise RequestError('"response_format" and a tool_choice that forces a call cannot both hold the answer')
         params.grammar = tool_grammar
     return TextRequest(check_prompt(prompt), params, body.stream, api=route, model=body.model,
-                       include_usage=body.include_usage, n=body.n, add_special_tokens=route == COMPLETIONS,
-                       tool_choice=tool_choice)
+                       include_usage=body.include_usage, n=body.n, echo=echo,
+                       add_special_tokens=route == COMPLETIONS, tool_choice=tool_choice)
 
 
 def _served_body(row: Dict[str, Any], limits: Limits, served_names: Sequence[str]) -> Any:
@@ -136,6 +139,7 @@ class OpenAIFormat:
         self._text_offset: Dict[int, int] = {}  # completions: choice -> text_offset of its next token
         self._finished: Dict[int, Any] = {}  # streaming: choice -> its result
         self._held: Dict[int, list] = {}  # streaming with tools: choice -> its logprobs until it ends
+        self._echoed: set = set()  # streaming with echo: the choices whose prompt went out
 
     def _envelope(self, choices: List[dict], chunk: bool) -> dict:
         kind = "chat.completion" if self.chat else "text_completion"
@@ -153,7 +157,8 @@ class OpenAIFormat:
                 choices.append({"index": index, "message": {"role": "assistant", **message}, "finish_reason": finish,
                                 "logprobs": logprobs})
             else:
-                choices.append({"index": index, "text": result.text, "finish_reason": finish, "logprobs": logprobs})
+                text = self.request.prompt + result.text if self.request.echo else result.text
+                choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs})
         return {**self._envelope(choices, chunk=False), "usage": usage(results)}
 
     def event(self, text: str, result=None, logprobs=(), choice: int = 0) -> str:
@@ -178,6 +183,9 @@ class OpenAIFormat:
             body = {"index": choice, "delta": delta, "finish_reason": finish,
                     "logprobs": self._logprobs(logprobs, choice)}
         else:
+            if self.request.echo and choice not in self._echoed:  # the prompt comes first, as vLLM streams it
+                text = self.request.prompt + text
+                self._echoed.add(choice)
             body = {"index": choice, "text": text, "finish_reason": finish, "logprobs": self._logprobs(logprobs, choice)}
         events = _sse(self._envelope([body], chunk=True))
         if result is None:

@@ -207,9 +207,10 @@ def _decode_new(seq: _Sequence, tokenizer: Any, flush: bool) -> None:
     backend = getattr(tokenizer, "_tokenizer", None)
     # decode() cleans up spaces after the Rust decoder where the tokenizer asks for it; the stream does not
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        from tokenizers.decoders import DecodeStream
+        if seq.decoder is None:
+            from tokenizers.decoders import DecodeStream
 
-        seq.decoder = seq.decoder or DecodeStream(skip_special_tokens=True)
+            seq.decoder = DecodeStream(skip_special_tokens=True)
         for token in ids[seq.prefix_offset:]:
             chunk = seq.decoder.step(backend, token)
             if chunk is not None:

@@ -8,10 +8,9 @@ JSON `null` means "not given" in every field, as OpenAI's clients send it.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Literal, Optional, Type, TypeVar, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Type, TypeVar, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
-from typing_extensions import Annotated
 
 from ..requests import Limits, RequestError, SamplingParams
 from ..structured_output import ANY_OBJECT, Grammar, strict_schema

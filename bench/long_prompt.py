@@ -142,7 +142,7 @@ def render(report: Dict[str, Any]) -> str:
              "| server | max_num_batched_tokens | largest gap / median gap | largest gap (s) | median gap (s) | "
              "long prompt TTFT (s) | all answers exact |", "|---|---|---|---|---|---|---|"]
     for name, runs in report["runs"].items():
-        lines.append(f"| {name} | {SERVERS.get(name) or "null (whole prompts)"} | {median_range([r['gap_ratio'] for r in runs], 1)} | "
+        lines.append(f"| {name} | {SERVERS.get(name) or 'null (whole prompts)'} | {median_range([r['gap_ratio'] for r in runs], 1)} | "
                      f"{median_range([r['max_gap_s'] for r in runs], 2)} | {median_range([r['median_gap_s'] for r in runs], 3)} | "
                      f"{median_range([r['ttft_s'] for r in runs], 1)} | {all(r['exact'] for r in runs)} |")
     return "\n".join(lines)

@@ -134,12 +134,13 @@ class HFStepModel(StepModel):
         self.prefix_store = PrefixStore()
 
     def new_cache(self) -> Any:
-        from transformers import DynamicCache
+        from ._kv_cache import new_kv_cache
 
-        return DynamicCache(config=self.model.config)
+        return new_kv_cache(self.model.config)
 
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask, position_ids, cache):
+        cache = cache if cache is not None else self.new_cache()
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                          position_ids=position_ids.to(self.device), use_cache=True, **self._extra(cache))
         return out.logits[:, -1, :].float(), output_cache(out)

@@ -161,9 +161,9 @@ class PipelineStage:
     def new_cache(self) -> Any:
         """A DynamicCache for this stage's layers. The other layers' slots alias a layer of this stage of the
         same kind, so the model's mask code sees the right past length on every stage."""
-        from transformers import DynamicCache
+        from ._kv_cache import new_kv_cache
 
-        cache = DynamicCache(config=self.model.config)
+        cache = new_kv_cache(self.model.config)
         layers = getattr(cache, "layers", None)
         if isinstance(layers, list) and len(layers) == self.info.num_layers:
             owned = range(self.info.start, self.info.end)

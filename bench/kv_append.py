@@ -81,7 +81,8 @@ def render(report: Dict[str, Any]) -> str:
     lines = [f"{report['date']}: {report['model']}, {report['rows']} rows, {report['decode_steps']} greedy decode "
              f"steps after a prefill, {report['threads']} threads; median (min-max) of {report['rounds']} "
              f"round(s), the caches alternating. Same tokens from both: {report['same_tokens']}.", "",
-             "| context (positions) | DynamicLayer, ms a step | SpareRoomLayer, ms a step | SpareRoomLayer / DynamicLayer |",
+             "| context (positions) | DynamicLayer, ms a step | SpareRoomLayer, ms a step "
+             "| SpareRoomLayer / DynamicLayer |",
              "|---|---|---|---|"]
     for length, runs in report["ms_per_step"].items():
         plain, roomy = runs["DynamicLayer"], runs["SpareRoomLayer"]

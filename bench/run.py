@@ -131,8 +131,8 @@ class Bench:
         log(f"model {MODELS[plan.smoke]} in {self.model_dir}")
         self.results["model"] = make_model(self.model_dir, plan.smoke)
         store = self.workdir / "store"
-        for kind in WORLD:
-            package(store, f"bench-{kind}", kind, self.model_dir)
+        for kind in WORLD:  # the rounds repeat their prompts: prefix hits would skip the prefills they time
+            package(store, f"bench-{kind}", kind, self.model_dir, handler={"enable_prefix_caching": False})
         log("starting TorchServe and the bare-import baselines; HF generate's answers")
         self.ts = TorchServe(self.workdir / "ts", store)
         with ThreadPoolExecutor(6) as pool:

@@ -8,8 +8,8 @@ that fit, and one chunk of the first that does not), and lets finished rows go. 
 the same loop with every request joining at once, so its finished rows leave instead of stepping on with
 padding.
 
-The KV cache: one batched cache for all live rows (transformers' DynamicCache, as every engine already keeps it),
-left-padded like a static batch. New rows are prefilled together on a cache of their own (a chunked prompt on
+The KV cache: one batched cache for all live rows (transformers' DynamicCache, as every engine already keeps it,
+whose full-attention layers append in place: engines/_kv_cache.py), left-padded like a static batch. New rows are prefilled together on a cache of their own (a chunked prompt on
 one of its own, a chunk per step), then both caches are padded on the left to one length and concatenated
 (`StepModel.merge`); finished and cancelled rows are cut out, and positions that no remaining row attends are
 cropped from the left (`StepModel.select_rows`). Every engine keeps its own part of that cache (a tp rank its

@@ -9,13 +9,14 @@ the same loop with every request joining at once, so its finished rows leave ins
 padding.
 
 The KV cache: one batched cache for all live rows (transformers' DynamicCache, as every engine already keeps it,
-whose full-attention layers append in place: engines/_kv_cache.py), left-padded like a static batch. New rows are prefilled together on a cache of their own (a chunked prompt on
-one of its own, a chunk per step), then both caches are padded on the left to one length and concatenated
-(`StepModel.merge`); finished and cancelled rows are cut out, and positions that no remaining row attends are
-cropped from the left (`StepModel.select_rows`). Every engine keeps its own part of that cache (a tp rank its
-heads, a pp stage its layers) and applies the same row edits to it, so the same code serves tp, pp, pptp and
-custom: on tp and pptp every rank gets the same batch and takes the same decisions (they depend on the calls
-alone, never on timing), in pp rank 0 sends the edits down the stages.
+whose full-attention layers append in place: engines/_kv_cache.py), left-padded like a static batch. New rows
+are prefilled together on a cache of their own (a chunked prompt on one of its own, a chunk per step), then both
+caches are padded on the left to one length and concatenated (`StepModel.merge`); finished and cancelled rows
+are cut out, and positions that no remaining row attends are cropped from the left (`StepModel.select_rows`).
+Every engine keeps its own part of that cache (a tp rank its heads, a pp stage its layers) and applies the same
+row edits to it, so the same code serves tp, pp, pptp and custom: on tp and pptp every rank gets the same batch
+and takes the same decisions (they depend on the calls alone, never on timing), in pp rank 0 sends the edits
+down the stages.
 Why not per-row caches with their own positions: each step would run one forward per row, which gives up
 batching. Why not transformers' continuous_batching (paged cache, scheduler, manager): it runs its own thread
 and a paged attention path over the whole model in one process, sizes its cache for unsharded heads (a

@@ -1,9 +1,9 @@
 """The batch's KV cache: transformers' DynamicCache whose full-attention layers append in place.
 
-transformers' `DynamicLayer` grows by `torch.cat`, which copies every row's keys and values at every step: 10% of an
-8-row decode step at 512 positions and 20% at 1,024 (SmolLM2-135M, fp32, 2 CPU cores; the tokens are the same).
-`SpareRoomLayer` keeps them in a buffer with room for `SPARE` more positions and hands the model views of it, so a
-step writes only its new positions; the buffer is copied once per `SPARE` decode steps instead.
+transformers' `DynamicLayer` grows by `torch.cat`, which copies every row's keys and values at every step, a cost
+that grows with the context (measured by `python -m bench.kv_append`: docs/benchmarks.md). `SpareRoomLayer` keeps
+them in a buffer with room for `SPARE` more positions and hands the model views of it, so a step writes only its
+new positions; the buffer is copied once per `SPARE` decode steps instead.
 
 Whatever else edits a layer (continuous batching's `select_rows` and `merge`, `crop`) keeps assigning plain
 tensors to `keys` and `values`: the next update sees that they are not views of the room and moves them into a

@@ -62,3 +62,16 @@ def test_new_kv_cache_keeps_sliding_window_layers():
     config.layer_types = ["full_attention", "sliding_attention"]
     kinds = [type(layer) for layer in new_kv_cache(config).layers]
     assert kinds == [SpareRoomLayer, DynamicSlidingWindowLayer]
+
+
+def test_merged_rows_land_in_room_the_next_steps_append_to():
+    cache, joining = DynamicCache(), DynamicCache()
+    cache.layers, joining.layers = [SpareRoomLayer()], [DynamicLayer()]
+    cache.layers[0].update(*_states(2, 4, 0))
+    joining.layers[0].update(*_states(1, 6, 1))
+    merge_caches(cache, joining, pad=2, other_pad=0)
+    layer = cache.layers[0]
+    merged = layer.keys.data_ptr()
+    layer.update(*_states(3, 1, 2))
+    assert layer.keys.data_ptr() == merged and layer.keys.shape == (3, 2, 7, 4)
+    assert torch.equal(layer.keys[:2, :, :2], torch.zeros(2, 2, 2, 4))  # the running rows' new left padding

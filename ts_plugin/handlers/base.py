@@ -35,7 +35,8 @@ from ..config import ModelConfig, ParallelLayout, Report, ValidationContext, val
 from ..config._loader import YamlSyntaxError, load_yaml
 from ..config.parallel_types import PARALLEL_TYPES
 from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_lengths
-from ..continuous import ContinuousBatch, ContinuousGroups, StepOutput, continuous_batch
+from ..continuous import StepOutput, continuous_batch
+from ..step_loop import LoopState, StepLoop, decision_group
 from ..engines import Follower, Loaded, LoadContext
 from ..engines.base import check_row_editable, kv_bytes_per_token, uneditable_layers
 from ..prefix_cache import PrefixIndex
@@ -99,7 +100,7 @@ class LLMHandler:
         self._batches = 0
         self._batch_lock = threading.Lock()
         self._executor: Optional[ThreadPoolExecutor] = None
-        self.continuous: Optional[Union[ContinuousBatch, ContinuousGroups]] = None  # continuousBatching: live rows
+        self.step_loop: Optional[StepLoop] = None  # continuousBatching: the live rows, stepped in their own thread
         self.rows_editable = True  # whether rows can leave and join this model's KV cache (no sliding windows)
         self.prefix_cache: Optional[PrefixIndex] = None  # outlives batches; None where off
         self.kv_tokens: Optional[int] = None  # KV positions this rank's batch may hold (handler.kv_cache_memory)
@@ -182,7 +183,8 @@ class LLMHandler:
                 self._bound_kv_cache(handler.kv_cache_memory)
             if self.config.continuous_batching:
                 check_row_editable(cache)
-                self.continuous = self._continuous_batch()
+        if self.config.continuous_batching:
+            self._start_step_loop()
         self.initialized = True
 
     def _bound_kv_cache(self, memory) -> None:
@@ -244,13 +246,23 @@ class LLMHandler:
                               self.dtype, self.log_progress, self.deepspeed_file)
         return load_engine(context)
 
-    def _continuous_batch(self) -> Union[ContinuousBatch, ContinuousGroups]:
+    def _start_step_loop(self) -> None:
+        """Where this rank generates, the live rows and their loop. Where every rank generates (tp, pptp), rank 0's
+        loop decides each step for all (ts_plugin.step_loop); every rank takes part in finding that out, the pp
+        stages that only serve rank 0 included."""
+        from ..distributed import any_rank_failed
+
+        group = None
+        if self.ranks.world_size > 1 and not any_rank_failed(self.model is None):  # i.e. every rank generates
+            group = decision_group()
+        if self.model is None:
+            return
         live = continuous_batch(self.model, self.tokenizer, self.eos_token_ids, self.config.handler.manual_seed,
                                 self.config.batch_size, self.config.handler.max_num_batched_tokens,
                                 prefix=self.prefix_cache, grammars=self.grammars, kv_tokens=self.kv_tokens)
+        self.step_loop = StepLoop(live, self.config.handler.steps_per_call, group)
         self.log_progress(f"continuousBatching: requests join and leave the running batch at every step "
-                          f"({live.groups} group(s) of rows)")
-        return live
+                          f"({live.groups} group(s) of rows, stepped in a thread of their own)")
 
     @property
     def asynchronous(self) -> bool:
@@ -336,7 +348,7 @@ class LLMHandler:
 
     def shutdown(self) -> None:
         """The worker stops: end the follower loops (rank 0 tells them), remove offloaded weights."""
-        for part in (self.model, self.follower):
+        for part in (self.step_loop, self.model, self.follower):
             if part is not None:
                 part.close()
 
@@ -345,7 +357,7 @@ class LLMHandler:
 
         with self._batch_lock:  # the model and the batch counter serve one batch at a time
             try:
-                if self.continuous is not None:
+                if self.step_loop is not None:
                     return self._continuous_step(data, context)
                 return self._generate_batch(data, context)
             except Exception as error:
@@ -355,16 +367,18 @@ class LLMHandler:
 
     def _continuous_step(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
         """One call of TorchServe's ContinuousBatching aggregator: the running requests (rows without a body: the
-        frontend has them cached here) plus new ones. Up to handler.steps_per_call steps for all; a request stays
-        while its answer says `ts_stream_next: true` (context.stopping_criteria). Streaming requests get their JSON
-        line each call, the others an empty chunk (written as nothing) until their whole answer."""
+        frontend has them cached here) plus new ones. The new ones go to the step loop, and every request gets what
+        the loop's steps gave it since the last call (the call waits for the step in flight if none gave anything);
+        a request stays while its answer says `ts_stream_next: true` (context.stopping_criteria). Streaming
+        requests get their JSON lines, the others an empty chunk (written as nothing) until their whole answer."""
         self.context = context
         request_ids = [context.request_ids[index] for index in range(len(data))]
         present = set(request_ids)
+        cancelled = []
         for request_id in [request_id for request_id in self._live if request_id not in present]:
-            del self._live[request_id]
-            self.log_progress(f"request {request_id} left the batch (its client went away): cancelled")
-        self.continuous.keep_only([row_id for live in self._live.values() for row_id, _, _ in live.rows])
+            cancelled += [row_id for row_id, _, _ in self._live.pop(request_id).rows]
+            if self.step_loop.decides:  # elsewhere it may just have finished: only rank 0's answers pace the calls
+                self.log_progress(f"request {request_id} left the batch (its client went away): cancelled")
         new = [i for i, request_id in enumerate(request_ids) if request_id not in self._live]
         responses: List[Any] = [""] * len(data)
         lost = [i for i in new if not data[i]]  # no body: the frontend thinks it is running here
@@ -380,8 +394,7 @@ class LLMHandler:
             self._live[request_ids[index]] = live
             joining += live.rows
         try:
-            outputs = (self.continuous.steps(joining, self.config.handler.steps_per_call)
-                       if joining or len(self.continuous) else {})
+            outputs = self.step_loop.exchange(joining, cancelled)
         except BaseException:
             self._live.clear()  # the batch was reset: the frontend fails every running request with this call
             raise
@@ -400,7 +413,7 @@ class LLMHandler:
         first = set(new)
         verdicts = [None if index in first and done[index] else done[index] for index in range(len(data))]
         context.stopping_criteria = [lambda _answer, verdict=verdict: verdict for verdict in verdicts]
-        self._record_metrics(context, results, *self.continuous.load(), live=self.continuous)
+        self._record_metrics(context, results, self.step_loop.state)
         return responses
 
     async def _handle_async(self, data: List[Dict[str, Any]], context: Any) -> List[Any]:
@@ -498,29 +511,29 @@ class LLMHandler:
                    for row, ((_, choice, live), result) in enumerate(zip(rows, results))}
         for index in good:
             responses[index] = lives[index].respond(outputs, [])
-        self._record_metrics(context, results, running=0)
+        self._record_metrics(context, results)
         return responses
 
-    def _record_metrics(self, context, results, running: int, waiting: int = 0,
-                        live: Optional[Union[ContinuousBatch, ContinuousGroups]] = None) -> None:
+    def _record_metrics(self, context, results, state: Optional[LoopState] = None) -> None:
         """vLLM's serving metrics through TorchServe's metrics API, under vLLM's names without its `vllm:` prefix
         (TorchServe's metric lines cannot carry a colon): token counters, the prefix cache's queries and hits (in
-        tokens), per-request latency histograms, the rows running and waiting after this call and, under
-        continuous batching (`live`), the KV bound's use (0 to 1) and the preemptions."""
+        tokens), per-request latency histograms, the rows running and waiting after the last step and, under
+        continuous batching (`state`: the step loop's), the KV bound's use (0 to 1) and the preemptions."""
         from ts.metrics.metric_type_enum import MetricTypes
 
         metrics = getattr(context, "metrics", None)
         if metrics is None or self.ranks.rank != 0:
             return
         try:
-            metrics.add_metric("num_requests_running", running, "count", metric_type=MetricTypes.GAUGE)
-            metrics.add_metric("num_requests_waiting", waiting, "count", metric_type=MetricTypes.GAUGE)
-            if live is not None:
-                used, bound = live.kv_usage()
-                if bound:
-                    metrics.add_metric("kv_cache_usage_perc", used / bound, "percent", metric_type=MetricTypes.GAUGE)
-                metrics.add_counter("num_preemptions", live.preemptions - self._preemptions_seen)
-                self._preemptions_seen = live.preemptions
+            state = state or LoopState()
+            metrics.add_metric("num_requests_running", state.running, "count", metric_type=MetricTypes.GAUGE)
+            metrics.add_metric("num_requests_waiting", state.waiting, "count", metric_type=MetricTypes.GAUGE)
+            if self.step_loop is not None:
+                if state.kv_bound:
+                    metrics.add_metric("kv_cache_usage_perc", state.kv_used / state.kv_bound, "percent",
+                                       metric_type=MetricTypes.GAUGE)
+                metrics.add_counter("num_preemptions", state.preemptions - self._preemptions_seen)
+                self._preemptions_seen = state.preemptions
             for name, value in (("prompt_tokens", sum(r.prompt_tokens for r in results)),
                                 ("generation_tokens", sum(r.completion_tokens for r in results)),
                                 ("prefix_cache_queries", sum(r.prompt_tokens for r in results)),

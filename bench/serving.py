@@ -39,7 +39,6 @@ from ts_plugin.testing import TorchServe, free_ports, reference_answers
 
 from .report import write_block
 from .run import REPO, log, make_model, package
-from .shared_prefix import VLLMServer
 
 #: name -> (parallelType, batchSize, continuousBatching, handler changes, concurrent clients). Static and continuous
 #: at batchSize 4, as the issue compares them; pp continuous with the 8 steps per call that TSP219 advises for its row
@@ -183,6 +182,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     log(f"model {size['parameters'] / 1e6:.0f}M parameters; {count} requests, {len(servers)} servers + the anchor")
     expected = references(model_dir, jobs + solo_jobs)
     runs: Dict[str, List[Dict[str, Any]]] = {}
+    from .shared_prefix import VLLMServer  # which imports this module's workload
+
     vllm = VLLMServer(args.vllm, model_dir, workdir / "vllm.log") if args.vllm else None
     with contextlib.ExitStack() as stack:
         if vllm is not None:

@@ -77,7 +77,7 @@ class TGIFormat:
         return self.postprocess(self.request, results[0])  # one choice: TGI has no n
 
     def event(self, text: str, result=None, logprobs=(), choice: int = 0) -> str:
-        # a step's text goes with its last token (a step decodes one token unless handler.steps_per_call says more);
+        # a call's text goes with its last token (a call may collect several steps);
         # as TGI, an answer that ended with an end of sequence sends that token last
         ended = [result.end_logprob] if result is not None and result.end_logprob is not None else []
         tokens = list(logprobs) + ended or [(None, None, [])]

@@ -84,8 +84,9 @@ class LLMHandler:
 
     Request: `{"inputs": "...", "parameters": {...}, "stream": false}` or a plain-text prompt.
     Response: `{"generated_text": "...", "details": {"prompt_tokens", "completion_tokens", "finish_reason"}}`.
-    OpenAI's bodies on its routes (handlers/_openai.py). With continuousBatching every call is one step of the
-    running batch (ts_plugin.continuous), otherwise a batch is generated to its end.
+    OpenAI's bodies on its routes (handlers/_openai.py). With continuousBatching the running batch steps in a
+    thread of its own (ts_plugin.step_loop) and every call collects its news, otherwise a batch is generated to its
+    end.
     """
 
     def __init__(self):

@@ -120,7 +120,13 @@ class StepLoop:
 
     def _run(self) -> None:
         while True:
-            decision = self._decide() if self.decides else self._follow()
+            try:
+                decision = self._decide() if self.decides else self._follow()
+            except BaseException as error:  # noqa: BLE001 - a peer is gone: the next exchange raises it, none waits
+                with self._changed:
+                    self._error, self._closed = error, True
+                    self._changed.notify_all()
+                return
             if decision is None:
                 return
             joining, cancelled = decision

@@ -14,6 +14,7 @@ from ts_plugin.config import RULES, ValidationContext, validate_file, validate_t
 DOCUMENTED = Path(__file__).resolve().parent / "data" / "parallel-type-config.txt"
 
 TP2 = "parallelType: tp\ntorchrun:\n  nproc-per-node: 2\n"  # a valid tp config, 3 lines
+PP_ACROSS = "parallelType: pp\ntorchrun:\n  nproc-per-node: 1\n  nnodes: 2\n  rdzv-endpoint: 10.0.0.1:29411\n"
 PPTP4 = "parallelType: pptp\ntorchrun:\n  nproc-per-node: 4\n"
 OWN_RDZV = "  rdzv-endpoint: localhost:29501\n"  # a torchrun line: a rendezvous of the model's own (no TSP212)
 
@@ -110,6 +111,12 @@ TRIPS = [
     pytest.param("TSP206", "minWorkers: 1\nparallelLevel: 2\n", "parallelLevel", (2, 1), None, id="206-level"),
     pytest.param("TSP206", "torchrun:\n  nproc-per-node: 2\n", "torchrun", (1, 1), None, id="206-torchrun"),
     pytest.param("TSP207", TP2 + "  nnodes: 2\n", "torchrun.nnodes", (4, 3), None, id="207"),
+    pytest.param("TSP221", TP2 + "  nnodes: 2\n  rdzv-endpoint: 10.0.0.1:29411\n", "torchrun.nnodes", (4, 3), None,
+                 id="221-tp-static"),
+    pytest.param("TSP222", TP2 + "  node-rank: 0\n", "torchrun.node-rank", (4, 3), None, id="222-node-rank"),
+    pytest.param("TSP222", TP2 + "  rdzv-conf: join_timeout=60\n", "torchrun.rdzv-conf", (4, 3), None, id="222-conf"),
+    pytest.param("TSP223", PP_ACROSS, "torchrun.nnodes", (4, 3), None, id="223"),
+    pytest.param("TSP223", "startupTimeout: 200\n" + PP_ACROSS, "startupTimeout", (1, 1), None, id="223-set"),
     pytest.param("TSP208", PPTP4, "parallelType", (1, 1), None, id="208-no-pippy"),
     pytest.param("TSP208", PPTP4 + "pippy:\n  chunks: 1\n", "pippy", (4, 1), None, id="208-pippy"),
     pytest.param("TSP209", PPTP4 + "pippy:\n  pp_size: 3\n", "pippy.pp_size", (5, 3), None, id="209"),
@@ -223,6 +230,12 @@ NEAR = [
     pytest.param("TSP205", "parallelType: custom\nparallelLevel: 2\nasyncCommunication: true\n", None, id="205"),
     pytest.param("TSP206", TP2, None, id="206"),
     pytest.param("TSP207", TP2 + "  nnodes: 1\n", None, id="207"),
+    pytest.param("TSP207", PP_ACROSS, None, id="207-endpoint"),
+    pytest.param("TSP221", "continuousBatching: true\nbatchSize: 8\n" + TP2 + "  nnodes: 2\n  rdzv-endpoint: h:29411\n",
+                 None, id="221-continuous"),
+    pytest.param("TSP221", PP_ACROSS, None, id="221-pp-static"),
+    pytest.param("TSP222", TP2 + OWN_RDZV, None, id="222"),
+    pytest.param("TSP223", "startupTimeout: 300\n" + PP_ACROSS, None, id="223"),
     pytest.param("TSP208", PPTP4 + "pippy:\n  pp_size: 2\n", None, id="208"),
     pytest.param("TSP209", PPTP4 + "pippy:\n  pp_size: 4\n", None, id="209"),
     pytest.param("TSP210", TP2, None, id="210"),

@@ -1,4 +1,4 @@
-"""The `ts-plugin` command: validate, archive, schema, rules, reference, convert-gguf, demo."""
+"""The `ts-plugin` command: validate, archive, schema, rules, reference, convert-gguf, demo, join."""
 from __future__ import annotations
 
 import argparse
@@ -104,6 +104,28 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    import logging
+
+    from .join import JoinError, frontend_rdzv_id, join
+
+    if not (args.rdzv_id or args.management_address):
+        print("ts-plugin join: give --management-address (TorchServe's management API names the worker) or "
+              "--rdzv-id", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s ts-plugin join: %(message)s")
+
+    def rdzv_id(archived_name: str) -> str:
+        return args.rdzv_id or frontend_rdzv_id(args.management_address, args.model_name or archived_name,
+                                                args.management_key)
+
+    try:
+        return join(Path(args.model), rdzv_id, args.rdzv_endpoint, rounds=args.rounds)
+    except (JoinError, OSError) as error:
+        print(f"ts-plugin join: {error}", file=sys.stderr)
+        return 2
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -138,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", choices=DEMO_MODELS, default=None,
                       help="smollm2 (a real model; the default when the demo extra is installed) or tiny")
     demo.set_defaults(func=cmd_demo)
+    joining = sub.add_parser("join", help="serve this node's part of a model whose torchrun.nnodes > 1 (run it "
+                                          "on every node but TorchServe's)")
+    joining.add_argument("model", metavar="MODEL", help="the .mar, or the folder of --archive-format no-archive")
+    joining.add_argument("--management-address", metavar="URL",
+                         help="TorchServe's management API (http://HOST:8081), which names the worker to join")
+    joining.add_argument("--management-key", help="its `management` key (key_file.json) where token auth is on")
+    joining.add_argument("--model-name", help="the name the model is registered under (default: the archive's)")
+    joining.add_argument("--rdzv-id", help="the worker's rendezvous id, <model name>_<worker id>, instead of asking")
+    joining.add_argument("--rdzv-endpoint", help="host:port of the rendezvous (default: the config's rdzv-endpoint)")
+    joining.add_argument("--rounds", type=_positive_int, default=None,
+                         help="worker generations to serve, then stop (default: until interrupted)")
+    joining.set_defaults(func=cmd_join)
     return parser
 
 

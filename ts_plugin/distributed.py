@@ -81,15 +81,56 @@ def pick_device(ranks: Ranks, device_type: Optional[str]) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(ranks: Ranks, device: torch.device, timeout_s: Optional[float] = None) -> None:
-    """One process group per worker: nccl on GPU, gloo on CPU. No-op for a single process."""
+#: set by `ts-plugin join` for the ranks it starts: they run on another node than TorchServe's frontend
+JOINED_ENV = "TS_PLUGIN_JOINED"
+
+
+def init_process_group(ranks: Ranks, device: torch.device, timeout_s: Optional[float] = None) -> Ranks:
+    """One process group per worker: nccl on GPU, gloo on CPU. No-op for a single process. Returns this rank's
+    place in the group: across nodes, the frontend's host holds ranks 0..nproc-per-node - 1 (frontend_first)."""
     if ranks.world_size == 1 or dist.is_initialized():
-        return
+        return ranks
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend=backend, rank=ranks.rank, world_size=ranks.world_size, timeout=timeout, **kwargs)
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        ranks = frontend_first(ranks, backend, timeout, kwargs)
     logger.info("rank %d/%d: process group ready (%s)", ranks.rank, ranks.world_size, backend)
+    return ranks
+
+
+class RoleError(RuntimeError):
+    """The nodes of a rendezvous are not one TorchServe host and `ts-plugin join` agents."""
+
+
+def frontend_first(ranks: Ranks, backend: str, timeout: Optional[datetime.timedelta], kwargs: dict) -> Ranks:
+    """Renumber the default group so that the frontend's host holds ranks 0..P-1, then the other nodes' in
+    torchrun's order. torchrun's c10d rendezvous numbers nodes by their address and process id, while TorchServe
+    talks to its own host's ranks only and reads rank 0's answers. Every rank tells the others whether `ts-plugin
+    join` started it; where the frontend's node is not first, the group is made again on the same store under a
+    prefix of its own (a nonce from the first group's rank 0, so no key of an earlier group is read)."""
+    from uuid import uuid4
+
+    places: list = [None] * ranks.world_size
+    me = (os.environ.get(JOINED_ENV) == "1", int(os.environ.get("GROUP_RANK", "0")), ranks.local_rank, uuid4().hex)
+    dist.all_gather_object(places, me)
+    frontends = sorted({node for joined, node, _, _ in places if not joined})
+    if len(frontends) != 1:
+        found = f"nodes {frontends} run" if frontends else "no node runs"
+        raise RoleError(f"{found} TorchServe in rendezvous {os.environ.get('TORCHELASTIC_RUN_ID', '')!r}: it needs "
+                        "TorchServe's host and `ts-plugin join` on each other node (nnodes counts them all)")
+    order = sorted(range(ranks.world_size), key=lambda rank: places[rank][:3])  # the frontend's (not joined) first
+    if order == list(range(ranks.world_size)):
+        return ranks
+    rank = order.index(ranks.rank)
+    store = dist.PrefixStore(f"ts_plugin/frontend_first/{places[0][3]}", dist.distributed_c10d._get_default_store())
+    dist.destroy_process_group()
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=ranks.world_size, timeout=timeout,
+                            **kwargs)
+    os.environ["RANK"] = str(rank)  # for libraries that read it (DeepSpeed)
+    logger.info("rank %d is rank %d: the frontend's node goes first", ranks.rank, rank)
+    return Ranks(rank, ranks.world_size, ranks.local_rank)
 
 
 def collective_device(group=None) -> torch.device:

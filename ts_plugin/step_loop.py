@@ -101,6 +101,12 @@ class StepLoop:
             ready, self._ready = self._ready, {}
             return ready
 
+    def wait(self) -> Optional[BaseException]:
+        """Return once the loop has ended: closed here, or (on the other ranks) by rank 0, or a peer is gone; with
+        the error that ended it, if any."""
+        self._thread.join()
+        return self._error
+
     def close(self, wait_s: float = 10.0) -> None:
         """Stop after the step in flight (the other ranks' loops stop when rank 0's does) and release the batch."""
         with self._changed:

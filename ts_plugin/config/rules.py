@@ -49,7 +49,13 @@ TORCHRUN_WITHOUT_NPROC = _rule("TSP203", "error", "a torchrun section without np
 CUSTOM_MULTI_GPU_SYNC = _rule("TSP204", "error", "custom with parallelLevel > 1 but no asyncCommunication (never READY)")
 CUSTOM_WITH_TORCHRUN = _rule("TSP205", "error", "a torchrun section under a one-process parallelType (custom)")
 PARALLEL_WITHOUT_TYPE = _rule("TSP206", "error", "parallelLevel or torchrun without parallelType (ignored)")
-MULTI_NODE = _rule("TSP207", "error", "torchrun.nnodes > 1 (the frontend is single-node)")
+MULTI_NODE_NO_ENDPOINT = _rule("TSP207", "error", "torchrun.nnodes > 1 without rdzv-endpoint (the other nodes cannot "
+                               "find the rendezvous)")
+MULTI_NODE_STATIC = _rule("TSP221", "error", "tp or pptp across nodes without continuousBatching (the other nodes' "
+                          "ranks get their batches from rank 0's step loop)")
+DROPPED_TORCHRUN_KEY = _rule("TSP222", "warning", "a torchrun key TorchServe 0.12 reads but never passes to torchrun")
+MULTI_NODE_STARTUP = _rule("TSP223", "warning", "nnodes > 1 with startupTimeout under 300 s (every node loads its "
+                           "part before the worker is READY)")
 PPTP_NO_PP_SIZE = _rule("TSP208", "error", "pptp without pippy.pp_size")
 PPTP_PP_SIZE_DIVIDES = _rule("TSP209", "error", "pippy.pp_size does not divide the world size")
 ASYNC_BATCHING = _rule("TSP211", "error", "asyncCommunication with batchSize > 1 (the frontend's async batcher crashes)")
@@ -361,9 +367,8 @@ def _check_parallel(config: ModelConfig, layout: ParallelLayout, out: _Collector
                 out.add(PARALLEL_WITHOUT_TYPE, path, f"`{path[0]}` is set but parallelType is not, so TorchServe ignores it",
                         f"add `parallelType: {'|'.join(PARALLEL_TYPES)}`, or remove it")
         return
-    if torchrun is not None and torchrun.nnodes > 1:
-        out.add(MULTI_NODE, ("torchrun", "nnodes"), f"torchrun.nnodes is {torchrun.nnodes}; TorchServe 0.12 serves on one node",
-                "set `nnodes: 1` (or remove it) and run one TorchServe per node")
+    if torchrun is not None:
+        _check_torchrun(config, torchrun, ptype, out)
     if not parallel_type(ptype).torchrun:
         if torchrun is not None:
             out.add(CUSTOM_WITH_TORCHRUN, ("torchrun",), f"parallelType {ptype} runs one process, but a torchrun section is set",
@@ -410,6 +415,42 @@ def _check_parallel(config: ModelConfig, layout: ParallelLayout, out: _Collector
         out.add(SINGLE_RANK, ("torchrun",) if torchrun else ("parallelType",),
                 f"parallelType {ptype} with a single rank does no parallelism",
                 "set `torchrun: {nproc-per-node: N}` with N > 1, or drop parallelType")
+
+
+#: torchrun keys TorchServe 0.12 parses and then drops (WorkerLifeCycle.attachRunner): field -> key
+_DROPPED_TORCHRUN_KEYS = {"rdzv_conf": "rdzv-conf", "monitor_interval": "monitor-interval", "node_rank": "node-rank"}
+MULTI_NODE_STARTUP_S = 300
+
+
+def _check_torchrun(config: ModelConfig, torchrun: TorchrunConfig, ptype: str, out: _Collector) -> None:
+    """Keys TorchServe drops, and what a model across nodes needs (README, "Across hosts")."""
+    for name, key in _DROPPED_TORCHRUN_KEYS.items():
+        if name in torchrun.model_fields_set:
+            out.add(DROPPED_TORCHRUN_KEY, ("torchrun", key),
+                    f"torchrun.{key} is read by TorchServe 0.12 but never passed to torchrun, so it has no effect",
+                    f"remove `{key}`" + (": the frontend's node is found by `ts-plugin join`'s ranks, whatever rank "
+                                         "the rendezvous gives it" if key == "node-rank" else ""))
+    if torchrun.nnodes == 1 or not parallel_type(ptype).torchrun:
+        return
+    if not torchrun.rdzv_endpoint:
+        out.add(MULTI_NODE_NO_ENDPOINT, ("torchrun", "nnodes"),
+                f"torchrun.nnodes is {torchrun.nnodes} but rdzv-endpoint is not set, so torchrun waits on "
+                "localhost:29400, which the other nodes cannot reach",
+                "add `rdzv-endpoint: <this host's address>:<free port>`; run `ts-plugin join MODEL.mar` on each "
+                "other node")
+    if ptype in ("tp", "pptp") and not config.continuous_batching:
+        out.add(MULTI_NODE_STATIC, ("torchrun", "nnodes"),
+                f"parallelType {ptype} across {torchrun.nnodes} nodes needs continuousBatching: the frontend sends "
+                "batches to its own host's ranks only, and only continuous batching's step loop hands them to the "
+                "other nodes' ranks",
+                "add `continuousBatching: true` and `batchSize: 8` (or the rows that may generate together)")
+    if config.startup_timeout < MULTI_NODE_STARTUP_S:
+        out.add(MULTI_NODE_STARTUP, ("startupTimeout",) if "startup_timeout" in config.model_fields_set
+                else ("torchrun", "nnodes"),
+                f"startupTimeout is {config.startup_timeout} s with {torchrun.nnodes} nodes; every node reads its "
+                "part of the model from its own disk and the worker is READY only when the slowest has",
+                f"set `startupTimeout: {MULTI_NODE_STARTUP_S}` or more (the other nodes' `ts-plugin join` must "
+                "also start within 2 minutes of the worker, a limit fixed in TorchServe 0.12)")
 
 
 def _check_continuous(config: ModelConfig, out: _Collector) -> None:

@@ -41,7 +41,8 @@ class TorchrunConfig(_Section):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    nnodes: int = Field(1, ge=1, description="Nodes; the frontend supports a single node only.")
+    nnodes: int = Field(1, ge=1, description="Nodes. The frontend's host runs nproc-per-node ranks; every other node "
+                                             "runs `ts-plugin join` (README: Across hosts).")
     nproc_per_node: Optional[int] = Field(
         None, alias="nproc-per-node", ge=1,
         description="Processes (ranks, one per GPU) per worker. Mutually exclusive with parallelLevel.")

@@ -117,6 +117,11 @@ class Follower(abc.ABC):
     def close(self) -> None:
         """The worker stops (the loop ends when the driver says so or the process group goes away)."""
 
+    @abc.abstractmethod
+    def wait(self) -> Optional[BaseException]:
+        """Return once the loop has ended (the driver said stop, or the process group went away); with the error
+        that ended it, if any."""
+
 
 Loaded = Union[StepModel, Follower]
 

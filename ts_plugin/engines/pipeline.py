@@ -401,6 +401,7 @@ class PipelineFollower(Follower):
         self.prefix_store = PrefixStore()
         self.thread: Optional[threading.Thread] = None
         self.steps = 0
+        self.ended_by: Optional[BaseException] = None  # what ended the loop, where not STOP
 
     @property
     def is_last(self) -> bool:
@@ -409,6 +410,11 @@ class PipelineFollower(Follower):
     def start(self) -> None:
         self.thread = threading.Thread(target=self.run, name=f"pp-follower-{self.ranks.rank}", daemon=True)
         self.thread.start()
+
+    def wait(self) -> Optional[BaseException]:
+        if self.thread is not None:
+            self.thread.join()
+        return self.ended_by
 
     def run(self) -> None:
         rank, prev, nxt = self.ranks.rank, self.ranks.rank - 1, self.ranks.rank + 1
@@ -463,6 +469,7 @@ class PipelineFollower(Follower):
                     self.link.send(nxt, [FORWARD, batch_id, rows, width, mask_width, DTYPE_CODES[out.dtype],
                                          out.shape[-1]], ints, out)
         except Exception as error:  # noqa: BLE001 - the process group was destroyed or a peer exited
+            self.ended_by = error
             logger.warning("[rank %d] pipeline follower loop ended: %s", rank, error)
 
     def _edit_rows(self, header: List[int], prev: int, nxt: int) -> None:

@@ -136,7 +136,7 @@ class LLMHandler:
         torch.manual_seed(self.config.handler.manual_seed)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        init_process_group(self.ranks, self.device, self.layout.process_group_timeout_s)
+        self.ranks = init_process_group(self.ranks, self.device, self.layout.process_group_timeout_s)
         self.model_path = self.resolve_model_path()
         self.log_progress(f"loading {self.model_path} on {self.device} as {self.dtype}")
         started = time.perf_counter()

@@ -215,6 +215,9 @@ def leave_worker(ranks: Ranks, error: BaseException, why: Optional[str] = None) 
     after the restart got `Backend response time: 0` and no answer)."""
     if why is None:
         why = "another rank of this worker is gone" if peer_lost(error) else "this rank failed alone, out of step"
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        why += (f" (its ranks span {os.environ['GROUP_WORLD_SIZE']} nodes: the error below names the peer's address; "
+                "a node whose ranks ended rejoins through `ts-plugin join`)")
     logger.error("rank %d/%d: %s (%s: %s); exiting without an answer so that TorchServe restarts the worker "
                  "cleanly", ranks.rank, ranks.world_size, why, type(error).__name__, error, exc_info=error)
     for handler in logging.getLogger().handlers:

@@ -116,6 +116,18 @@ def test_a_bad_request_gets_4xx_beside_running_ones(server, name):
     assert results[0].json()["generated_text"] == reference_text(model_dir, PROMPTS[0], 30)
 
 
+@pytest.mark.parametrize("name", ["cb-custom", "cb-tp"])
+def test_a_form_encoded_body_gets_400_that_says_to_send_json(server, name):
+    """`curl -d '{...}'` without a Content-Type: TorchServe reads the body as form fields and the row comes empty,
+    like a running request's; it must not be answered as a lost one (500)."""
+    ts, model_dir = server
+    body = json.dumps({"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 5}})
+    form = ts.predict(name, body, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert form.status_code == 400 and "Content-Type: application/json" in form.text, form.text
+    answer = ts.predict(name, body, headers={"Content-Type": "application/json"})
+    assert answer.json()["generated_text"] == reference_text(model_dir, PROMPTS[0], 5)
+
+
 @pytest.mark.parametrize("name", ["cb-custom", "cb-pp"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_answer_whole_after_its_first_step_is_sent(server, name, stream):

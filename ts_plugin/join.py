@@ -106,9 +106,10 @@ def read_manifest(model_dir: Path) -> dict:
 
 
 def frontend_rdzv_id(management_address: str, model_name: str, key: Optional[str] = None,
-                     wait_s: float = 300.0) -> str:
+                     wait_s: Optional[float] = None) -> str:
     """The rendezvous id of `model_name`'s first worker, from TorchServe's management API: `<name>_<worker id>`
-    (a torchrun worker's id is its port). Waits up to `wait_s` for the model to have a worker.
+    (a torchrun worker's id is its port). Waits for the model to have a worker, `wait_s` at most (None: as long as
+    it takes, saying why once a minute); a refused key fails at once.
 
     Example::
 
@@ -116,9 +117,8 @@ def frontend_rdzv_id(management_address: str, model_name: str, key: Optional[str
     """
     url = f"{management_address.rstrip('/')}/models/{model_name}"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    deadline = time.monotonic() + wait_s
-    problem = "no answer"
-    while time.monotonic() < deadline:
+    started = said = time.monotonic()
+    while True:
         try:
             with urllib.request.urlopen(request, timeout=10) as answer:
                 workers = json.loads(answer.read())[0].get("workers") or []
@@ -126,14 +126,20 @@ def frontend_rdzv_id(management_address: str, model_name: str, key: Optional[str
                 return f"{model_name}_{workers[0]['id']}"
             problem = "the model has no worker yet"
         except urllib.error.HTTPError as error:
-            if error.code in (401, 403):
-                raise JoinError(f"{url} refused the management key ({error.code}): give --management-key, the "
-                                "`management` key of TorchServe's key_file.json") from None
+            text = error.read().decode("utf-8", "replace")
+            if error.code in (401, 403) or "Token Authorization" in text:
+                raise JoinError(f"{url} refused the management key: give --management-key, the `management` key of "
+                                "the frontend's key_file.json (TorchServe makes new keys at every start)") from None
             problem = f"HTTP {error.code}"
         except (OSError, ValueError) as error:
             problem = str(error)
+        now = time.monotonic()
+        if wait_s is not None and now - started > wait_s:
+            raise JoinError(f"{url}: no worker of {model_name} within {wait_s:.0f} s ({problem})")
+        if now - said >= 60:
+            logger.info("waiting for a worker of %s at %s (%s)", model_name, url, problem)
+            said = now
         time.sleep(2.0)
-    raise JoinError(f"{url}: no worker of {model_name} within {wait_s:.0f} s ({problem}); is it registered there?")
 
 
 def join(model: Path, rdzv_id: Callable[[str], str], rdzv_endpoint: Optional[str] = None,

@@ -9,11 +9,16 @@ from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_
 from ._bodies import TGIBody, parse_body
 
 
+#: TorchServe reads a form-encoded body (curl -d without a Content-Type) as form fields, which reach no handler
+FORM_BODY = ("the request reached the model without a body: a form-encoded one (as `curl -d` sends without "
+             "`-H 'Content-Type: application/json'`) is read as form fields; send JSON with that header, or text")
+
+
 def _body(row: Dict[str, Any]) -> Any:
     for key in ("body", "data"):
         if row.get(key) is not None:
             return row[key]
-    raise RequestError("the request has no body")
+    raise RequestError(FORM_BODY)
 
 
 def decode_body(row: Dict[str, Any], limits: Limits) -> Any:

@@ -44,7 +44,7 @@ from ..structured_output import Grammars
 from ..engines import load as load_engine
 from ._openai import (MODELS, TOKENIZER_ROUTES, OpenAIFormat, error_body, models_list, parse_openai,
                       tokenizer_answer)
-from ._tgi import TGIFormat, parse_request
+from ._tgi import FORM_BODY, TGIFormat, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -382,11 +382,14 @@ class LLMHandler:
                 self.log_progress(f"request {request_id} left the batch (its client went away): cancelled")
         new = [i for i, request_id in enumerate(request_ids) if request_id not in self._live]
         responses: List[Any] = [""] * len(data)
-        lost = [i for i in new if not data[i]]  # no body: the frontend thinks it is running here
+        lost = [i for i in new if not data[i]]  # no body: the frontend thinks it is running here, or it was a form
         for index in lost:
-            error = RequestError("this request's state was lost when an earlier step failed; send it again", 500)
+            if "form-urlencoded" in (request_header(context, index, "content-type") or ""):
+                error = RequestError(FORM_BODY, 400)
+            else:
+                error = RequestError("this request's state was lost when an earlier step failed; send it again", 500)
             context.set_response_status(error.status, str(error), index)
-            responses[index] = {"error": str(error), "error_type": "internal"}
+            responses[index] = {"error": str(error), "error_type": "validation" if error.status < 500 else "internal"}
         requests = self._parse(data, context, [i for i in new if data[i]], responses)
         done = [index in new and index not in requests for index in range(len(data))]
         joining = []
@@ -554,11 +557,16 @@ class LLMHandler:
 def request_route(context: Any, index: int) -> str:
     """The path after /predictions/{model}/{version}/ ("" for the plain route), which TorchServe 0.12 passes as
     the request header url_path."""
+    return (request_header(context, index, "url_path") or "").strip("/")
+
+
+def request_header(context: Any, index: int, name: str) -> Optional[str]:
+    """A request header of row `index` (any case), None where the context has none."""
     try:
-        route = context.get_request_header(index, "url_path")
+        headers = context.get_all_request_header(index) or {}
     except (AttributeError, IndexError, KeyError, TypeError):  # a context without request headers
-        route = None
-    return (route or "").strip("/")
+        return None
+    return next((value for key, value in headers.items() if str(key).lower() == name.lower()), None)
 
 
 def set_content_type(context: Any, index: int, request: TextRequest) -> None:

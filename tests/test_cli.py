@@ -61,6 +61,15 @@ def test_usage_errors_say_why_on_stderr(configs):
     assert "--format" in bad_format.stderr
 
 
+def test_join_says_what_it_needs(configs, tmp_path):
+    unasked = ts_plugin("join", "model.mar", cwd=configs)
+    assert unasked.returncode == 2 and "--management-address" in unasked.stderr
+    not_an_archive = tmp_path / "model.mar"
+    not_an_archive.write_text("not a zip")
+    refused = ts_plugin("join", str(not_an_archive), "--rdzv-id", "m_29500", cwd=configs)
+    assert refused.returncode == 2 and "neither a model folder nor a .mar" in refused.stderr
+
+
 def test_text_format(configs):
     result = ts_plugin("validate", "bad.yaml", "warn.yaml", "good.yaml", cwd=configs)
     assert result.returncode == 1

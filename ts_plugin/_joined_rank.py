@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     service = ModelLoaderFactory.get_model_loader().load(
         manifest["modelName"], str(model_dir), manifest["handler"], int(os.environ.get("LOCAL_RANK", "0")),
         None, metrics_cache=metrics)
-    handler = service._entry_point.__self__
+    handler = service._entry_point.__self__  # the handler's bound `handle` (ts_plugin's handlers are classes)
     serving = handler.follower or handler.step_loop
     if serving is None:
         logging.error("this rank has nothing to serve: a rank on another node than the frontend's needs a pipeline "

@@ -124,6 +124,7 @@ def frontend_first(ranks: Ranks, backend: str, timeout: Optional[datetime.timede
     if order == list(range(ranks.world_size)):
         return ranks
     rank = order.index(ranks.rank)
+    # the default group's own store (torchrun's agent store, or rank 0's): it outlives the group it served
     store = dist.PrefixStore(f"ts_plugin/frontend_first/{places[0][3]}", dist.distributed_c10d._get_default_store())
     dist.destroy_process_group()
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=ranks.world_size, timeout=timeout,

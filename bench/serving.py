@@ -179,7 +179,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, (kind, batch, continuous, handler, _) in servers.items():
         package(store, name, kind, model_dir, long, maxBatchDelay=50, batchSize=batch, continuousBatching=continuous,
                 handler=handler)
-    log(f"model {size['parameters'] / 1e6:.0f}M parameters; {count} requests, {len(servers)} servers + the anchor")
+    anchors = [label for label, runs_it in (("transformers serve", "anchor" in only), ("vLLM", args.vllm)) if runs_it]
+    log(f"model {size['parameters'] / 1e6:.0f}M parameters; {count} requests, {len(servers)} servers"
+        + (f" + {' and '.join(anchors)}" if anchors else ""))
     expected = references(model_dir, jobs + solo_jobs)
     runs: Dict[str, List[Dict[str, Any]]] = {}
     from .shared_prefix import VLLMServer  # which imports this module's workload

@@ -54,6 +54,8 @@ MULTI_NODE_NO_ENDPOINT = _rule("TSP207", "error", "torchrun.nnodes > 1 without r
 MULTI_NODE_STATIC = _rule("TSP221", "error", "tp or pptp across nodes without continuousBatching (the other nodes' "
                           "ranks get their batches from rank 0's step loop)")
 DROPPED_TORCHRUN_KEY = _rule("TSP222", "warning", "a torchrun key TorchServe 0.12 reads but never passes to torchrun")
+MULTI_NODE_WORKERS = _rule("TSP224", "warning", "maxWorkers > 1 with nnodes > 1 (each worker needs its own "
+                           "`ts-plugin join` on every other node)")
 MULTI_NODE_STARTUP = _rule("TSP223", "warning", "nnodes > 1 with startupTimeout under 300 s (every node loads its "
                            "part before the worker is READY)")
 PPTP_NO_PP_SIZE = _rule("TSP208", "error", "pptp without pippy.pp_size")
@@ -444,6 +446,12 @@ def _check_torchrun(config: ModelConfig, torchrun: TorchrunConfig, ptype: str, o
                 "batches to its own host's ranks only, and only continuous batching's step loop hands them to the "
                 "other nodes' ranks",
                 "add `continuousBatching: true` and `batchSize: 8` (or the rows that may generate together)")
+    if config.max_workers > 1:
+        out.add(MULTI_NODE_WORKERS, ("maxWorkers",),
+                f"maxWorkers {config.max_workers} with {torchrun.nnodes} nodes: each worker is a rendezvous of its own, "
+                "and `ts-plugin join --management-address` joins a model's first worker only",
+                "set `minWorkers: 1` and `maxWorkers: 1` (scale with more hosts or replicas), or run one join per "
+                "worker on each node with `--rdzv-id <model>_<worker id>`")
     if config.startup_timeout < MULTI_NODE_STARTUP_S:
         out.add(MULTI_NODE_STARTUP, ("startupTimeout",) if "startup_timeout" in config.model_fields_set
                 else ("torchrun", "nnodes"),

@@ -38,6 +38,7 @@ from .config import ModelConfig, ValidationContext, validate_file
 
 logger = logging.getLogger(__name__)
 
+
 class JoinError(ValueError):
     """The archive cannot be served across nodes as given; the message says what to change."""
 
@@ -105,11 +106,10 @@ def read_manifest(model_dir: Path) -> dict:
     return json.loads(manifest.read_text(encoding="utf-8"))["model"]
 
 
-def frontend_rdzv_id(management_address: str, model_name: str, key: Optional[str] = None,
-                     wait_s: Optional[float] = None) -> str:
+def frontend_rdzv_id(management_address: str, model_name: str, key: Optional[str] = None) -> str:
     """The rendezvous id of `model_name`'s first worker, from TorchServe's management API: `<name>_<worker id>`
-    (a torchrun worker's id is its port). Waits for the model to have a worker, `wait_s` at most (None: as long as
-    it takes, saying why once a minute); a refused key fails at once.
+    (a torchrun worker's id is its port). Waits as long as the model has no worker (the frontend is down, the
+    model not registered yet), saying why once a minute; a refused key fails at once.
 
     Example::
 
@@ -117,7 +117,7 @@ def frontend_rdzv_id(management_address: str, model_name: str, key: Optional[str
     """
     url = f"{management_address.rstrip('/')}/models/{model_name}"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    started = said = time.monotonic()
+    said = time.monotonic()
     while True:
         try:
             with urllib.request.urlopen(request, timeout=10) as answer:
@@ -134,8 +134,6 @@ def frontend_rdzv_id(management_address: str, model_name: str, key: Optional[str
         except (OSError, ValueError) as error:
             problem = str(error)
         now = time.monotonic()
-        if wait_s is not None and now - started > wait_s:
-            raise JoinError(f"{url}: no worker of {model_name} within {wait_s:.0f} s ({problem})")
         if now - said >= 60:
             logger.info("waiting for a worker of %s at %s (%s)", model_name, url, problem)
             said = now

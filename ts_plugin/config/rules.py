@@ -54,10 +54,10 @@ MULTI_NODE_NO_ENDPOINT = _rule("TSP207", "error", "torchrun.nnodes > 1 without r
 MULTI_NODE_STATIC = _rule("TSP221", "error", "tp or pptp across nodes without continuousBatching (the other nodes' "
                           "ranks get their batches from rank 0's step loop)")
 DROPPED_TORCHRUN_KEY = _rule("TSP222", "warning", "a torchrun key TorchServe 0.12 reads but never passes to torchrun")
-MULTI_NODE_WORKERS = _rule("TSP224", "warning", "maxWorkers > 1 with nnodes > 1 (each worker needs its own "
-                           "`ts-plugin join` on every other node)")
 MULTI_NODE_STARTUP = _rule("TSP223", "warning", "nnodes > 1 with startupTimeout under 300 s (every node loads its "
                            "part before the worker is READY)")
+MULTI_NODE_WORKERS = _rule("TSP224", "warning", "maxWorkers > 1 with nnodes > 1 (each worker needs its own "
+                           "`ts-plugin join` on every other node)")
 PPTP_NO_PP_SIZE = _rule("TSP208", "error", "pptp without pippy.pp_size")
 PPTP_PP_SIZE_DIVIDES = _rule("TSP209", "error", "pippy.pp_size does not divide the world size")
 ASYNC_BATCHING = _rule("TSP211", "error", "asyncCommunication with batchSize > 1 (the frontend's async batcher crashes)")

@@ -17,20 +17,18 @@ class ParallelLayout:
     #: how long a collective waits for a peer: pippy.rpc_timeout for pp (its legacy meaning), else responseTimeout
     process_group_timeout_s: float
     uses_torchrun: bool = False
-    nnodes: int = 1
 
     @classmethod
     def of(cls, config: ModelConfig) -> "ParallelLayout":
         """Derive the layout the way TorchServe 0.12 launches the worker."""
         record = parallel_type(config.parallel_type)
-        nnodes = config.torchrun.nnodes if config.torchrun is not None and record is not None and record.torchrun else 1
         if record is not None and record.torchrun:
             # the torchrun section sets parallelLevel = nproc-per-node (default 1)
             if config.torchrun is not None:
                 gpus = config.torchrun.nproc_per_node or 1
+                world = gpus * config.torchrun.nnodes
             else:
-                gpus = config.parallel_level or 1
-            world = gpus * nnodes
+                gpus = world = config.parallel_level or 1
         else:
             world = 1
             gpus = config.parallel_level or 1 if record is not None and record.device_map else 1
@@ -43,4 +41,4 @@ class ParallelLayout:
         tp = world // pp if pp and world % pp == 0 else 1
         rpc_timeout = config.pippy.rpc_timeout if config.parallel_type == "pp" and config.pippy else None
         return cls(config.parallel_type or "", world, gpus, pp, tp, float(rpc_timeout or config.response_timeout),
-                   uses_torchrun=record is not None and record.torchrun, nnodes=nnodes)
+                   uses_torchrun=record is not None and record.torchrun)

@@ -8,7 +8,7 @@ import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ts_plugin.testing import reference_answers
 
@@ -154,6 +154,25 @@ def stream_events(chunks: List[bytes]) -> list:
 
     return [json.loads(line[len("data:"):]) for line in b"".join(chunks).decode().splitlines()
             if line.startswith("data:") and line.strip() != "data: [DONE]"]
+
+
+def stream_interrupted(ts, name: str, body: dict, interrupt: Callable[[], None]) -> Tuple[List[bytes], bool, float]:
+    """Stream `body` from model `name`, call `interrupt()` once its first chunk came (kill or stop a rank), and read
+    on: (the chunks received, whether the connection was cut, seconds from the interruption to the stream's end)."""
+    import requests
+
+    with requests.post(f"{ts.inference_url}/predictions/{name}", json={**body, "stream": True},
+                       headers=ts._headers(), stream=True, timeout=120) as response:
+        chunks = response.iter_content(chunk_size=None)
+        received = [next(chunks)]
+        interrupt()
+        interrupted = time.monotonic()
+        try:
+            received += list(chunks)
+            cut = False
+        except requests.RequestException:  # TorchServe drops the connection of a dead worker's job
+            cut = True
+    return received, cut, time.monotonic() - interrupted
 
 
 JSON = {"Content-Type": "application/json"}

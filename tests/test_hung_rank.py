@@ -12,9 +12,9 @@ import signal
 import time
 
 import pytest
-import requests
 
-from _llm import PROMPTS, REPO, assert_gone, ranks_of, reference_text, serving_examples, stream_text
+from _llm import (PROMPTS, REPO, assert_gone, ranks_of, reference_text, serving_examples, stream_interrupted,
+                  stream_text)
 from test_rank_failure import _restarted
 from ts_plugin.distributed import WATCH_INTERVAL_S
 from ts_plugin.testing import java_available
@@ -44,19 +44,8 @@ def test_a_stopped_rank_fails_the_request_within_45_s_and_the_worker_comes_back_
     old = [proc for procs in ranks.values() for proc in procs]
     stopped = ranks[max(ranks)][0]  # tp's rank 1, pp's last stage
     if in_flight:
-        stream = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 60}, "stream": True}
-        with requests.post(f"{ts.inference_url}/predictions/{name}", json=stream, headers=ts._headers(),
-                           stream=True, timeout=120) as response:
-            chunks = response.iter_content(chunk_size=None)
-            received = [next(chunks)]
-            os.kill(stopped.pid, signal.SIGSTOP)
-            sent = time.monotonic()
-            try:
-                received += list(chunks)
-                cut = False
-            except requests.RequestException:
-                cut = True
-        took = time.monotonic() - sent
+        stream = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 60}}
+        received, cut, took = stream_interrupted(ts, name, stream, lambda: os.kill(stopped.pid, signal.SIGSTOP))
         # the stream must not pass for whole: it ends early, cut or short
         assert cut or stream_text(received) != reference_text(model_dir, PROMPTS[2], 60)
     else:

@@ -14,7 +14,8 @@ import psutil
 import pytest
 import requests
 
-from _llm import PROMPTS, REPO, assert_gone, greedy_bodies, predict_concurrently, reference_text, stream_text
+from _llm import (PROMPTS, REPO, assert_gone, greedy_bodies, predict_concurrently, reference_text, stream_interrupted,
+                  stream_text)
 from ts_plugin.join import JoinError, plan_join
 from ts_plugin.testing import TorchServe, archive_model, java_available, make_tiny_model, write_config
 
@@ -145,22 +146,11 @@ def test_a_lost_node_fails_fast_and_the_model_serves_exact_answers_once_it_rejoi
         old_worker, old_ranks = ts.worker_pid(name), joined.ranks()
         assert old_ranks
         if in_flight:
-            stream = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 120}, "stream": True}
-            with requests.post(f"{ts.inference_url}/predictions/{name}", json=stream, headers=ts._headers(),
-                               stream=True, timeout=120) as response:
-                chunks = response.iter_content(chunk_size=None)
-                received = [next(chunks)]
-                for rank in old_ranks:
-                    rank.kill()
-                killed = time.monotonic()
-                try:
-                    received += list(chunks)
-                    cut = False
-                except requests.RequestException:  # TorchServe drops the connection of a dead worker's job
-                    cut = True
+            stream = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 120}}
+            received, cut, took = stream_interrupted(ts, name, stream, lambda: [rank.kill() for rank in old_ranks])
             # the stream must not pass for whole: it ends early, cut or short
             assert cut or stream_text(received) != reference_text(model_dir, PROMPTS[2], 120)
-            assert time.monotonic() - killed < 30
+            assert took < 30
         else:
             for rank in old_ranks:
                 rank.kill()

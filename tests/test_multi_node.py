@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -146,11 +147,20 @@ def test_a_lost_node_fails_fast_and_the_model_serves_exact_answers_once_it_rejoi
         old_worker, old_ranks = ts.worker_pid(name), joined.ranks()
         assert old_ranks
         if in_flight:
-            stream = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 120}}
-            received, cut, took = stream_interrupted(ts, name, stream, lambda: [rank.kill() for rank in old_ranks])
+            # one request streams and one waits for its whole answer, both running when the node goes
+            with ThreadPoolExecutor(1) as pool:
+                whole = pool.submit(_timed_predict, ts, name,
+                                    {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 120}})
+                stream = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 120}}
+                received, cut, took = stream_interrupted(ts, name, stream, lambda: [rank.kill() for rank in old_ranks])
+                whole_answer, whole_took = whole.result()
             # the stream must not pass for whole: it ends early, cut or short
             assert cut or stream_text(received) != reference_text(model_dir, PROMPTS[2], 120)
             assert took < 30
+            # the other fails too, soon: under continuous batching its response began with the first step's empty
+            # chunk, so TorchServe can only drop the connection (None), as for a rank lost on one node
+            assert whole_answer is None or whole_answer.status_code >= 500, whole_answer.text
+            assert whole_took < 30
         else:
             for rank in old_ranks:
                 rank.kill()
@@ -170,6 +180,16 @@ def test_a_lost_node_fails_fast_and_the_model_serves_exact_answers_once_it_rejoi
     finally:
         ts.unregister(name)
         joined.stop()
+
+
+def _timed_predict(ts: TorchServe, name: str, body: dict):
+    """(the response, or None where the connection was dropped; seconds it took)."""
+    started = time.monotonic()
+    try:
+        answer = ts.predict(name, body)
+    except requests.RequestException:
+        answer = None
+    return answer, time.monotonic() - started
 
 
 @pytest.mark.serve

@@ -31,7 +31,7 @@ from .report import median_range, write_block
 from .run import REPO, log, package
 
 #: name -> handler.max_num_batched_tokens (None: every prompt prefilled whole)
-SERVERS = {"whole": None, "chunked-256": 256, "chunked-128": 128, "chunked-64": 64}
+SERVERS = {"whole": None, "chunked-256": 256, "chunked-128": 128, "chunked-64": 64, "chunked-32": 32}
 STREAM_TOKENS = 160
 RUNNING = 4
 LONG_TOKENS = 8

@@ -12,7 +12,9 @@ from typing import List, Optional
 import pytest
 
 from _llm import PARSE_CRASHES, REPO
+from ts_plugin.engines._paged import KVPool
 from ts_plugin.engines.base import StepModel
+from ts_plugin.kv_blocks import KVBlocks
 
 def test_a_rank_whose_torchrun_is_gone_refuses_to_load_and_a_loaded_rank_dies_with_its_agent():
     child = (
@@ -53,19 +55,16 @@ class _StepModel(StepModel):
         self.samples_here = samples_here
         self.shared_in: List[List[int]] = []
         self.forced = shared
-        self.ended = False
+        self.pool = KVPool(16)
 
-    def forward(self, input_ids, attention_mask, position_ids, cache):
+    def forward(self, input_ids, batch):
         import torch
 
-        return torch.zeros(input_ids.shape[0], 16), cache
+        return torch.zeros(len(batch.rows), 16)
 
     def share_tokens(self, tokens):
         self.shared_in.append(tokens.tolist())
         return tokens.fill_(self.forced) if self.forced is not None else tokens
-
-    def end(self, cache):
-        self.ended = True
 
 
 def test_a_sampling_failure_on_the_driver_reaches_the_other_ranks(monkeypatch):
@@ -80,14 +79,15 @@ def test_a_sampling_failure_on_the_driver_reaches_the_other_ranks(monkeypatch):
     driver = _StepModel(samples_here=True)
     from ts_plugin.distributed import InStepError
 
+    kv = KVBlocks(8)
     with pytest.raises(InStepError, match="sampling failed"):
-        generate(driver, _Tokenizer(), [[1, 2], [3]], [SamplingParams(4)] * 2, 0, [])
+        generate(driver, _Tokenizer(), [[1, 2], [3]], [SamplingParams(4)] * 2, 0, [], kv=kv)
     # the driver still took part in the token exchange, sending -1: the followers do not wait forever
-    assert driver.shared_in == [[-1, -1]] and driver.ended
+    assert driver.shared_in == [[-1, -1]] and kv.used == 0
     follower = _StepModel(samples_here=False, shared=-1)
     with pytest.raises(InStepError, match="driver rank failed"):
-        generate(follower, _Tokenizer(), [[1, 2], [3]], [SamplingParams(4)] * 2, 0, [])
-    assert follower.ended
+        generate(follower, _Tokenizer(), [[1, 2], [3]], [SamplingParams(4)] * 2, 0, [], kv=kv)
+    assert kv.used == 0
 
 
 @pytest.mark.parametrize("params", [{"temperature": 1e-300}, {"temperature": 1e-40, "top_k": 5, "top_p": 0.5},

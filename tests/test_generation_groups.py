@@ -8,8 +8,10 @@ import threading
 import pytest
 import torch
 
-from ts_plugin.engines.base import StepModel
 from ts_plugin.continuous import generate
+from ts_plugin.engines._paged import KVPool
+from ts_plugin.engines.base import StepModel
+from ts_plugin.kv_blocks import KVBlocks
 from ts_plugin.requests import SamplingParams
 
 VOCAB = 32
@@ -23,40 +25,39 @@ class _Tokenizer:
 
 
 class _Counting(StepModel):
-    """Logits that depend only on each row's own tokens, so padding and grouping cannot change the answer."""
+    """Logits that depend only on each row's own tokens, so grouping cannot change the answer. A row is known by
+    its first block (no prefix cache: no two rows share one)."""
 
     samples_here = True
 
     def __init__(self, groups=None, meet_timeout: float = 0.0):
         self.groups = groups
+        self.pool = KVPool(16)
         self.steps_by_thread = {}
-        self.ended = 0
+        self.history = {}
+        self._lock = threading.Lock()
         self._meet = threading.Barrier(len(groups), timeout=meet_timeout) if groups and meet_timeout else None
 
-    def forward(self, input_ids, attention_mask, position_ids, cache):
-        if self._meet is not None and cache is None:
+    def forward(self, input_ids, batch):
+        if self._meet is not None and all(row.new == row.length for row in batch.rows):
             self._meet.wait()  # every group's first step must run at the same time, or this times out
         name = threading.current_thread().name
         self.steps_by_thread[name] = self.steps_by_thread.get(name, 0) + 1
-        history = input_ids if cache is None else torch.cat([cache, input_ids], dim=1)
-        real = history * attention_mask  # left padding differs between groups; the real tokens do not
-        favourite = (real.sum(-1) * 7 + attention_mask.sum(-1)) % (VOCAB - 2) + 2
-        logits = torch.linspace(0, 1, VOCAB).repeat(input_ids.shape[0], 1)  # a spread for the sampled rows
-        logits[torch.arange(input_ids.shape[0]), favourite] += 2.0
+        histories, at = [], 0
+        for row in batch.rows:
+            with self._lock:
+                seen = self.history.get(row.blocks[0], [])[:row.length - row.new] + input_ids[at:at + row.new].tolist()
+                self.history[row.blocks[0]] = seen
+            histories.append(seen)
+            at += row.new
+        favourite = torch.tensor([(sum(seen) * 7 + len(seen)) % (VOCAB - 2) + 2 for seen in histories])
+        logits = torch.linspace(0, 1, VOCAB).repeat(len(histories), 1)  # a spread for the sampled rows
+        logits[torch.arange(len(histories)), favourite] += 2.0
         logits[:, :2] = -1e9  # pad and eos: every row runs to its max_new_tokens
-        return logits, history
+        return logits
 
     def share_tokens(self, tokens):
         return tokens
-
-    def select_rows(self, cache, rows, crop):
-        return cache[rows][:, crop:]
-
-    def merge(self, cache, other, pad, other_pad):
-        return torch.cat([torch.nn.functional.pad(cache, (pad, 0)), torch.nn.functional.pad(other, (other_pad, 0))])
-
-    def end(self, cache):
-        self.ended += 1
 
 
 class _Grouped(_Counting):
@@ -73,32 +74,34 @@ def test_groups_give_the_answers_of_the_whole_batch_in_row_order():
     whole = generate(_Counting(), _Tokenizer(), PROMPTS, PARAMS, 100, [1])
     streamed = []
     model = _Grouped([range(0, 2), range(2, 4), range(4, 5)], meet_timeout=30)
-    grouped = generate(model, _Tokenizer(), PROMPTS, PARAMS, 100,
-                       [1], on_step=lambda row, output: streamed.append((row, output.text, output.result is not None)))
+    kv = KVBlocks(64)
+    grouped = generate(model, _Tokenizer(), PROMPTS, PARAMS, 100, [1], kv=kv,
+                       on_step=lambda row, output: streamed.append((row, output.text, output.result is not None)))
     # the same tokens per row: unseeded sampled rows keep `default_seed + row` of the whole batch
     assert [r.token_ids for r in grouped] == [r.token_ids for r in whole]
     assert [r.finish_reason for r in grouped] == [r.finish_reason for r in whole]
     assert [len(r.token_ids) for r in grouped] == [p.max_new_tokens for p in PARAMS]
-    # each group stepped in a thread of its own and ended its batch once its last row left
-    assert len(model.steps_by_thread) == 3 and model.ended == 3
+    # each group stepped in a thread of its own, and every row gave its blocks back
+    assert len(model.steps_by_thread) == 3 and kv.used == 0
     # streamed text arrives under the batch's row numbers
     for row, result in enumerate(whole):
         assert "".join(text for r, text, _ in streamed if r == row) == result.text
         assert [finished for r, _, finished in streamed if r == row][-1] is True
 
 
-def test_a_failing_group_fails_the_batch_and_every_cache_is_released():
+def test_a_failing_group_fails_the_batch_and_every_block_is_released():
     class Failing(_Grouped):
-        def forward(self, input_ids, attention_mask, position_ids, cache):
-            if cache is not None and cache.shape[1] >= 6:  # group 0's fourth decode step; group 1's row is done
+        def forward(self, input_ids, batch):
+            if any(row.length >= 7 for row in batch.rows):  # group 0's fourth decode step; group 1's row is done
                 raise RuntimeError("stage failed")
-            return super().forward(input_ids, attention_mask, position_ids, cache)
+            return super().forward(input_ids, batch)
 
-    model = Failing([range(0, 4), range(4, 5)])
+    model = Failing([range(0, 2), range(2, 3)])
+    kv = KVBlocks(64)
     with pytest.raises(RuntimeError, match="stage failed"):
-        generate(model, _Tokenizer(), [[3, 4, 5], [6], [7, 8]], [SamplingParams(6), SamplingParams(2),
-                                                                  SamplingParams(6)], 0, [1])
-    assert model.ended == 2  # group 1 ended its batch when its row finished, group 0 when the step failed
+        generate(model, _Tokenizer(), [[3, 4, 5], [6], [7, 8]], [SamplingParams(6), SamplingParams(6),
+                                                                  SamplingParams(2)], 0, [1], kv=kv)
+    assert kv.used == 0  # group 1's row gave its blocks back when it finished, group 0's when the step failed
 
 
 def test_sampling_uses_transformers_processors_per_row():

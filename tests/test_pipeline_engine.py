@@ -64,15 +64,17 @@ SCRIPT = textwrap.dedent(r'''
             # fault injection for the test: this stage fails on prompts of 40+ tokens
             run = follower.stage.run
 
-            def failing_run(inputs, *args, run=run):
-                if inputs.shape[1] >= 40:
+            def failing_run(inputs, batch, run=run):
+                if max(row.new for row in batch.rows) >= 40:
                     raise RuntimeError("injected stage failure")
-                return run(inputs, *args)
+                return run(inputs, batch)
 
             follower.stage.run = failing_run
             follower.thread.join(timeout=300)
+            info = follower.stage.info
             results[config_file] = {"stopped": not follower.thread.is_alive(), "steps": follower.steps,
-                                    "open_caches": len(follower.caches)}
+                                    "own_layers_only": sorted(follower.stage.pool.layers) == list(range(info.start,
+                                                                                                      info.end))}
             continue
         case = {"chunks": handler.model.chunks}
         # three prompts of different lengths in one batch
@@ -197,8 +199,9 @@ def test_pipeline_matches_single_process_generate(tmp_path, models, arch):
         assert "pipeline stage failed" in case["stage_failure"]
         assert case["after_failure"][0]["generated_text"] == expected[2][1]
         assert case["plain"][0]["generated_text"] == plain[1]
-    # STOP ended the follower loop; every batch's caches were released
-    assert rank1["pp-chunks2.yaml"] == {"stopped": True, "steps": rank1["pp-chunks2.yaml"]["steps"], "open_caches": 0}
+    # STOP ended the follower loop; the stage's KV pool holds its own layers only
+    assert rank1["pp-chunks2.yaml"] == {"stopped": True, "steps": rank1["pp-chunks2.yaml"]["steps"],
+                                        "own_layers_only": True}
     assert rank1["pp-chunks2.yaml"]["steps"] > 0
     # rank 0 went away without STOP: the loop ended on the closed connection
     assert rank1["pp-chunks1.yaml"]["stopped"] is True
@@ -305,7 +308,8 @@ def test_other_families_split_in_process(tmp_path, family, stages):
 
     from ts_plugin.continuous import generate
     from ts_plugin.engines._checkpoint import build_meta_model
-    from ts_plugin.engines.base import StepModel, merge_caches, select_cache_rows
+    from ts_plugin.engines._paged import PagedBatch
+    from ts_plugin.engines.base import StepModel
     from ts_plugin.engines._checkpoint import materialize_stage
     from ts_plugin.engines.pipeline import PipelineStage, find_layer_list, stage_bounds
     from ts_plugin.requests import SamplingParams
@@ -320,25 +324,15 @@ def test_other_families_split_in_process(tmp_path, family, stages):
 
         def __init__(self, parts):
             self.parts = parts
+            self.pool = parts[0].pool
 
-        def forward(self, ids, mask, positions, cache):
-            cache = cache or [part.new_cache() for part in self.parts]
-            for part, part_cache in zip(self.parts, cache):
-                ids = part.run(ids, mask, positions, part_cache)
-            return ids, cache
+        def forward(self, ids, batch):
+            for part in self.parts:  # each stage over its own pool, from the rows as a later stage receives them
+                ids = part.run(ids, PagedBatch.from_ints(part.pool, batch.to_ints()))
+            return ids
 
         def share_tokens(self, tokens):
             return tokens
-
-        def select_rows(self, cache, rows, crop):
-            for part_cache in cache:
-                select_cache_rows(part_cache, rows, crop)
-            return cache
-
-        def merge(self, cache, other, pad, other_pad):
-            for part_cache, joining in zip(cache, other):
-                merge_caches(part_cache, joining, pad, other_pad)
-            return cache
 
     parts = []
     for index in range(stages):

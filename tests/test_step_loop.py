@@ -19,6 +19,7 @@ import torch
 from _llm import PROMPTS
 from ts_plugin.continuous import ContinuousBatch
 from ts_plugin.engines.base import HFStepModel
+from ts_plugin.kv_blocks import KVBlocks
 from ts_plugin.requests import SamplingParams
 from ts_plugin.step_loop import StepLoop
 from ts_plugin.testing import free_ports
@@ -46,7 +47,7 @@ def reference(hf, ids, max_new_tokens):
 
 def new_loop(hf, tokenizer, step_model=None):
     step_model = step_model or HFStepModel(hf, torch.device("cpu"))
-    return StepLoop(ContinuousBatch(step_model, tokenizer, [], 0))  # no eos: every answer runs to max_new_tokens
+    return StepLoop(ContinuousBatch(step_model, tokenizer, [], 0, KVBlocks(256)))  # no eos: every answer runs to max_new_tokens
 
 
 def collect(loop, outputs, texts, results, pause_s=0.0):
@@ -103,10 +104,10 @@ def test_a_failed_step_is_raised_by_the_next_call_and_the_loop_serves_on(tiny):
     step_model = HFStepModel(hf, torch.device("cpu"))
     forward, failures = step_model.forward, [RuntimeError("the forward broke")]
 
-    def breaking_forward(*args):
-        if failures and args[0].shape[1] == 1:  # the first decode step
+    def breaking_forward(ids, batch):
+        if failures and all(row.new == 1 for row in batch.rows):  # the first decode step
             raise failures.pop()
-        return forward(*args)
+        return forward(ids, batch)
 
     step_model.forward = breaking_forward
     loop = new_loop(hf, tokenizer, step_model)
@@ -136,6 +137,7 @@ RANKS_SCRIPT = textwrap.dedent(r'''
 
     from ts_plugin.continuous import ContinuousBatch
     from ts_plugin.engines.base import HFStepModel
+    from ts_plugin.kv_blocks import KVBlocks
     from ts_plugin.requests import SamplingParams
     from ts_plugin.step_loop import StepLoop, decision_group
 
@@ -144,7 +146,7 @@ RANKS_SCRIPT = textwrap.dedent(r'''
     rank = dist.get_rank()
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    live = ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, [], 0)
+    live = ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, [], 0, KVBlocks(256))
     decisions = []  # what each step started with: (joining ids, cancelled ids)
     steps, cancel = live.steps, live.cancel
     live.cancel = lambda ids: (decisions.append(("cancel", sorted(ids))), cancel(ids))[1]

@@ -12,6 +12,7 @@ import torch
 from _llm import masked_greedy
 
 from ts_plugin.continuous import ContinuousBatch, generate
+from ts_plugin.kv_blocks import KVBlocks
 from ts_plugin.engines.base import HFStepModel
 from ts_plugin.requests import RequestError, SamplingParams
 from ts_plugin.structured_output import Grammar, Grammars
@@ -54,7 +55,8 @@ def test_greedy_answers_follow_the_schema_and_equal_masked_hf_generate(model, bu
 
 def test_a_row_with_a_grammar_joins_a_running_batch_and_sampled_rows_follow_it_too(model):
     hf, tokenizer, eos, grammars = model
-    batch = ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, eos, 0, grammars=grammars)
+    batch = ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, eos, 0, KVBlocks(256),
+                            grammars=grammars)
     ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     batch.step([("free", ids[1], SamplingParams(max_new_tokens=30))])
     batch.step([])

@@ -1,37 +1,33 @@
-"""The one step loop: requests join and leave the running batch between decode steps, and long prompts are
-prefilled in chunks within a token budget. Static and continuous batching both run it.
+"""The one step loop: requests join and leave the running batch at every step, and long prompts are prefilled in
+chunks within a token budget, in the same forward as the running rows' next tokens. Static and continuous batching
+both run it.
 
 TorchServe's ContinuousBatching aggregator (`continuousBatching: true`) calls the handler again and again, each
 time with the requests still running plus new ones up to batchSize; the handler hands them to a thread that steps
-the batch on its own (ts_plugin.step_loop). `ContinuousBatch.step` runs one decode step for the running rows,
-then prefills waiting requests within `handler.max_num_batched_tokens` (whole prompts that fit, and one chunk of
-the first that does not), and lets finished rows go. A static batch (`generate`) is
-the same loop with every request joining at once, so its finished rows leave instead of stepping on with
-padding.
+the batch on its own (ts_plugin.step_loop). A static batch (`generate`) is the same loop with every request
+joining at once, so its finished rows leave instead of stepping on with padding.
 
-The KV cache: one batched cache for all live rows (transformers' DynamicCache, as every engine already keeps it,
-whose full-attention layers append in place: engines/_kv_cache.py), left-padded like a static batch. New rows
-are prefilled together on a cache of their own (a chunked prompt on one of its own, a chunk per step), then both
-caches are padded on the left to one length and concatenated (`StepModel.merge`); finished and cancelled rows
-are cut out, and positions that no remaining row attends are cropped from the left (`StepModel.select_rows`).
-Every engine keeps its own part of that cache (a tp rank its heads, a pp stage its layers) and applies the same
-row edits to it, so the same code serves tp, pp, pptp and custom: on tp and pptp every rank gets the same batch
-and takes the same decisions (they depend on the calls alone, never on timing), in pp rank 0 sends the edits
-down the stages.
-Why not per-row caches with their own positions: each step would run one forward per row, which gives up
-batching. Why not transformers' continuous_batching (paged cache, scheduler, manager): it runs its own thread
-and a paged attention path over the whole model in one process, sizes its cache for unsharded heads (a
-DeepSpeed-sharded rank or a pp stage with some layers is outside it) and has one seed for all requests, where a
-seeded request here must give the same tokens alone or beside others; so only the engines' own forward is used.
-The price of left padding: a long-running row keeps the batch as wide as its history; cropping reclaims it
-when that row leaves. Prefix caching keeps copies instead of pages: a prompt's full blocks are copied out after
-its prefill (ts_plugin.prefix_cache), and a later prompt that starts with them begins from a copy of them and
-prefills the rest as chunks. The memory bound (`kv_tokens`, from handler.kv_cache_memory) counts padded positions:
-requests wait while it is full and the newest row is preempted and recomputed when the rows outgrow it.
+Each step, `ContinuousBatch` schedules and runs one flat forward, as vLLM's V1 scheduler does (no separate prefill
+and decode phases): every running row's next token, then prompt tokens within `handler.max_num_batched_tokens`
+(each running row counts one): the rest of a prompt being prefilled in chunks, then waiting requests in arrival
+order. The KV cache is paged (ts_plugin.engines._paged: one pool per rank; ts_plugin.kv_blocks: the block tables,
+owned here): a row joins by getting blocks and leaves by giving them back, nothing is padded or copied, and a
+prompt that begins with registered blocks of an earlier one starts from them (prefix caching). When a running row
+needs a block and none is left, the newest running row is preempted: its blocks go back and it waits first in
+line to be recomputed (its prompt and tokens, mostly prefix hits on its own registered blocks). A request whose
+prompt and max_new_tokens alone exceed the cache is refused.
+
+Every engine keeps its own part of each block (a tp rank its heads, a pp stage its layers) and only follows the
+block tables of each step, so the same code serves tp, pp, pptp and custom: on tp and pptp every rank gets the same
+calls and takes the same decisions (they depend on the calls alone, never on timing); in pp rank 0 sends each
+step's rows down the stages with the hidden states. Why not transformers' continuous_batching manager: it runs a
+scheduler and cache of its own, sized for the whole model's heads in one process, and one seed for all requests,
+where a seeded request here must give the same tokens alone or beside others; what is taken from it is the idea of
+the model's own forward over a flat batch through a registered attention function (see engines/_paged.py).
 
 Where the engine splits a batch into row groups (pp with `pippy.chunks`: at most one group per stage),
-`ContinuousGroups` keeps one ContinuousBatch per group and steps them in threads of their own: while stage 1
-runs one group's step, stage 0 runs another's.
+`ContinuousGroups` keeps one ContinuousBatch per group, all on one KVBlocks, and steps them in threads of their
+own: while stage 1 runs one group's step, stage 0 runs another's.
 """
 from __future__ import annotations
 
@@ -44,10 +40,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .engines._paged import PagedBatch, PagedRow
 from .engines.base import StepModel
-from .generation import (SequenceResult, TokenLogprob, _Sequence, advance, left_padded, new_sequence, next_tokens,
-                         pad_token_id)
-from .prefix_cache import PrefixIndex
+from .generation import SequenceResult, TokenLogprob, _Sequence, advance, new_sequence, next_tokens
+from .kv_blocks import KVBlocks
 from .structured_output import Grammars
 from .requests import SamplingParams
 
@@ -60,7 +56,30 @@ class _Row:
     text: str = ""  # new text of this step, for streaming
     logprobs_sent: int = 0  # how many of seq.logprobs earlier steps gave out
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
-    answered: bool = False  # its result went out (a batch that cannot drop rows keeps it until the last one ends)
+    table: List[int] = dataclasses.field(default_factory=list)  # its KV blocks, in order
+    computed: int = 0  # its first tokens whose keys and values are in those blocks
+    registered: int = 0  # its full blocks registered for prefix hits
+
+    @property
+    def length(self) -> int:
+        return len(self.seq.prompt_ids) + len(self.seq.token_ids)
+
+    @property
+    def left(self) -> int:
+        """Tokens to compute before it can take its next one (a decoding row: its last token)."""
+        return self.length - self.computed
+
+    @property
+    def ids(self) -> List[int]:
+        return self.seq.prompt_ids + self.seq.token_ids
+
+    def tokens(self, start: int, end: int) -> List[int]:
+        """Its tokens start..end-1 (prompt, then generated)."""
+        prompt = self.seq.prompt_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        generated = self.seq.token_ids[max(0, start - len(prompt)):end - len(prompt)]
+        return (prompt[start:] if start < len(prompt) else []) + generated
 
 
 #: the fewest prompt tokens a chunked prefill takes in a step, whatever the running rows leave of the budget
@@ -81,40 +100,14 @@ class StepOutput:
         return StepOutput(self.text + later.text, later.result, self.logprobs + later.logprobs)
 
 
-class _Pending:
-    """A request that has not joined the rows yet: waiting, or with the first `done` of its tokens prefilled into a
-    cache of its own (a chunked prefill). Its tokens are the prompt, and for a preempted row the tokens it had
-    generated (recomputed, as vLLM does: the next token follows from the last one's logits)."""
-
-    def __init__(self, row: _Row):
-        self.row = row
-        self.ids = row.seq.prompt_ids + row.seq.token_ids
-        self.cache: Any = None
-        self.done = 0
-
-    @property
-    def left(self) -> int:
-        return len(self.ids) - self.done
-
-
 class ContinuousBatch:
     """The live requests of one worker, and the one step loop over them: every rank that runs generation keeps
     one and calls it identically (so every decision below is a function of the calls alone, never of timing).
 
-    At each step the running rows decode one token, then waiting requests are prefilled within a token budget
-    (`max_batched_tokens`, each running row counting one): prompts that fit join together in one left-padded
-    forward; the first that does not is prefilled in chunks, one per step, on a cache of its own, and joins when
-    its last chunk gives its first token. So a long prompt delays the running rows' next token by one chunk's
-    forward at a time instead of by its whole prefill. Without a budget every prompt joins whole.
-
-    `kv_tokens` bounds the KV positions the batch holds: rows x the widest row (left padding included), counting a
-    request that is being prefilled as joined. Waiting requests join in arrival order while the next decode step
-    fits; when the running rows outgrow it, the newest is preempted (its cache dropped, it waits first in line and
-    its prompt and tokens are prefilled again). A request whose prompt and max_new_tokens alone exceed it is refused.
-
     Example::
 
-        batch = ContinuousBatch(step_model, tokenizer, eos_ids=[2], default_seed=42, max_batched_tokens=256)
+        batch = ContinuousBatch(step_model, tokenizer, eos_ids=[2], default_seed=42, kv=KVBlocks(256),
+                                max_batched_tokens=256)
         out = batch.step([("req-1", prompt_ids, SamplingParams(max_new_tokens=16))])  # prefill, first token
         while not out["req-1"].result:
             out = batch.step([])  # one token per live row
@@ -122,104 +115,83 @@ class ContinuousBatch:
 
     groups = 1  # row groups stepped concurrently (ContinuousGroups has more)
 
-    def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int,
-                 max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
-                 prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None,
-                 kv_tokens: Optional[int] = None):
+    def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int, kv: KVBlocks,
+                 max_batched_tokens: Optional[int] = None, grammars: Optional[Grammars] = None,
+                 kv_lock: Optional[threading.RLock] = None):
         self.model = model
+        self.kv = kv
+        model.pool.blocks = kv.blocks  # the pool grows as blocks are used, to this at most
+        self._kv_lock = kv_lock or threading.RLock()  # row groups share the blocks
         self.grammars = grammars
-        self.prefix = prefix if rows_editable else None  # a prefix hit joins like a chunk, which needs row edits
-        # False for a cache whose layers cannot drop or add rows (sliding windows): then a batch is static, every
-        # request joins at once and whole, and a finished row stays, fed padding, until the last one finishes
-        self.rows_editable = rows_editable
         self.tokenizer = tokenizer
         self.eos = set(eos_ids)
-        self.pad_id = pad_token_id(tokenizer, eos_ids)
         self.default_seed = default_seed
         self.max_batched_tokens = max_batched_tokens
-        self.kv_tokens = kv_tokens if rows_editable else None  # a static batch of uneditable rows joins at once
         self.preemptions = 0
         self._joined = 0  # requests so far: an unseeded one samples with default_seed + this
-        self.rows: List[_Row] = []
-        self.waiting: List[_Pending] = []  # in arrival order
-        self.cache: Any = None
-        self.mask: Optional[torch.Tensor] = None  # [rows, positions]
-        self.positions: Optional[torch.Tensor] = None  # [rows, 1]: the last position of each row
-        self.tokens: Optional[torch.Tensor] = None  # [rows]: the token each row feeds next
+        self.running: List[_Row] = []  # rows with blocks, in the order they started (preempted last first)
+        self.waiting: List[_Row] = []  # in arrival order; a preempted row first
 
     def __contains__(self, request_id: str) -> bool:
-        return any(row.request_id == request_id for row in self._all_rows())
+        return any(row.request_id == request_id for row in self.running + self.waiting)
 
     def __len__(self) -> int:
-        return len(self.rows) + len(self.waiting)
+        return len(self.running) + len(self.waiting)
 
     def load(self) -> Tuple[int, int]:
         """(rows running, counting those part-prefilled; rows waiting for their prefill), as vLLM counts them."""
-        started = sum(1 for pending in self.waiting if pending.cache is not None)
-        return len(self.rows) + started, len(self.waiting) - started
+        return len(self.running), len(self.waiting)
 
     def kv_usage(self) -> Tuple[int, Optional[int]]:
-        """(KV positions held after the next decode step, counting requests being prefilled as joined; the bound)."""
-        return self._footprint(), self.kv_tokens
-
-    def _all_rows(self) -> List[_Row]:
-        return self.rows + [pending.row for pending in self.waiting]
+        """(KV token slots held by rows, the cache's size in token slots)."""
+        return self.kv.used * self.kv.block_size, self.kv.blocks * self.kv.block_size
 
     def cancel(self, request_ids: Sequence[str]) -> None:
         """Drop these requests, waiting or running (their client went away); ids not here are ignored."""
         unwanted = set(request_ids)
-        for pending in [pending for pending in self.waiting if pending.row.request_id in unwanted]:
-            self.waiting.remove(pending)
-            self.model.end(pending.cache)
-        if any(row.request_id in unwanted for row in self.rows):
-            self._keep([i for i, row in enumerate(self.rows) if row.request_id not in unwanted])
+        self.waiting = [row for row in self.waiting if row.request_id not in unwanted]
+        for row in [row for row in self.running if row.request_id in unwanted]:
+            self._release(row)
 
     def step(self, joining: Sequence[Tuple[str, List[int], SamplingParams]]) -> Dict[str, StepOutput]:
-        """One token for every running row, then prefill within the budget; rows that finish leave the batch.
-        Returns the output of this step of every live request (an empty one while a request waits or prefills)."""
-        for row in self.rows:
+        """Schedule and run one forward: a token for every running row and prompt tokens within the budget; rows
+        that finish leave. Returns the output of this step of every live request (an empty one while it waits or
+        prefills)."""
+        for row in self.running:
             row.text = ""
         started = time.perf_counter()
+        capacity = self.kv.blocks * self.kv.block_size
         for request_id, prompt, params in joining:
-            if self.kv_tokens is not None and len(prompt) + params.max_new_tokens > self.kv_tokens:
-                raise ValueError(f"request {request_id} needs {len(prompt) + params.max_new_tokens} KV positions; "
-                                 f"the batch holds {self.kv_tokens} (the handler refuses it before it gets here)")
+            if len(prompt) + params.max_new_tokens > capacity:
+                raise ValueError(f"request {request_id} needs {len(prompt) + params.max_new_tokens} KV slots; the "
+                                 f"cache holds {capacity} (the handler refuses it before it gets here)")
         for request_id, prompt, params in joining:
             seq = new_sequence(prompt, params, self.default_seed + self._joined, self.grammars)
-            self.waiting.append(_Pending(_Row(request_id, seq, started)))
+            self.waiting.append(_Row(request_id, seq, started))
             self._joined += 1
         try:
-            self._preempt_to_fit()
-            if self.rows:
-                self._decode()
-            whole, chunks = self._schedule()
-            if whole:
-                self._join(whole)
-            for pending, size in chunks:
-                self._prefill_chunk(pending, size)
+            scheduled = self._schedule()
+            if scheduled:
+                self._run(scheduled)
         except BaseException:
-            self.reset()  # the caches are out of step with the rows: every live request fails with this call
+            self.reset()  # the blocks are out of step with the rows: every live request fails with this call
             raise
         outputs = {}
         now = time.perf_counter()
-        for row in self.rows:
-            if row.answered:
-                continue
+        for row in list(self.running):
             result = None
             if row.seq.finish_reason:
-                seq, row.answered = row.seq, True
+                seq = row.seq
                 result = SequenceResult(seq.text, seq.token_ids, len(seq.prompt_ids), seq.finish_reason,
                                         (seq.first_token_at or row.started) - row.started, now - row.started,
                                         seq.logprobs if seq.params.logprobs is not None else None,
                                         row.cached_tokens, seq.end_logprob)
+                self._release(row)
             new_logprobs = row.seq.logprobs[row.logprobs_sent:]
             row.logprobs_sent += len(new_logprobs)
             outputs[row.request_id] = StepOutput(row.text, result, new_logprobs)
-        for pending in self.waiting:
-            outputs[pending.row.request_id] = StepOutput("", None)
-        running = [i for i, row in enumerate(self.rows) if not row.seq.finish_reason]
-        if len(running) < len(self.rows) and (self.rows_editable or not running):
-            self._keep(running)
+        for row in self.waiting:
+            outputs[row.request_id] = StepOutput("", None)
         return outputs
 
     def steps(self, joining: Sequence[Tuple[str, List[int], SamplingParams]], count: int,
@@ -238,210 +210,162 @@ class ContinuousBatch:
             if not len(self) or slot_freed.is_set():
                 break
             for request_id, output in self.step([]).items():
-                outputs[request_id] = outputs[request_id].then(output)
+                outputs[request_id] = outputs[request_id].then(output) if request_id in outputs else output
             heartbeat()
         return outputs
 
     def reset(self) -> None:
-        """Drop every request and release the caches."""
-        cache, self.cache = self.cache, None
-        waiting, self.waiting = self.waiting, []
-        self.rows, self.mask, self.positions, self.tokens = [], None, None, None
-        for part in [cache] + [pending.cache for pending in waiting]:
-            if part is not None:
-                self.model.end(part)
+        """Drop every request and give back its blocks."""
+        for row in list(self.running):
+            self._release(row)
+        self.waiting = []
 
     def close(self) -> None:
         self.reset()
 
     # --- internals -------------------------------------------------------------------------------------------
 
-    def _footprint(self, admitted: Sequence[_Pending] = ()) -> int:
-        """KV positions the running batch holds after its next decode step if the requests being prefilled and
-        `admitted` have joined it: every row is as wide as the widest."""
-        width = self.mask.shape[1] if self.rows else 0
-        lengths = [len(p.ids) for p in self.waiting if p.cache is not None or any(p is a for a in admitted)]
-        rows = len(self.rows) + len(lengths)
-        return rows * (max([width] + lengths) + 1) if rows else 0
+    def _release(self, row: _Row) -> None:
+        self.running.remove(row)
+        with self._kv_lock:
+            self.kv.free(row.table)
+        row.table, row.computed = [], 0
 
-    def _fits(self, admitted: Sequence[_Pending]) -> bool:
-        return self.kv_tokens is None or self._footprint(admitted) <= self.kv_tokens
+    def _preempt(self, row: _Row) -> None:
+        """Give back `row`'s blocks; it waits first in line and is recomputed (its prompt and tokens so far)."""
+        self._release(row)
+        self.waiting.insert(0, row)
+        self.preemptions += 1
 
-    def _preempt_to_fit(self) -> None:
-        """Free KV positions for the next decode step, newest work first: a part-prefilled request starts over
-        later, a running row is cut out and waits, first in line, to be prefilled again with its tokens."""
-        while not self._fits(()):
-            started = [pending for pending in self.waiting if pending.cache is not None]
-            if started:
-                pending = started[-1]
-                self.model.end(pending.cache)
-                pending.cache, pending.done = None, 0
-            else:
-                row = self.rows[-1]
-                self._keep(list(range(len(self.rows) - 1)))
-                self.waiting.insert(0, _Pending(row))
-            self.preemptions += 1
-
-    def _schedule(self) -> Tuple[List[_Pending], List[Tuple[_Pending, int]]]:
-        """The waiting requests that join whole this step, and the (request, tokens) of this step's chunks: a
-        prompt that starts from a prefix-cache hit or is part prefilled goes on where it stands. The first chunk
-        takes at least MIN_CHUNK tokens, so a prompt makes progress beside any batch. Requests start in arrival
-        order while the KV bound holds; the first that does not fit stops the rest."""
-        if not self.rows_editable:
-            if self.rows and self.waiting:
-                raise RuntimeError("this model's KV cache cannot take rows into a running batch (sliding-window "
-                                   "layers): every request of a batch must join at once")
-            whole, self.waiting = self.waiting, []
-            return whole, []
-        budget = None if self.max_batched_tokens is None else self.max_batched_tokens - len(self.rows)
-        whole: List[_Pending] = []
-        chunks: List[Tuple[_Pending, int]] = []
-        admitted: List[_Pending] = []  # not started before this step
-        for pending in self.waiting:
-            if budget is not None and budget <= 0 and chunks:
-                break
-            if pending.cache is None:
-                if not self._fits(admitted + [pending]):
-                    break
-                admitted.append(pending)
-            if pending.cache is None and not self._reuse_prefix(pending):
-                if budget is None or pending.left <= budget:
-                    whole.append(pending)
-                    budget = None if budget is None else budget - pending.left
-                continue
-            if budget is None:
-                size = pending.left
-            elif not chunks:
-                size = min(pending.left, max(budget, MIN_CHUNK))
-            elif budget >= min(pending.left, MIN_CHUNK):
-                size = min(pending.left, budget)
-            else:
-                continue
-            chunks.append((pending, size))
-            budget = None if budget is None else budget - size
-        for pending in whole:
-            self.waiting.remove(pending)
-        if not chunks and self.waiting and any(self.waiting[0] is a for a in admitted):
-            first = self.waiting[0]  # none fits the token budget whole: the first starts a chunked prefill
-            chunks.append((first, min(first.left, max(budget, MIN_CHUNK))))
-        return whole, chunks
-
-    def _reuse_prefix(self, pending: _Pending) -> bool:
-        """Start `pending` from the cached blocks that begin its prompt, if any."""
-        if self.prefix is None:
-            return False
-        with self.prefix.lock:
-            blocks = self.prefix.match(pending.ids)
-            if not blocks:
+    def _grow(self, row: _Row, tokens: int) -> bool:
+        """Blocks for `row` to hold `tokens` tokens, preempting the newest running rows for them; False where
+        `row` itself was preempted."""
+        while True:
+            need = self.kv.blocks_for(tokens) - len(row.table)
+            got = self.kv.allocate(need) if need > 0 else []
+            if got is not None:
+                row.table += got
+                return True
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is row:
                 return False
-            pending.cache = self.model.cache_from_prefix(blocks)
-        pending.done = len(blocks) * self.prefix.block_size
-        if not pending.row.seq.token_ids:  # a recomputed row's hit is not the prompt's
-            pending.row.cached_tokens = pending.done
+
+    def _schedule(self) -> List[Tuple[_Row, int]]:
+        """This step's rows and how many new tokens each computes, within the token budget: every decoding row's
+        next token; then waiting prompts that fit the budget whole, in arrival order; then the next chunk of the
+        prompts being prefilled; and where none is, a first chunk of the first waiting prompt. The step's first
+        chunk takes at least MIN_CHUNK tokens, so a long prompt makes progress beside any batch. A waiting request
+        starts only while blocks last, and the first that finds none stops the others behind it."""
+        budget = self.max_batched_tokens
+        scheduled: List[Tuple[_Row, int]] = []
+
+        def take(row: _Row, count: int) -> None:
+            nonlocal budget
+            scheduled.append((row, count))
+            budget = None if budget is None else budget - count
+
+        with self._kv_lock:
+            for row in [row for row in self.running if row.left == 1]:
+                if row in self.running and self._grow(row, row.computed + 1):
+                    take(row, 1)
+            blocked = False
+            for row in list(self.waiting):
+                if budget is not None and budget <= 0:
+                    break
+                self._start(row)
+                if budget is not None and row.left > budget:
+                    self._unstart(row)
+                    continue
+                if not self._grow_new(row, row.length):
+                    blocked = True
+                    break
+                take(row, row.left)
+            for row in [row for row in self.running if row.left > 1 and not any(row is r for r, _ in scheduled)]:
+                count = self._chunk(row.left, budget, scheduled)
+                if count and row in self.running and self._grow(row, row.computed + count):
+                    take(row, count)
+            if not blocked and self.waiting and not any(count > 1 and row.left > count for row, count in scheduled):
+                row = self.waiting[0]
+                self._start(row)
+                count = self._chunk(row.left, budget, scheduled)
+                if count and self._grow_new(row, row.computed + count):
+                    take(row, count)
+                else:
+                    self._unstart(row)
+        return [(row, count) for row, count in scheduled if row in self.running]
+
+    def _start(self, row: _Row) -> None:
+        """A waiting row takes the registered blocks its tokens begin with."""
+        row.table = self.kv.match(row.ids) if self.kv.cached_limit else []
+        row.computed = len(row.table) * self.kv.block_size
+
+    def _unstart(self, row: _Row) -> None:
+        self.kv.free(row.table)
+        row.table, row.computed = [], 0
+
+    def _grow_new(self, row: _Row, tokens: int) -> bool:
+        """Blocks for a started waiting row to hold `tokens`, without preempting anyone: then it runs."""
+        got = self.kv.allocate(self.kv.blocks_for(tokens) - len(row.table))
+        if got is None:
+            self._unstart(row)
+            return False
+        row.table += got
+        if not row.seq.token_ids:  # a recomputed row's hit is not the prompt's
+            row.cached_tokens = row.computed
+        self.waiting.remove(row)
+        self.running.append(row)
         return True
 
-    def _remember_prompts(self, rows: List[_Row], cache: Any, pads: List[int]) -> None:
-        """Keep the full blocks of the prompts just prefilled in `cache` (row i's tokens start at pads[i])."""
-        if self.prefix is None:
-            return
-        size = self.prefix.block_size
-        with self.prefix.lock:
-            for index, (row, pad) in enumerate(zip(rows, pads)):
-                new, evicted = self.prefix.insert(row.seq.prompt_ids)
-                if evicted:
-                    self.model.drop_prefix(evicted)
-                if new:
-                    self.model.save_prefix(cache, index, [(block, pad + at * size) for block, at in new], size)
+    def _chunk(self, left: int, budget: Optional[int], scheduled: List[Tuple[_Row, int]]) -> int:
+        """Tokens a prompt with `left` to compute takes this step: all within the budget; at least MIN_CHUNK (or
+        all it has left) as the step's first prompt chunk; none where less is left and another chunk took it."""
+        if budget is None or budget >= left:
+            return left
+        if not any(count > 1 for _, count in scheduled):
+            return min(left, max(budget, MIN_CHUNK))
+        return budget if budget >= MIN_CHUNK else 0
 
-    def _advance_all(self, rows: List[_Row], tokens: torch.Tensor) -> None:
+    def _run(self, scheduled: List[Tuple[_Row, int]]) -> None:
+        """One forward of the scheduled rows; rows whose prompt is now whole (or that decoded) take a token."""
+        rows = [PagedRow(row.table, row.computed + count, count) for row, count in scheduled]
+        input_ids = torch.tensor([token for row, count in scheduled
+                                  for token in row.tokens(row.computed, row.computed + count)], dtype=torch.long)
+        logits = self.model.forward(input_ids, PagedBatch(self.model.pool, rows))
+        complete = []
+        for index, (row, count) in enumerate(scheduled):
+            row.computed += count
+            if row.computed // self.kv.block_size > row.registered:
+                with self._kv_lock:
+                    self.kv.register(row.table, row.tokens(0, row.computed))
+                row.registered = row.computed // self.kv.block_size
+            if row.left == 0:
+                complete.append(index)
+        if not complete:
+            return
+        picked = logits[complete] if logits is not None else None
+        tokens = next_tokens(self.model, picked, [scheduled[i][0].seq for i in complete])
         now = time.perf_counter()
+        for at, index in enumerate(complete):
+            row = scheduled[index][0]
 
-        def collect(row_index: int, text: str, finished: bool) -> None:
-            rows[row_index].text += text
+            def collect(_row: int, text: str, _finished: bool, row=row) -> None:
+                row.text += text
 
-        for index, row in enumerate(rows):
-            if row.seq.finish_reason:  # a finished row kept in a batch that cannot drop it: fed padding
-                tokens[index] = self.pad_id
-            else:
-                advance(row.seq, int(tokens[index]), self.tokenizer, self.eos, now, index, collect)
-
-    def _decode(self) -> None:
-        input_ids = self.tokens.view(-1, 1)
-        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
-        self.positions = self.positions + 1
-        logits, self.cache = self.model.forward(input_ids, self.mask, self.positions, self.cache)
-        self.tokens = next_tokens(self.model, logits, [row.seq for row in self.rows])
-        self._advance_all(self.rows, self.tokens)
-
-    def _join(self, joining: List[_Pending]) -> None:
-        """Prefill whole prompts together, left-padded, and add them to the rows."""
-        rows = [pending.row for pending in joining]
-        input_ids, mask, positions = left_padded([pending.ids for pending in joining], self.pad_id)
-        logits, cache = self.model.forward(input_ids, mask, positions, None)
-        self._remember_prompts(rows, cache, [mask.shape[1] - len(pending.ids) for pending in joining])
-        self._add_rows(rows, logits, cache, mask, positions[:, -1:])
-
-    def _prefill_chunk(self, pending: _Pending, size: int) -> None:
-        """The next `size` prompt tokens of `pending` into its own cache; with the last, it joins the rows."""
-        end = pending.done + size
-        input_ids = torch.tensor([pending.ids[pending.done:end]], dtype=torch.long)
-        mask = torch.ones((1, end), dtype=torch.long)
-        positions = torch.arange(pending.done, end, dtype=torch.long).view(1, -1)
-        logits, pending.cache = self.model.forward(input_ids, mask, positions, pending.cache)
-        pending.done = end
-        if pending.left:
-            return
-        self.waiting.remove(pending)
-        self._remember_prompts([pending.row], pending.cache, [0])
-        self._add_rows([pending.row], logits, pending.cache, mask, positions[:, -1:])
-
-    def _add_rows(self, rows: List[_Row], logits, cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """Rows whose prompts are in `cache`: choose their first tokens and merge them into the running batch."""
-        try:
-            tokens = next_tokens(self.model, logits, [row.seq for row in rows])
-        except BaseException:
-            self.model.end(cache)
-            raise
-        self._advance_all(rows, tokens)
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.positions, self.tokens = rows, cache, mask, positions, tokens
-            return
-        width, joining_width = self.mask.shape[1], mask.shape[1]
-        pad, joining_pad = max(0, joining_width - width), max(0, width - joining_width)
-        self.cache = self.model.merge(self.cache, cache, pad, joining_pad)
-        self.mask = torch.cat([torch.nn.functional.pad(self.mask, (pad, 0)),
-                               torch.nn.functional.pad(mask, (joining_pad, 0))])
-        self.rows += rows
-        self.positions = torch.cat([self.positions, positions])
-        self.tokens = torch.cat([self.tokens, tokens])
-
-    def _keep(self, kept: List[int]) -> None:
-        if not kept:
-            cache, self.cache = self.cache, None
-            self.rows, self.mask, self.positions, self.tokens = [], None, None, None
-            if cache is not None:
-                self.model.end(cache)
-            return
-        mask = self.mask[kept]
-        crop = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading positions no kept row attends
-        self.cache = self.model.select_rows(self.cache, kept, crop)
-        self.mask = mask[:, crop:]
-        self.rows = [self.rows[i] for i in kept]
-        self.positions, self.tokens = self.positions[kept], self.tokens[kept]
+            advance(row.seq, int(tokens[at]), self.tokenizer, self.eos, now, at, collect)
 
 
 class ContinuousGroups:
     """The live rows of one worker in `groups` ContinuousBatches, stepped concurrently; the same calls as one
     ContinuousBatch. A new request joins the group with the fewest rows. An unseeded request gets its seed in the
-    order requests joined, as in one batch. `kv_tokens` is shared out evenly: each group holds a cache of its own."""
+    order requests joined, as in one batch. The groups share the KV blocks."""
 
     def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int, groups: int,
-                 max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
-                 prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None,
-                 kv_tokens: Optional[int] = None):
-        share = None if kv_tokens is None else kv_tokens // groups
-        self.batches = [ContinuousBatch(model, tokenizer, eos_ids, default_seed, max_batched_tokens, rows_editable,
-                                        prefix, grammars, share) for _ in range(groups)]
+                 kv: KVBlocks, max_batched_tokens: Optional[int] = None, grammars: Optional[Grammars] = None):
+        lock = threading.RLock()
+        self.kv = kv
+        self.batches = [ContinuousBatch(model, tokenizer, eos_ids, default_seed, kv, max_batched_tokens, grammars,
+                                        lock) for _ in range(groups)]
         self.default_seed = default_seed
         self._joined = 0
         self.groups = groups
@@ -458,9 +382,7 @@ class ContinuousGroups:
         return sum(running for running, _ in loads), sum(waiting for _, waiting in loads)
 
     def kv_usage(self) -> Tuple[int, Optional[int]]:
-        usages = [batch.kv_usage() for batch in self.batches]
-        bounds = [bound for _, bound in usages]
-        return sum(used for used, _ in usages), None if None in bounds else sum(bounds)
+        return self.batches[0].kv_usage()
 
     @property
     def preemptions(self) -> int:
@@ -505,34 +427,34 @@ class ContinuousGroups:
 
 
 def continuous_batch(model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int,
-                     batch_size: int, max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
-                     prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None,
-                     kv_tokens: Optional[int] = None) -> Union[ContinuousBatch, ContinuousGroups]:
+                     batch_size: int, kv: KVBlocks, max_batched_tokens: Optional[int] = None,
+                     grammars: Optional[Grammars] = None) -> Union[ContinuousBatch, ContinuousGroups]:
     """The live requests for `model`: one ContinuousBatch, or ContinuousGroups where the model generates a batch of
-    `batch_size` rows in several groups. `prefix`: the worker's prefix cache, None for none. `grammars`: the
-    model's structured-output side, needed by requests whose parameters carry a grammar. `kv_tokens`: the KV
-    positions all groups together may hold (kv_tokens_per_rank), None for no bound."""
+    `batch_size` rows in several groups. `kv`: the worker's KV blocks (its size and prefix cache), which outlive
+    batches. `grammars`: the model's structured-output side, needed by requests whose parameters carry a grammar."""
     groups = len(model.row_groups(batch_size))
     if groups > 1:
-        return ContinuousGroups(model, tokenizer, eos_ids, default_seed, groups, max_batched_tokens, rows_editable,
-                                prefix, grammars, kv_tokens)
-    return ContinuousBatch(model, tokenizer, eos_ids, default_seed, max_batched_tokens, rows_editable, prefix,
-                           grammars, kv_tokens)
+        return ContinuousGroups(model, tokenizer, eos_ids, default_seed, groups, kv, max_batched_tokens, grammars)
+    return ContinuousBatch(model, tokenizer, eos_ids, default_seed, kv, max_batched_tokens, grammars)
+
+
+def kv_blocks_for(prompts: Sequence[List[int]], params: Sequence[SamplingParams]) -> KVBlocks:
+    """KV blocks enough for a static batch of `prompts` to run whole, without a prefix cache."""
+    probe = KVBlocks(1)
+    return KVBlocks(sum(probe.blocks_for(len(prompt) + p.max_new_tokens) for prompt, p in zip(prompts, params)))
 
 
 def generate(model: StepModel, tokenizer: Any, prompts: Sequence[List[int]], params: Sequence[SamplingParams],
              default_seed: int, eos_ids: Sequence[int], on_step: Optional[Callable[[int, StepOutput], None]] = None,
-             max_batched_tokens: Optional[int] = None, rows_editable: bool = True,
-             prefix: Optional[PrefixIndex] = None, grammars: Optional[Grammars] = None,
-             kv_tokens: Optional[int] = None, heartbeat: Optional[Callable[[], None]] = None) -> List[SequenceResult]:
+             max_batched_tokens: Optional[int] = None, kv: Optional[KVBlocks] = None,
+             grammars: Optional[Grammars] = None, heartbeat: Optional[Callable[[], None]] = None) -> List[SequenceResult]:
     """Generate a static batch of tokenized prompts until each sequence stops: the continuous loop with every
     request joining at once, so finished rows leave the batch instead of stepping on with padding. A row without
-    a seed samples with `default_seed + its row`. `on_step(row, output)` streams each step's output.
-    `rows_editable`: False where the model's cache cannot drop rows (see ContinuousBatch). `prefix`: the worker's
-    prefix cache, which outlives the batch. `grammars` and `kv_tokens`: as for continuous_batch. `heartbeat()` is
-    called after every step (a sign of progress for a watchdog)."""
-    live = continuous_batch(model, tokenizer, eos_ids, default_seed, len(prompts), max_batched_tokens, rows_editable,
-                            prefix, grammars, kv_tokens)
+    a seed samples with `default_seed + its row`. `on_step(row, output)` streams each step's output. `kv`: the
+    worker's KV blocks, which outlive the batch (default: enough for this batch, no prefix cache). `grammars`: as
+    for continuous_batch. `heartbeat()` is called after every step (a sign of progress for a watchdog)."""
+    kv = kv or kv_blocks_for(prompts, params)
+    live = continuous_batch(model, tokenizer, eos_ids, default_seed, len(prompts), kv, max_batched_tokens, grammars)
     try:
         ids = [str(row) for row in range(len(prompts))]
         joining = list(zip(ids, prompts, params))

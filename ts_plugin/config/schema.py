@@ -135,19 +135,19 @@ class HandlerConfig(_Section):
         "so a long prompt delays the running requests' next tokens by one chunk at a time, not its whole "
         "prefill. null: every prompt is prefilled whole at once.")
     kv_cache_memory: Optional[ByteSize] = Field(
-        ByteSize(4 << 30), description="Memory for the running requests' keys and values on each rank, as bytes or "
-        "with a unit (4GiB, 512MB). Requests wait while it is full, the newest running request is preempted and "
-        "recomputed later when the others outgrow it (as vLLM does), and a request whose prompt and max_new_tokens "
-        "alone exceed it gets a 4xx. A rank holds its own layers and kv heads; rows are padded to the longest, "
-        "which counts. The prefix cache is beside it (prefix_cache_tokens). null: no bound.")
+        ByteSize(4 << 30), description="Memory for keys and values on each rank, as bytes or with a unit (4GiB, "
+        "512MB): a paged cache of 16-token blocks, allocated as blocks are used, up to this. Requests wait while it "
+        "is full, the newest running request is preempted and recomputed later when the others need its blocks (as "
+        "vLLM does), and a request whose prompt and max_new_tokens alone exceed it gets a 4xx. A rank holds its own "
+        "layers and kv heads; no row is padded. The prefix cache's blocks are in it. null: room for batchSize "
+        "requests of max_length (or the model's maximum positions).")
     enable_prefix_caching: bool = Field(
-        True, description="Keep the KV of prompts' full 16-token blocks and prefill a later prompt that begins with "
-        "the same blocks from the first block it does not share (vLLM's name and default). OpenAI's answers count "
-        "the reused tokens in usage.prompt_tokens_details.cached_tokens.")
+        True, description="Keep the KV blocks of prompts' full 16-token blocks registered, and start a later prompt "
+        "that begins with the same blocks from them, reading them in place (vLLM's name and default). OpenAI's "
+        "answers count the reused tokens in usage.prompt_tokens_details.cached_tokens.")
     prefix_cache_tokens: int = Field(
-        8192, ge=16, description="Prompt tokens the prefix cache keeps, least recently used evicted first. Each rank "
-        "holds their keys and values for its own layers and heads: tokens x 2 x layers x kv heads x head dim x "
-        "dtype bytes, beside the running batch's cache.")
+        8192, ge=16, description="Tokens of registered blocks the prefix cache keeps once no request holds them, "
+        "least recently used freed first. They are blocks of the KV cache (kv_cache_memory), not a copy beside it.")
     # custom (Accelerate)
     device_map: Optional[Union[DeviceMapStrategy, Dict[str, Union[int, str]]]] = Field(
         None, description="auto|balanced|balanced_low_0|sequential or module -> device (custom only).")

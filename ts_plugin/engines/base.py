@@ -10,11 +10,12 @@ import abc
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Union
 
 import torch
 
-from ..prefix_cache import PrefixStore, distinct_layers, holds_tensors
+from ..kv_blocks import BLOCK_SIZE
+from ._paged import NO_MASK, KVPool, PagedBatch, use_paged_attention
 
 if TYPE_CHECKING:
     from ..config import ModelConfig, ParallelLayout
@@ -53,15 +54,21 @@ class LoadContext:
 
 
 class StepModel(Protocol):
-    """One forward step over a batch, as `ts_plugin.generation` drives it on every rank that runs the loop.
-    Engines subclass it for the defaults of the last three methods."""
+    """One forward step over a flat batch, as `ts_plugin.continuous` drives it on every rank that runs the loop.
+    Engines subclass it for the defaults of the last two methods.
+
+    The batch is every scheduled row's new tokens side by side; `batch` (engines/_paged.py) says where each row's
+    keys and values go in this rank's `pool` and what each row attends. The engine runs its part of the model over
+    it; the blocks themselves are the loop's (ts_plugin.kv_blocks)."""
 
     #: True where the chosen tokens are computed (the others receive them through share_tokens)
     samples_here: bool
+    #: this rank's keys and values (its layers, its kv heads)
+    pool: KVPool
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                cache: Any) -> Tuple[Optional[torch.Tensor], Any]:
-        """Run one step; return (logits of the last position [batch, vocab] or None, the new cache)."""
+    def forward(self, input_ids: torch.Tensor, batch: PagedBatch) -> Optional[torch.Tensor]:
+        """Run one step of `input_ids` (`[tokens]`); return the logits of each row's last new token (`[rows,
+        vocab]`, float32) where samples_here, else None."""
 
     def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Return the driver's tokens on every rank that runs the loop."""
@@ -70,41 +77,8 @@ class StepModel(Protocol):
         """Groups of rows generated concurrently, each by a loop of its own (default: the whole batch)."""
         return [range(rows)]
 
-    def end(self, cache: Any) -> None:
-        """Release the batch's cache (and tell follower ranks the batch is over)."""
-
-    def select_rows(self, cache: Any, rows: List[int], crop: int) -> Any:
-        """Keep only `rows` of the batch's cache, in that order, and drop its first `crop` positions (padding that
-        no kept row attends); continuous batching removes finished and cancelled rows with it."""
-        select_cache_rows(cache, rows, crop)
-        return cache
-
-    def merge(self, cache: Any, other: Any, pad: int, other_pad: int) -> Any:
-        """`cache`'s rows, then `other`'s, after left-padding them with `pad` and `other_pad` positions to one
-        length; `other` is used up. Continuous batching joins newly prefilled rows to the running batch with it."""
-        merge_caches(cache, other, pad, other_pad)
-        return cache
-
     def close(self) -> None:
         """Release what the model holds beyond memory (follower loops, offload folders); the worker stops."""
-
-    # prefix caching (ts_plugin.prefix_cache): the scheduler decides, each rank keeps its part of the blocks
-    prefix_store: PrefixStore
-
-    def new_cache(self) -> Any:
-        """An empty KV cache for one batch of this rank's layers."""
-
-    def save_prefix(self, cache: Any, row: int, blocks: Sequence[Tuple[int, int]], block_size: int) -> None:
-        """Keep blocks of `row` of the batch's cache: (block id, first position in the cache) each."""
-        self.prefix_store.save(cache, row, blocks, block_size)
-
-    def cache_from_prefix(self, blocks: Sequence[int]) -> Any:
-        """A new one-row batch cache holding the kept `blocks`, in order (a prompt prefilled from there on)."""
-        return self.prefix_store.fill(self.new_cache(), blocks)
-
-    def drop_prefix(self, blocks: Sequence[int]) -> None:
-        """Forget kept blocks (the scheduler evicted them)."""
-        self.prefix_store.drop(blocks)
 
 
 class Follower(abc.ABC):
@@ -135,20 +109,18 @@ class HFStepModel(StepModel):
         self.device = device
         self._share = share
         self.samples_here = samples_here
-        self._extra = cache_kwargs(model)
-        self.prefix_store = PrefixStore()
-
-    def new_cache(self) -> Any:
-        from ._kv_cache import new_kv_cache
-
-        return new_kv_cache(self.model.config)
+        self.pool = KVPool(BLOCK_SIZE)
+        use_paged_attention(model)
+        self._keep = logits_to_keep(model)
 
     @torch.inference_mode()
-    def forward(self, input_ids, attention_mask, position_ids, cache):
-        cache = cache if cache is not None else self.new_cache()
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                         position_ids=position_ids.to(self.device), use_cache=True, **self._extra(cache))
-        return out.logits[:, -1, :].float(), output_cache(out)
+    def forward(self, input_ids, batch):
+        out = self.model(input_ids=input_ids.view(1, -1).to(self.device),
+                         position_ids=batch.position_ids.to(self.device), attention_mask=NO_MASK.to(self.device),
+                         use_cache=False,
+                         paged=batch,
+                         **self._keep(batch))
+        return rows_logits(out.logits, batch)
 
     def share_tokens(self, tokens):
         return self._share(tokens) if self._share else tokens
@@ -165,65 +137,16 @@ def kv_bytes_per_token(hf_config: Any, dtype: torch.dtype, tp_size: int, stage_l
     return 2 * layers * -(-kv_heads // tp_size) * head_dim * dtype.itemsize
 
 
-def cache_kwargs(model: torch.nn.Module) -> Callable[[Any], dict]:
-    """transformers 5 names the KV cache argument `cache`, 4.x `past_key_values`; only the last
-    position's logits are needed where the model supports `logits_to_keep`."""
-    parameters = inspect.signature(model.forward).parameters
-    name = "cache" if "cache" in parameters else "past_key_values"
-    fixed = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-    return lambda cache: {name: cache, **fixed}
+def logits_to_keep(model: torch.nn.Module) -> Callable[[PagedBatch], dict]:
+    """Where the model's forward takes `logits_to_keep`, it computes only each row's last position's logits."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return lambda batch: {"logits_to_keep": batch.last_tokens}
+    return lambda batch: {}
 
 
-def output_cache(output: Any) -> Any:
-    return output["cache"] if "cache" in output else output.get("past_key_values")
-
-
-def cache_layers(cache: Any) -> List[Any]:
-    """The distinct layers of a transformers DynamicCache that hold tensors (pp stages alias other stages' slots
-    to their own layers, so each is edited once)."""
-    return [layer for layer in distinct_layers(cache) if holds_tensors(layer)]
-
-
-def uneditable_layers(cache: Any) -> List[str]:
-    """The kinds of `cache`'s layers that rows cannot join or leave: every layer but transformers' DynamicLayer,
-    which keeps all positions (a sliding-window layer keeps a window of its own length, which left padding would
-    shift)."""
-    from transformers.cache_utils import DynamicLayer
-
-    return sorted({type(layer).__name__ for layer in getattr(cache, "layers", None) or []
-                   if type(layer) is not DynamicLayer})
-
-
-def check_row_editable(cache: Any) -> None:
-    """Refuse continuous batching where rows could not join and leave the cache."""
-    kinds = uneditable_layers(cache)
-    if kinds:
-        raise EngineError(f"continuous batching needs a KV cache of full-attention layers; this model's cache has "
-                          f"{', '.join(kinds)} (sliding-window or other layers). Set continuousBatching: false.")
-
-
-def select_cache_rows(cache: Any, rows: List[int], crop: int) -> None:
-    for layer in cache_layers(cache):
-        index = torch.tensor(rows, dtype=torch.long, device=layer.keys.device)
-        layer.keys = layer.keys.index_select(0, index)[..., crop:, :]
-        layer.values = layer.values.index_select(0, index)[..., crop:, :]
-
-
-def merge_caches(cache: Any, other: Any, pad: int, other_pad: int) -> None:
-    from ._kv_cache import new_room
-
-    mine, theirs = cache_layers(cache), cache_layers(other)
-    if len(mine) != len(theirs):
-        raise EngineError(f"cannot merge KV caches of {len(mine)} and {len(theirs)} layers")
-    for layer, joining in zip(mine, theirs):
-        old = (layer.keys, layer.values)
-        rows, width = old[0].shape[0], old[0].shape[-2] + pad
-        if joining.keys.shape[-2] + other_pad != width:
-            raise EngineError(f"cannot merge KV caches of {width} and {joining.keys.shape[-2] + other_pad} positions")
-        merged = new_room(layer, rows + joining.keys.shape[0], width)
-        for target, running, joined in zip(merged, old, (joining.keys, joining.values)):
-            # positions are dim -2; each part is padded on its left with zeros, which no row attends
-            target[:rows, :, :pad].zero_()
-            target[:rows, :, pad:] = running
-            target[rows:, :, :other_pad].zero_()
-            target[rows:, :, other_pad:] = joined.to(target.device)
+def rows_logits(logits: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+    """`[rows, vocab]` float32: each row's last new token's logits, from the model's `[1, kept, vocab]`."""
+    logits = logits[0]
+    if logits.shape[0] != len(batch.rows):
+        logits = logits.index_select(0, batch.last_tokens.to(logits.device))
+    return logits.float()

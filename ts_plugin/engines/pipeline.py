@@ -20,8 +20,11 @@ Each stage runs the model's own forward (the full `...ForCausalLM.forward`): the
 or learned position embeddings and the layer calling convention are the model's own code for every
 architecture. Layers of other stages are replaced by pass-through modules; a forward pre-hook on the
 stage's first layer injects the hidden states received from the previous stage, and a forward hook on
-its last layer ends the forward early on all but the last stage. Every stage keeps its own
-`DynamicCache` per group of rows, so a decode step moves one token's hidden state through the pipeline.
+its last layer ends the forward early on all but the last stage. Every stage keeps the keys and values of its own
+layers in a paged pool (engines/_paged.py); each FORWARD carries the step's rows (their block tables, lengths and
+new tokens) beside the hidden states, so a stage writes and reads the same blocks as rank 0 decided, and a decode
+step moves one hidden state per row through the pipeline. Rows join and leave, and share prefix blocks, by their
+block tables alone: there are no cache edits to send.
 
 `pippy.chunks` splits a batch into groups of rows that are generated concurrently, each group's steps
 following the others' through the stages (see `PipelineDriver`).
@@ -32,18 +35,17 @@ import datetime
 import itertools
 import logging
 import threading
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from ..distributed import InStepError, Ranks
-from ..prefix_cache import PrefixStore
+from ..kv_blocks import BLOCK_SIZE
 from ._onednn_head import use_onednn_head
 from ._checkpoint import StageInfo, build_meta_model, materialize_stage, peak_rss_mb
-from .base import (EngineError, Follower, LoadContext, StepModel, cache_kwargs, merge_caches, raise_if_any_rank_failed,
-                   select_cache_rows)
+from ._paged import NO_MASK, KVPool, PagedBatch, use_paged_attention
+from .base import EngineError, Follower, LoadContext, StepModel, logits_to_keep, raise_if_any_rank_failed, rows_logits
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +54,10 @@ LAYER_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neo
                "transformer.blocks", "model.language_model.layers", "decoder.layers", "layers", "h")
 
 # message op codes (header[0])
-FORWARD, END, STOP, ERROR, RESULT, SELECT, MERGE, SAVE_PREFIX, LOAD_PREFIX, DROP_PREFIX = range(1, 11)
-HEADER = 7  # [op, batch id, rows, new tokens, mask width, dtype code, hidden/vocab size]
-# SELECT: [op, batch id, rows kept, positions cropped] + the kept rows; MERGE: [op, batch id, joining batch id,
-# left padding of the batch, of the joining one] (continuous batching's row edits, applied on every stage).
-# Prefix caching: SAVE_PREFIX [op, batch id, row, block size, blocks] + block ids and first positions;
-# LOAD_PREFIX [op, new batch id, blocks] + block ids; DROP_PREFIX [op, 0, blocks] + block ids
+FORWARD, STOP, ERROR, RESULT = range(1, 5)
+HEADER = 7  # [op, step number, tokens, ints, rows, dtype code, hidden/vocab size]
+# FORWARD's payload: the step's rows as ints (PagedBatch.to_ints), then the hidden states [1, tokens, hidden];
+# RESULT's: the logits of each row's last token [rows, vocab]
 DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 #: headers wait on a gloo group of their own with this timeout: an idle follower blocks in a receive for as
@@ -137,7 +137,9 @@ class PipelineStage:
         self.info = info
         self.device = device
         self.dtype = dtype
-        self._extra = cache_kwargs(model)
+        self.pool = KVPool(BLOCK_SIZE)
+        use_paged_attention(model)
+        self._keep = logits_to_keep(model)
         self._inject: Optional[torch.Tensor] = None
         layers = model.get_submodule(info.layers_path)
         embeddings = model.get_input_embeddings()
@@ -158,37 +160,18 @@ class PipelineStage:
     def _stop_after(module, args, output):
         raise _StageOutput(output[0] if isinstance(output, (tuple, list)) else output)
 
-    def new_cache(self) -> Any:
-        """A DynamicCache for this stage's layers. The other layers' slots alias a layer of this stage of the
-        same kind, so the model's mask code sees the right past length on every stage."""
-        from ._kv_cache import new_kv_cache
-
-        cache = new_kv_cache(self.model.config)
-        layers = getattr(cache, "layers", None)
-        if isinstance(layers, list) and len(layers) == self.info.num_layers:
-            owned = range(self.info.start, self.info.end)
-            for i in range(len(layers)):
-                if i in owned:
-                    continue
-                same = [j for j in owned if type(layers[j]) is type(layers[i])
-                        and getattr(layers[j], "sliding_window", None) == getattr(layers[i], "sliding_window", None)]
-                if same:
-                    layers[i] = layers[same[0]]
-        return cache
-
     @torch.inference_mode()
-    def run(self, inputs: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-            cache: Any) -> torch.Tensor:
-        """First stage: `inputs` are token ids; later stages: the previous stage's hidden states.
-        Returns this stage's hidden states, or on the last stage the last position's logits [B, V] (float32)."""
-        kwargs = dict(attention_mask=attention_mask.to(self.device), position_ids=position_ids.to(self.device),
-                      use_cache=True, **self._extra(cache))
+    def run(self, inputs: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        """First stage: `inputs` are the step's token ids `[tokens]`; later stages: the previous stage's hidden
+        states `[1, tokens, hidden]`. Returns this stage's hidden states, or on the last stage each row's last
+        token's logits `[rows, vocab]` (float32)."""
+        kwargs = dict(position_ids=batch.position_ids.to(self.device), attention_mask=NO_MASK.to(self.device),
+                      use_cache=False, paged=batch, **self._keep(batch))
         if self.info.is_first:
-            kwargs["input_ids"] = inputs.to(self.device)
+            kwargs["input_ids"] = inputs.view(1, -1).to(self.device)
         else:
             self._inject = inputs.to(self.device)
-            rows, width = inputs.shape[:2]
-            kwargs["inputs_embeds"] = torch.zeros(rows, width, self.embedding_dim, dtype=inputs.dtype,
+            kwargs["inputs_embeds"] = torch.zeros(1, inputs.shape[1], self.embedding_dim, dtype=inputs.dtype,
                                                   device=self.device)
         try:
             out = self.model(**kwargs)
@@ -196,7 +179,7 @@ class PipelineStage:
             return done.hidden
         finally:
             self._inject = None
-        return out.logits[:, -1, :].float()
+        return rows_logits(out.logits, batch)
 
 
 # --- transport ------------------------------------------------------------------------------------------------------
@@ -238,21 +221,6 @@ class _Link:
             self.pending = []
 
 
-def _pack_ints(attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    return torch.cat([attention_mask.reshape(-1), position_ids.reshape(-1)]).to(torch.int64)
-
-
-def _unpack_ints(ints: torch.Tensor, rows: int, width: int, mask_width: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    split = rows * mask_width
-    return ints[:split].view(rows, mask_width), ints[split:].view(rows, width)
-
-
-@dataclass
-class _Batch:
-    batch_id: int
-    cache: Any  # stage 0's KV cache of these rows
-
-
 class PipelineDriver(StepModel):
     """Rank 0's StepModel: stage 0 here, the other stages on ranks 1..n-1, logits back from the last.
 
@@ -274,12 +242,11 @@ class PipelineDriver(StepModel):
         self.ranks = ranks
         self.chunks = max(1, chunks)
         self.link = link
-        self._batch_ids = itertools.count(1)
         self._stage_lock = threading.Lock()
         self._turns = threading.Condition()
         self._sent = 0  # hidden states sent down the pipeline, numbered in order
         self._received = 0  # results taken back
-        self.prefix_store = PrefixStore()
+        self.pool = stage.pool
 
     @property
     def world(self) -> int:
@@ -294,32 +261,24 @@ class PipelineDriver(StepModel):
                     rows, count, self.world)
         return [range(start, end) for start, end in zip(starts, starts[1:])]
 
-    def forward(self, input_ids, attention_mask, position_ids, cache):
+    def forward(self, input_ids, batch):
         if self.stage.device.type == "cuda":
             torch.cuda.set_device(self.stage.device)  # the current device is per thread (generate's group threads)
-        opened = cache is None
-        if opened:
-            cache = _Batch(next(self._batch_ids), self.stage.new_cache())
-        try:
-            with self._stage_lock:
-                try:
-                    out = self.stage.run(input_ids, attention_mask, position_ids, cache.cache)
-                except Exception as error:  # before this step reached any other stage
-                    raise InStepError(f"pipeline stage 0 failed: {type(error).__name__}: {error}") from error
-                if self.world == 1:
-                    return out, cache
-                self.link.send(1, [FORWARD, cache.batch_id, input_ids.shape[0], input_ids.shape[1],
-                                   attention_mask.shape[1], DTYPE_CODES[out.dtype], out.shape[-1]],
-                               _pack_ints(attention_mask, position_ids), out)
-                ticket = self._sent
-                self._sent += 1
-            return self._receive(ticket, cache.batch_id), cache
-        except BaseException:
-            if opened:  # generate() never got this batch's cache to end it; the stages may hold one
-                self.end(cache)
-            raise
+        with self._stage_lock:
+            try:
+                out = self.stage.run(input_ids, batch)
+            except Exception as error:  # before this step reached any other stage
+                raise InStepError(f"pipeline stage 0 failed: {type(error).__name__}: {error}") from error
+            if self.world == 1:
+                return out
+            ticket = self._sent
+            ints = batch.to_ints()
+            self.link.send(1, [FORWARD, ticket, batch.tokens, ints.numel(), len(batch.rows), DTYPE_CODES[out.dtype],
+                               out.shape[-1]], ints, out)
+            self._sent += 1
+        return self._receive(ticket)
 
-    def _receive(self, ticket: int, batch_id: int) -> torch.Tensor:
+    def _receive(self, ticket: int) -> torch.Tensor:
         last = self.world - 1
         with self._turns:
             self._turns.wait_for(lambda: self._received == ticket)
@@ -330,56 +289,14 @@ class PipelineDriver(StepModel):
             with self._turns:
                 self._received += 1
                 self._turns.notify_all()
-        if got != batch_id:
-            raise RuntimeError(f"pipeline out of step: rank 0 expected the result of batch {batch_id}, got {got}")
+        if got != ticket:
+            raise RuntimeError(f"pipeline out of step: rank 0 expected the result of step {ticket}, got {got}")
         if logits is None:  # the failing stage passed the failure down the pipeline: every stage is in step
-            raise InStepError(f"pipeline stage failed on batch {batch_id}; see the model log of ranks 1..{last}")
+            raise InStepError(f"pipeline stage failed on step {ticket}; see the model log of ranks 1..{last}")
         return logits
 
     def share_tokens(self, tokens):
         return tokens  # only rank 0 runs the loop
-
-    def end(self, cache) -> None:
-        """Release the batch's caches here and on every stage."""
-        if cache is None:
-            return
-        cache.cache = None
-        if self.world > 1 and self.link is not None:
-            try:
-                self.link.send(1, [END, cache.batch_id])
-            except Exception:  # noqa: BLE001 - a broken pipeline has no caches left to release
-                logger.warning("[rank 0] could not release batch %d on the other stages", cache.batch_id,
-                               exc_info=True)
-
-    def select_rows(self, cache, rows: List[int], crop: int):
-        select_cache_rows(cache.cache, rows, crop)
-        if self.world > 1:
-            self.link.send(1, [SELECT, cache.batch_id, len(rows), crop], torch.tensor(rows, dtype=torch.int64))
-        return cache
-
-    def merge(self, cache, other, pad: int, other_pad: int):
-        merge_caches(cache.cache, other.cache, pad, other_pad)
-        other.cache = None
-        if self.world > 1:
-            self.link.send(1, [MERGE, cache.batch_id, other.batch_id, pad, other_pad])
-        return cache
-
-    def save_prefix(self, cache, row: int, blocks, block_size: int) -> None:
-        self.prefix_store.save(cache.cache, row, blocks, block_size)
-        if self.world > 1:
-            self.link.send(1, [SAVE_PREFIX, cache.batch_id, row, block_size, len(blocks)],
-                           torch.tensor([list(pair) for pair in blocks], dtype=torch.int64).view(-1))
-
-    def cache_from_prefix(self, blocks):
-        batch = _Batch(next(self._batch_ids), self.prefix_store.fill(self.stage.new_cache(), blocks))
-        if self.world > 1:
-            self.link.send(1, [LOAD_PREFIX, batch.batch_id, len(blocks)], torch.tensor(blocks, dtype=torch.int64))
-        return batch
-
-    def drop_prefix(self, blocks) -> None:
-        self.prefix_store.drop(blocks)
-        if self.world > 1:
-            self.link.send(1, [DROP_PREFIX, 0, len(blocks)], torch.tensor(blocks, dtype=torch.int64))
 
     def close(self) -> None:
         """Tell the followers to leave their loops (the worker is shutting down)."""
@@ -397,8 +314,6 @@ class PipelineFollower(Follower):
         self.stage = stage
         self.ranks = ranks
         self.link = link
-        self.caches: Dict[int, Any] = {}  # batch id -> this stage's KV cache
-        self.prefix_store = PrefixStore()
         self.thread: Optional[threading.Thread] = None
         self.steps = 0
         self.ended_by: Optional[BaseException] = None  # what ended the loop, where not STOP
@@ -425,85 +340,36 @@ class PipelineFollower(Follower):
         try:
             while True:
                 header = self.link.recv_header(prev)  # blocks (no polling) until the previous stage sends
-                op, batch_id, rows, width, mask_width, dtype_code, hidden = header
+                op, ticket, tokens, count, rows, dtype_code, hidden = header
                 if op == STOP:
                     if not self.is_last:
                         self.link.send(nxt, header)
                     self.link.flush()
                     logger.info("[rank %d] pipeline follower loop stopped", rank)
                     return
-                if op == END:
-                    self.caches.pop(batch_id, None)
-                    if not self.is_last:
-                        self.link.send(nxt, header)
-                    continue
-                if op in (SELECT, MERGE):
-                    self._edit_rows(header, prev, nxt)
-                    continue
-                if op in (SAVE_PREFIX, LOAD_PREFIX, DROP_PREFIX):
-                    self._prefix_op(header, prev, nxt)
-                    continue
-                out = None
+                out = ints = None
                 if op == FORWARD:
-                    ints = self.link.recv(prev, (rows * (mask_width + width),), torch.int64)
-                    inputs = self.link.recv(prev, (rows, width, hidden), DTYPES[dtype_code])
+                    ints = self.link.recv(prev, (count,), torch.int64)
+                    inputs = self.link.recv(prev, (1, tokens, hidden), DTYPES[dtype_code])
                     try:
-                        mask, positions = _unpack_ints(ints, rows, width, mask_width)
-                        cache = self.caches.get(batch_id)
-                        if cache is None:
-                            cache = self.caches[batch_id] = self.stage.new_cache()
-                        out = self.stage.run(inputs, mask, positions, cache)
+                        out = self.stage.run(inputs, PagedBatch.from_ints(self.stage.pool, ints.cpu()))
                         self.steps += 1
                     except Exception:  # noqa: BLE001 - report downstream, stay in step
-                        logger.exception("[rank %d] stage %d failed on batch %d", rank, self.stage.info.index,
-                                         batch_id)
+                        logger.exception("[rank %d] stage %d failed on step %d", rank, self.stage.info.index, ticket)
                         out = None
                 if self.is_last:
                     if out is None:
-                        self.link.send(0, [ERROR, batch_id, rows])
+                        self.link.send(0, [ERROR, ticket, rows])
                     else:
-                        self.link.send(0, [RESULT, batch_id, rows, 0, 0, 0, out.shape[-1]], out.float())
+                        self.link.send(0, [RESULT, ticket, rows, 0, 0, 0, out.shape[-1]], out.float())
                 elif out is None:
-                    self.link.send(nxt, [ERROR, batch_id, rows])
+                    self.link.send(nxt, [ERROR, ticket, rows])
                 else:
-                    self.link.send(nxt, [FORWARD, batch_id, rows, width, mask_width, DTYPE_CODES[out.dtype],
-                                         out.shape[-1]], ints, out)
+                    self.link.send(nxt, [FORWARD, ticket, tokens, count, rows, DTYPE_CODES[out.dtype], out.shape[-1]],
+                                   ints, out)
         except Exception as error:  # noqa: BLE001 - the process group was destroyed or a peer exited
             self.ended_by = error
             logger.warning("[rank %d] pipeline follower loop ended: %s", rank, error)
-
-    def _edit_rows(self, header: List[int], prev: int, nxt: int) -> None:
-        op, batch_id, first, second, third = header[:5]
-        payload = []
-        if op == SELECT:
-            rows = self.link.recv(prev, (first,), torch.int64)
-            payload = [rows]
-            if batch_id in self.caches:
-                select_cache_rows(self.caches[batch_id], rows.tolist(), second)
-        else:
-            joining = self.caches.pop(first, None)
-            if batch_id in self.caches and joining is not None:
-                merge_caches(self.caches[batch_id], joining, second, third)
-        if not self.is_last:
-            self.link.send(nxt, header, *payload)
-
-
-    def _prefix_op(self, header: List[int], prev: int, nxt: int) -> None:
-        op, batch_id = header[:2]
-        if op == SAVE_PREFIX:
-            row, block_size, count = header[2:5]
-            payload = self.link.recv(prev, (2 * count,), torch.int64)
-            if batch_id in self.caches:
-                pairs = payload.view(count, 2).tolist()
-                self.prefix_store.save(self.caches[batch_id], row, pairs, block_size)
-        else:
-            payload = self.link.recv(prev, (header[2],), torch.int64)
-            if op == LOAD_PREFIX:
-                self.caches[batch_id] = self.prefix_store.fill(self.stage.new_cache(), payload.tolist())
-            else:
-                self.prefix_store.drop(payload.tolist())
-        if not self.is_last:
-            self.link.send(nxt, header, payload)
 
 
 # --- entry point ------------------------------------------------------------------------------------------------------
@@ -555,5 +421,4 @@ def _log_legacy_settings(pippy) -> None:
         logger.info("pippy.num_worker_threads %s is accepted and ignored (stages talk point-to-point, "
                     "not over RPC)", pippy.num_worker_threads)
     if pippy.input_names != ["input_ids"]:
-        logger.info("pippy.input_names %s accepted; stage 0 always takes input_ids, attention_mask and "
-                    "position_ids", pippy.input_names)
+        logger.info("pippy.input_names %s accepted; stage 0 always takes input_ids and position_ids", pippy.input_names)

@@ -13,14 +13,13 @@ sends the logits to rank 0, which samples; the tokens are broadcast to all ranks
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from ..config.rules import PPTP_HEADS_HINT, attention_split_problem
 from ..distributed import Ranks, broadcast_tokens, collective_device
-from ..prefix_cache import PrefixStore
 from ._checkpoint import Slicer, build_meta_model, materialize_stage, peak_rss_mb, release_memory
 from .base import EngineError, LoadContext, StepModel, raise_if_any_rank_failed
 from .pipeline import PipelineStage, find_layer_list, stage_bounds
@@ -102,25 +101,20 @@ class TensorParallelStage(StepModel):
         self.dtype = dtype
         self.samples_here = ranks.rank == 0
         self.hidden_size = stage.embedding_dim
-        self.prefix_store = PrefixStore()
-
-    def new_cache(self) -> Any:
-        return self.stage.new_cache()
+        self.pool = stage.pool
 
     def _peer(self, stage_offset: int) -> int:
         return (self.stage.info.index + stage_offset) * self.tp_size + self.tp_rank
 
     @torch.inference_mode()
-    def forward(self, input_ids, attention_mask, position_ids, cache):
+    def forward(self, input_ids, batch):
         info = self.stage.info
-        cache = cache if cache is not None else self.new_cache()
-        rows, width = input_ids.shape
         if info.is_first:
             inputs = input_ids
         else:
-            inputs = torch.empty(rows, width, self.hidden_size, dtype=self.dtype, device=self.wire)
+            inputs = torch.empty(1, batch.tokens, self.hidden_size, dtype=self.dtype, device=self.wire)
             dist.recv(inputs, src=self._peer(-1))
-        output = self.stage.run(inputs, attention_mask, position_ids, cache)
+        output = self.stage.run(inputs, batch)
         if not info.is_last:
             dist.send(output.to(self.wire, self.dtype).contiguous(), dst=self._peer(+1))
             output = None
@@ -130,9 +124,9 @@ class TensorParallelStage(StepModel):
         elif info.is_last and self.rank == 0:
             logits = output
         if self.rank == 0 and not info.is_last:
-            logits = torch.empty(rows, self.vocab_size, dtype=torch.float32, device=self.wire)
+            logits = torch.empty(len(batch.rows), self.vocab_size, dtype=torch.float32, device=self.wire)
             dist.recv(logits, src=(info.count - 1) * self.tp_size)
-        return logits, cache
+        return logits
 
     def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return broadcast_tokens(tokens)

@@ -38,8 +38,8 @@ from ..requests import Limits, RequestError, SamplingParams, TextRequest, check_
 from ..continuous import StepOutput, continuous_batch
 from ..step_loop import LoopState, StepLoop, decision_group
 from ..engines import Follower, Loaded, LoadContext
-from ..engines.base import check_row_editable, kv_bytes_per_token, uneditable_layers
-from ..prefix_cache import PrefixIndex
+from ..engines.base import kv_bytes_per_token
+from ..kv_blocks import BLOCK_SIZE, KVBlocks
 from ..structured_output import Grammars
 from ..engines import load as load_engine
 from ._openai import (MODELS, TOKENIZER_ROUTES, OpenAIFormat, error_body, models_list, parse_openai,
@@ -102,10 +102,8 @@ class LLMHandler:
         self._batch_lock = threading.Lock()
         self._executor: Optional[ThreadPoolExecutor] = None
         self.step_loop: Optional[StepLoop] = None  # continuousBatching: the live rows, stepped in their own thread
-        self.rows_editable = True  # whether rows can leave and join this model's KV cache (no sliding windows)
-        self.prefix_cache: Optional[PrefixIndex] = None  # outlives batches; None where off
-        self.kv_tokens: Optional[int] = None  # KV positions this rank's batch may hold (handler.kv_cache_memory)
-        self.kv_tokens_per_request: Optional[int] = None  # ... and one request, where row groups share them
+        self.kv: Optional[KVBlocks] = None  # the KV cache's blocks and prefix cache, where this rank generates
+        self.kv_tokens: Optional[int] = None  # token slots the KV cache holds (handler.kv_cache_memory); None: no bound
         self._preemptions_seen = 0
         self._keepalive = _KeepAlive(None, [], 0, sends=False)  # the running static batch's (see _KeepAlive)
         self.grammars: Optional[Grammars] = None  # structured output: the tokenizer's side, checks and matchers
@@ -173,17 +171,14 @@ class LLMHandler:
             except Exception as error:  # noqa: BLE001 - only structured requests need it: they get the error
                 logger.warning("structured output will fail: llguidance cannot read this tokenizer (%s: %s)",
                                type(error).__name__, error)
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.hf_config())
-            self.rows_editable = not uneditable_layers(cache)
             handler = self.config.handler
-            if handler.enable_prefix_caching and self.rows_editable:
-                self.prefix_cache = PrefixIndex(handler.prefix_cache_tokens)
             if handler.kv_cache_memory is not None:
                 self._bound_kv_cache(handler.kv_cache_memory)
-            if self.config.continuous_batching:
-                check_row_editable(cache)
+            # no bound: room for batchSize requests of the longest length (the pool grows only as it is used)
+            tokens = self.kv_tokens or max(self.config.batch_size, 1) * (handler.max_length or self.max_positions
+                                                                         or 1 << 16)
+            self.kv = KVBlocks(-(-tokens // BLOCK_SIZE), cached_blocks=handler.prefix_cache_tokens // BLOCK_SIZE
+                               if handler.enable_prefix_caching else 0)
         if self.config.continuous_batching:
             self._start_step_loop()
         self.initialized = True
@@ -195,10 +190,14 @@ class LLMHandler:
             logger.warning("handler.kv_cache_memory is not applied: the KV size of a token of this model is "
                            "unknown (%s)", error)
             return
-        self.kv_tokens = memory // per_token
-        self.kv_tokens_per_request = self.kv_tokens // len(self.model.row_groups(self.config.batch_size))
-        self.log_progress(f"KV cache bound: {memory.human_readable()} per rank, {self.kv_tokens} tokens "
-                          f"({self.kv_tokens_per_request} for one request)")
+        # whole blocks, so that a request the handler admits always fits the blocks
+        self.kv_tokens = memory // per_token // BLOCK_SIZE * BLOCK_SIZE
+        if self.kv_tokens < BLOCK_SIZE:
+            raise ConfigError(f"handler.kv_cache_memory {memory.human_readable()} holds no block of {BLOCK_SIZE} "
+                              f"tokens of this model ({per_token} bytes a token on a rank): give it at least "
+                              f"{per_token * BLOCK_SIZE} bytes")
+        self.log_progress(f"KV cache: {memory.human_readable()} per rank, {self.kv_tokens} tokens in blocks of "
+                          f"{BLOCK_SIZE}, allocated as they are used")
 
     def kv_bytes_per_token(self) -> int:
         """What one token's keys and values take on the rank that holds the most of them (the largest pp stage)."""
@@ -259,8 +258,8 @@ class LLMHandler:
         if self.model is None:
             return
         live = continuous_batch(self.model, self.tokenizer, self.eos_token_ids, self.config.handler.manual_seed,
-                                self.config.batch_size, self.config.handler.max_num_batched_tokens,
-                                prefix=self.prefix_cache, grammars=self.grammars, kv_tokens=self.kv_tokens)
+                                self.config.batch_size, self.kv, self.config.handler.max_num_batched_tokens,
+                                self.grammars)
         self.step_loop = StepLoop(live, self.config.handler.steps_per_call, group)
         self.log_progress(f"continuousBatching: requests join and leave the running batch at every step "
                           f"({live.groups} group(s) of rows, stepped in a thread of their own)")
@@ -313,7 +312,7 @@ class LLMHandler:
                 request.input_ids = self.tokenizer(request.prompt,
                                                    add_special_tokens=request.add_special_tokens)["input_ids"]
                 check_lengths(len(request.input_ids), request.params, self.config.handler.max_length, self.max_positions,
-                              self.kv_tokens_per_request)
+                              self.kv_tokens)
                 if request.params.grammar is not None:
                     self.grammars.check(request.params.grammar)
                 parsed.append(request)
@@ -329,8 +328,8 @@ class LLMHandler:
 
         seed = self.config.handler.manual_seed + self._batches
         return generate(self.model, self.tokenizer, [r.input_ids for r in requests], [r.params for r in requests],
-                        seed, self.eos_token_ids, on_step, self.config.handler.max_num_batched_tokens,
-                        self.rows_editable, self.prefix_cache, self.grammars, self.kv_tokens, self._keepalive.beat)
+                        seed, self.eos_token_ids, on_step, self.config.handler.max_num_batched_tokens, self.kv,
+                        self.grammars, self._keepalive.beat)
 
     def postprocess(self, request: TextRequest, result) -> Dict[str, Any]:
         return {"generated_text": result.text,

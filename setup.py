@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 SERVE = [
     "torch>=2.4",
     "transformers>=5.25,<5.26",  # the tested range: the paged attention hooks into its attention interfaces
-    "ninja>=1.11",  # builds the paged decode kernel (engines/_paged_decode.cpp) at first use
+    "ninja>=1.11",  # builds the CPU kernels (engines/_cpu_kernels.cpp) at first use
     "safetensors>=0.4",
     "torchserve==0.12.0",
     "psutil>=5.9",
@@ -35,7 +35,7 @@ setup(
     packages=find_packages(include=["ts_plugin", "ts_plugin.*"]) + ["ts_plugin.bundled.handlers",
                                                                    "ts_plugin.bundled.examples"],
     package_dir={"ts_plugin.bundled.handlers": "handlers", "ts_plugin.bundled.examples": "examples"},
-    package_data={"ts_plugin": ["py.typed", "engines/_paged_decode.cpp"], "ts_plugin.bundled.examples": ["*/*"]},
+    package_data={"ts_plugin": ["py.typed", "engines/_cpu_kernels.cpp"], "ts_plugin.bundled.examples": ["*/*"]},
     install_requires=[
         "pyyaml>=6.0",
         "pydantic>=2.6",

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ts_plugin.engines import _paged
+from ts_plugin.engines import _cpu_kernels
 from ts_plugin.engines._paged import NO_MASK, KVPool, PagedBatch, PagedRow, use_paged_attention
 
 from .report import median_range, ratios, write_block
@@ -45,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     paged = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     use_paged_attention(paged)
-    kernel = _paged._KERNEL[0]
+    kernel = _cpu_kernels.built()
     if kernel is None:
         raise SystemExit("the decode kernel did not build here; see the warning above")
     runs: Dict[str, Dict[str, List[float]]] = {str(length): {way: [] for way in WAYS} for length in LENGTHS}
@@ -58,11 +58,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if way == "DynamicCache":
                     step_ms, tokens[way] = _decode_dynamic(plain, length)
                 else:
-                    _paged._KERNEL[0] = kernel if way == "paged, kernel" else None
+                    _cpu_kernels.KERNELS[0] = kernel if way == "paged, kernel" else None
                     step_ms, tokens[way] = _decode_paged(paged, length)
                 runs[str(length)][way].append(step_ms)
                 log(f"round {round_index + 1} {length} positions {way}: {step_ms:.1f} ms a step")
-            _paged._KERNEL[0] = kernel
+            _cpu_kernels.KERNELS[0] = kernel
             same = same and all(torch.equal(tokens[WAYS[0]], tokens[way]) for way in WAYS[1:])
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": "SmolLM2-135M-Instruct (fp32)", "rows": ROWS,
               "decode_steps": DECODE_STEPS, "threads": torch.get_num_threads(), "rounds": args.rounds,

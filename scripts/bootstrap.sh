@@ -31,8 +31,8 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # DeepSpeed's CPU all-reduce op for tp on CPU: built once here, not at the first tp worker's start
 "$venv/bin/python" -c "from ts_plugin.engines._cpu_tp import load_shared_memory_op; load_shared_memory_op()" \
   >/dev/null 2>&1 || echo "[bootstrap] DeepSpeed's CPU all-reduce op did not build; tp on CPU will use gloo" >&2
-# the paged KV cache's CPU decode kernel: built once here, not at the first worker's start
-"$venv/bin/python" -c "from ts_plugin.engines._paged import load_decode_kernel; import sys; sys.exit(bool(load_decode_kernel()))" \
-  >/dev/null 2>&1 || echo "[bootstrap] the paged decode kernel did not build; decode rows will attend through a gather" >&2
+# ts_plugin's CPU kernels (paged decode attention, small-batch linears): built once here, not at the first worker's start
+"$venv/bin/python" -c "from ts_plugin.engines._cpu_kernels import load_cpu_kernels; import sys; sys.exit(bool(load_cpu_kernels()))" \
+  >/dev/null 2>&1 || echo "[bootstrap] ts_plugin's CPU kernels did not build; decode steps will run through PyTorch's own ops" >&2
 echo "$want_hash" > "$stamp"
 echo "[bootstrap] done" >&2

@@ -64,6 +64,12 @@ def logits(step: engine.DispatchedModel, ids: torch.Tensor) -> torch.Tensor:
 IDS = torch.tensor([[1, 17, 45, 99, 3, 250, 7, 31]])
 
 
+def assert_same_logits(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal to float32 rounding: the engine's linears sum a step's 3-8 rows in another order
+    (engines/_cpu_kernels.py)."""
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 # --- a handler without TorchServe ----------------------------------------------------------------
 
 def make_handler(model_dir: Path, **config):
@@ -93,7 +99,7 @@ def test_auto_device_map_equals_from_pretrained(llama):
     messages = []
     step = load(llama, messages)
     assert set(step.device_map.values()) == {"cpu"} and step.offload_dir is None
-    assert torch.equal(logits(step, IDS), reference_logits(llama, IDS))
+    assert_same_logits(logits(step, IDS), reference_logits(llama, IDS))
     # the rotary inv_freq is a non-persistent buffer (not in the checkpoint): computed for real, not meta
     inv_freq = step.model.model.rotary_emb.inv_freq
     assert not inv_freq.is_meta and inv_freq.abs().sum() > 0
@@ -111,7 +117,7 @@ def test_disk_offload_inside_the_model_folder_equals_from_pretrained(llama, mode
         disk_layer = next(k for k, v in step.device_map.items() if v == "disk" and k.startswith("model.layers"))
         # not held in memory: read from disk (the checkpoint's safetensors, in place) at each forward
         assert all(p.is_meta for p in step.model.get_submodule(disk_layer).parameters())
-        assert torch.equal(logits(step, IDS), reference_logits(llama, IDS))
+        assert_same_logits(logits(step, IDS), reference_logits(llama, IDS))
         line = next(m for m in messages if m.startswith("device map: "))
         assert "-> cpu" in line and "-> disk" in line
     finally:
@@ -158,7 +164,7 @@ def test_explicit_device_map_is_used_as_given(llama):
     step = load(llama, device_map=given, offload_folder="offload")
     try:
         assert step.device_map == given
-        assert torch.equal(logits(step, IDS), reference_logits(llama, IDS))
+        assert_same_logits(logits(step, IDS), reference_logits(llama, IDS))
     finally:
         step.close()
     with pytest.raises(engine.EngineError, match="not a module"):
@@ -212,7 +218,7 @@ def test_low_cpu_mem_usage_false_loads_then_dispatches(llama, model_bytes):
     step = load(llama, low_cpu_mem_usage=False, max_memory={"cpu": model_bytes // 2})
     try:
         assert "disk" in step.device_map.values()
-        assert torch.equal(logits(step, IDS), reference_logits(llama, IDS))
+        assert_same_logits(logits(step, IDS), reference_logits(llama, IDS))
     finally:
         step.close()
 
@@ -398,6 +404,6 @@ def test_every_architecture_loads_with_its_checkpoint_key_mapping(tmp_path, arch
     step = load(model_dir, max_memory={"cpu": size // 2}, offload_folder="offload")
     try:
         assert "disk" in step.device_map.values()
-        assert torch.equal(logits(step, IDS), reference_logits(model_dir, IDS))
+        assert_same_logits(logits(step, IDS), reference_logits(model_dir, IDS))
     finally:
         step.close()

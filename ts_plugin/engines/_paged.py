@@ -30,6 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _cpu_kernels
+
 logger = logging.getLogger(__name__)
 
 #: the name of the attention implementation that engines switch their models to
@@ -227,8 +229,9 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         else:
             q = query[0].index_select(1, group.tokens.to(query.device))
         if queries == 1 and _kernel_fits(module, q, keys, kwargs):
-            attended = _KERNEL[0].paged_decode(q.transpose(0, 1), keys, values, group.tables, group.lengths,
-                                               group.block_size, scaling or head_dim ** -0.5, window)
+            attended = _cpu_kernels.KERNELS[0].paged_decode(q.transpose(0, 1), keys, values, group.tables,
+                                                            group.lengths, group.block_size,
+                                                            scaling or head_dim ** -0.5, window)
         else:
             q = q.view(heads, rows, queries, head_dim).transpose(0, 1)
             reads = group.reads.to(keys.device).view(-1)
@@ -246,47 +249,21 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
 
 #: the model's own attention function per attention module class, and whether its mask is additive (eager)
 _INNER: Dict[type, Tuple[Callable, bool]] = {}
-#: the compiled decode kernel (_paged_decode.cpp), or None where it could not be built
-_KERNEL: List[Any] = []
-_VECTOR_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 
 
 def _kernel_fits(module: torch.nn.Module, q: torch.Tensor, keys: torch.Tensor, kwargs: Dict[str, Any]) -> bool:
     """Whether the decode kernel computes this layer's attention: float32 on CPU, plain scaled dot-product
     (no softcap, sinks or position bias), whole groups of query heads per kv head."""
-    return bool(_KERNEL and _KERNEL[0] is not None and q.device.type == "cpu" and q.dtype == torch.float32
+    return bool(_cpu_kernels.built() is not None and q.device.type == "cpu" and q.dtype == torch.float32
                 and keys.dtype == torch.float32 and q.shape[0] % keys.shape[0] == 0
                 and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
                 and getattr(module, "sinks", None) is None)
 
 
-def load_decode_kernel() -> Optional[str]:
-    """Build (once per machine: torch caches it) and load the CPU decode kernel. Returns why not, where it could
-    not be built: decode rows then attend through a gather and the model's own attention, about 1.4x slower a step
-    at 1,024 positions (docs/benchmarks.md)."""
-    if _KERNEL:
-        return None if _KERNEL[0] is not None else "it failed to build earlier in this process"
-    from pathlib import Path
-
-    from torch.utils.cpp_extension import load
-
-    # built for this CPU's vector width, under a name of its own: a cache shared by other machines stays valid
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = _VECTOR_FLAGS.get(capability, [])
-    try:
-        _KERNEL.append(load(name=f"ts_plugin_paged_decode_{capability.lower()}",
-                            sources=[str(Path(__file__).with_name("_paged_decode.cpp"))],
-                            extra_cflags=["-O3", "-ffast-math", "-fopenmp", *flags], extra_ldflags=["-fopenmp"]))
-    except Exception as error:  # noqa: BLE001 - no compiler, or a toolchain torch cannot use: the gather path serves
-        _KERNEL.append(None)
-        return f"{type(error).__name__}: {str(error)[:300]}"
-    return None
-
-
 def use_paged_attention(model: torch.nn.Module) -> None:
     """Switch `model` to paged_attention, keeping its own implementation (sdpa, or eager: the model file's
-    `eager_attention_forward`) for the rows' attention, and load the decode kernel on CPU (a warning where it
-    cannot be built)."""
+    `eager_attention_forward`) for the rows' attention, and load the decode kernel on CPU
+    (engines/_cpu_kernels.py)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -308,6 +285,4 @@ def use_paged_attention(model: torch.nn.Module) -> None:
         if config is not None:
             config._attn_implementation = ATTENTION
     if any(parameter.device.type == "cpu" for parameter in model.parameters()):
-        why = load_decode_kernel()
-        if why is not None:
-            logger.warning("the paged decode kernel is not used (%s): decode rows attend through a gather", why)
+        _cpu_kernels.load_cpu_kernels()

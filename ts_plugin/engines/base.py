@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol,
 import torch
 
 from ..kv_blocks import BLOCK_SIZE
+from ._cpu_kernels import use_small_batch_linears
 from ._paged import NO_MASK, KVPool, PagedBatch, use_paged_attention
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ class HFStepModel(StepModel):
         self.samples_here = samples_here
         self.pool = KVPool(BLOCK_SIZE)
         use_paged_attention(model)
+        use_small_batch_linears(model)
         self._keep = logits_to_keep(model)
 
     @torch.inference_mode()

@@ -44,6 +44,7 @@ from ..distributed import InStepError, Ranks
 from ..kv_blocks import BLOCK_SIZE
 from ._onednn_head import use_onednn_head
 from ._checkpoint import StageInfo, build_meta_model, materialize_stage, peak_rss_mb
+from ._cpu_kernels import use_small_batch_linears
 from ._paged import NO_MASK, KVPool, PagedBatch, use_paged_attention
 from .base import EngineError, Follower, LoadContext, StepModel, logits_to_keep, raise_if_any_rank_failed, rows_logits
 
@@ -139,6 +140,7 @@ class PipelineStage:
         self.dtype = dtype
         self.pool = KVPool(BLOCK_SIZE)
         use_paged_attention(model)
+        use_small_batch_linears(model)
         self._keep = logits_to_keep(model)
         self._inject: Optional[torch.Tensor] = None
         layers = model.get_submodule(info.layers_path)

@@ -1,0 +1,103 @@
+"""ts_plugin's CPU kernels (engines/_cpu_kernels.cpp): small_linear gives F.linear's result to float32 rounding
+for every row count and shape, and a model switched to it takes it for a decode step's rows (and only those),
+with the same greedy tokens as its own linears, behind Accelerate's hooks too."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ts_plugin.engines import _cpu_kernels
+from ts_plugin.engines._cpu_kernels import load_cpu_kernels, use_small_batch_linears
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    why = load_cpu_kernels()
+    if why is not None:
+        pytest.skip(f"no C++ toolchain here: {why}")
+    return _cpu_kernels.built()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17])
+@pytest.mark.parametrize("in_features,out_features", [(64, 48), (100, 7), (576, 1536), (1100, 33)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_small_linear_gives_linears_result(kernels, rows, in_features, out_features, bias):
+    generator = torch.Generator().manual_seed(rows * in_features + out_features)
+    x = torch.randn(rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    b = torch.randn(out_features, generator=generator) if bias else None
+    expected = torch.nn.functional.linear(x, weight, b)
+    got = kernels.small_linear(x, weight, b)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    if b is not None:  # the output is a tensor of its own, never the bias broadcast
+        assert got.data_ptr() != b.data_ptr()
+        torch.testing.assert_close(kernels.small_linear(x, weight, b), expected, rtol=1e-4, atol=1e-4)
+
+
+class _Counting:
+    """The loaded kernels, counting small_linear's calls by row count."""
+
+    def __init__(self, inner):
+        self.inner, self.rows = inner, []
+
+    def small_linear(self, x, weight, bias):
+        self.rows.append(x.shape[0])
+        return self.inner.small_linear(x, weight, bias)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture()
+def counting(kernels):
+    counted = _Counting(kernels)
+    _cpu_kernels.KERNELS[0] = counted
+    yield counted
+    _cpu_kernels.KERNELS[0] = kernels
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_model_takes_the_kernel_for_a_decode_steps_rows_and_generates_the_same_tokens(counting, arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ts_plugin.testing import make_tiny_model
+
+    path = make_tiny_model(tmp_path / arch, arch=arch)
+    reference = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    linears = [module for module in model.modules() if type(module) is torch.nn.Linear]
+    assert use_small_batch_linears(model) == len(linears) > 0
+    assert use_small_batch_linears(model) == 0  # switched once
+    ids = torch.randint(0, reference.config.vocab_size, (4, 9), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    # the prompt's 36 rows take the linears' own path; each decode step's 4 rows the kernel
+    assert counting.rows and set(counting.rows) == {4}
+
+
+def test_accelerates_hook_stays_in_front_of_the_kernel(counting):
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Doubling(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            return tuple(2 * arg for arg in args), kwargs
+
+    linear = torch.nn.Linear(32, 16)
+    add_hook_to_module(linear, Doubling())
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        expected = torch.nn.functional.linear(2 * x, linear.weight, linear.bias)
+        assert use_small_batch_linears(linear) == 1
+        torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-5)
+    assert counting.rows == [5]
+
+
+def test_linears_the_kernel_cannot_run_keep_their_own_path(counting):
+    half = torch.nn.Linear(32, 16).to(torch.bfloat16)
+    assert use_small_batch_linears(half) == 0
+    linear = torch.nn.Linear(32, 16)
+    use_small_batch_linears(linear)
+    x = torch.randn(4, 32, requires_grad=True)
+    linear(x).sum().backward()  # training: autograd needs the linear's own op
+    assert x.grad is not None and counting.rows == []

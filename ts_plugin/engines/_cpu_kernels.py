@@ -1,0 +1,97 @@
+"""ts_plugin's CPU kernels (`_cpu_kernels.cpp`, float32), built once per machine by torch's cpp_extension for this
+CPU's vector width and loaded at first use:
+
+- `paged_decode`: decode rows' attention straight from the paged KV pool (engines/_paged.py);
+- `small_linear`: a linear over a decode step's few rows. MKL's sgemm reads the weight of a 3-8 row matmul at
+  about half the memory speed it reaches for one row; this kernel streams it once at close to that speed, which
+  made SmolLM2's 8-row decode step 0.81-0.83x as long (docs/benchmarks.md, "Decode linears").
+
+Without a compiler both fall back to PyTorch's own ops, with a warning.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: the built extension, or None where it could not be built (empty until load_cpu_kernels ran)
+KERNELS: List[Any] = []
+_VECTOR_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
+#: fewer rows than this: MKL's matrix-vector path already reads the weight at memory speed
+_FEWEST_ROWS = 3
+
+
+def load_cpu_kernels() -> Optional[str]:
+    """Build (once per machine: torch caches it) and load the kernels. Returns why not, where they could not be
+    built, and says so once in the log: decode rows then attend through a gather and the model's own attention
+    (about 1.4x slower a step at 1,024 positions), and linears run through PyTorch's."""
+    if KERNELS:
+        return None if KERNELS[0] is not None else "they failed to build earlier in this process"
+    from torch.utils.cpp_extension import load
+
+    # built for this CPU's vector width, under a name of its own: a cache shared by other machines stays valid
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _VECTOR_FLAGS.get(capability, [])
+    try:
+        KERNELS.append(load(name=f"ts_plugin_cpu_kernels_{capability.lower()}",
+                            sources=[str(Path(__file__).with_name("_cpu_kernels.cpp"))],
+                            extra_cflags=["-O3", "-ffast-math", "-fopenmp", *flags], extra_ldflags=["-fopenmp"]))
+    except Exception as error:  # noqa: BLE001 - no compiler, or a toolchain torch cannot use: PyTorch's ops serve
+        KERNELS.append(None)
+        why = f"{type(error).__name__}: {str(error)[:300]}"
+        logger.warning("ts_plugin's CPU kernels could not be built (%s): decode rows attend through a gather and "
+                       "linears run through PyTorch's", why)
+        return why
+    return None
+
+
+def built() -> Any:
+    """The loaded kernels, or None."""
+    return KERNELS[0] if KERNELS else None
+
+
+def use_small_batch_linears(model: torch.nn.Module) -> int:
+    """Run `model`'s float32 CPU nn.Linear layers through `small_linear` whenever a call has 3 to
+    `small_linear_rows()` rows (a decode step's), and through their own forward otherwise; returns how many layers.
+    Accelerate's hooks stay in front (the layer's `_old_forward` is the one replaced where a hook wraps it).
+
+    Example::
+
+        use_small_batch_linears(model)
+        model(input_ids=ids)  # [rows, 1] ids: each projection streams its weight once
+    """
+    if any(parameter.device.type == "cpu" for parameter in model.parameters()):
+        load_cpu_kernels()
+    kernels = built()
+    if kernels is None:
+        return 0
+    most_rows = kernels.small_linear_rows()
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        # a DTensor weight (pptp's tensor parallelism) keeps its own op, which knows its layout
+        if (type(module) is torch.nn.Linear and isinstance(weight, torch.nn.Parameter)
+                and type(weight.data) is torch.Tensor and weight.device.type == "cpu" and weight.dtype == torch.float32
+                and not getattr(module, "_small_batch", False)):
+            slot = "_old_forward" if hasattr(module, "_old_forward") else "forward"
+            setattr(module, slot, functools.partial(_small_batch_forward, module, getattr(module, slot), most_rows))
+            module._small_batch = True
+            count += 1
+    return count
+
+
+def _small_batch_forward(module: torch.nn.Linear, own: Callable, most_rows: int, hidden: torch.Tensor) -> torch.Tensor:
+    rows = hidden.numel() // module.in_features
+    weight, bias = module.weight, module.bias
+    if (_FEWEST_ROWS <= rows <= most_rows and hidden.dtype == torch.float32 and weight.device.type == "cpu"
+            and weight.dtype == torch.float32 and weight.is_contiguous() and hidden.device.type == "cpu"
+            and (bias is None or bias.dtype == torch.float32)
+            and not (torch.is_grad_enabled() and weight.requires_grad)):
+        out = KERNELS[0].small_linear(hidden.reshape(rows, module.in_features), weight, bias)
+        return out.view(*hidden.shape[:-1], module.out_features)
+    return own(hidden)

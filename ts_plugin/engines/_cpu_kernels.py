@@ -10,12 +10,16 @@ Without a compiler both fall back to PyTorch's own ops, with a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +28,8 @@ KERNELS: List[Any] = []
 _VECTOR_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 #: fewer rows than this: MKL's matrix-vector path already reads the weight at memory speed
 _FEWEST_ROWS = 3
+#: the most rows small_linear takes (the kernels' small_linear_rows(); 0 until they are loaded)
+_MOST_ROWS = [0]
 
 
 def load_cpu_kernels() -> Optional[str]:
@@ -34,13 +40,15 @@ def load_cpu_kernels() -> Optional[str]:
         return None if KERNELS[0] is not None else "they failed to build earlier in this process"
     from torch.utils.cpp_extension import load
 
-    # built for this CPU's vector width, under a name of its own: a cache shared by other machines stays valid
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = _VECTOR_FLAGS.get(capability, [])
     try:
-        KERNELS.append(load(name=f"ts_plugin_cpu_kernels_{capability.lower()}",
-                            sources=[str(Path(__file__).with_name("_cpu_kernels.cpp"))],
-                            extra_cflags=["-O3", "-ffast-math", "-fopenmp", *flags], extra_ldflags=["-fopenmp"]))
+        # built for this CPU's vector width, under a name of its own: a cache shared by other machines stays valid
+        capability = torch.backends.cpu.get_cpu_capability()
+        with interpreter_tools_first():
+            KERNELS.append(load(name=f"ts_plugin_cpu_kernels_{capability.lower()}",
+                                sources=[str(Path(__file__).with_name("_cpu_kernels.cpp"))],
+                                extra_cflags=["-O3", "-ffast-math", "-fopenmp", *_VECTOR_FLAGS.get(capability, [])],
+                                extra_ldflags=["-fopenmp"]))
+        _MOST_ROWS[0] = KERNELS[0].small_linear_rows()
     except Exception as error:  # noqa: BLE001 - no compiler, or a toolchain torch cannot use: PyTorch's ops serve
         KERNELS.append(None)
         why = f"{type(error).__name__}: {str(error)[:300]}"
@@ -50,15 +58,47 @@ def load_cpu_kernels() -> Optional[str]:
     return None
 
 
+@contextlib.contextmanager
+def interpreter_tools_first() -> Iterator[None]:
+    """Put the interpreter's own bin folder first on PATH while an extension loads, so that every process finds the
+    same `ninja` (a venv's, from DeepSpeed's requirements, before a system one). Two ninja versions read each other's
+    build log as stale, so a TorchServe worker (whose PATH has the venv) and a script run without it rebuilt the
+    extension in turn."""
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 def built() -> Any:
     """The loaded kernels, or None."""
     return KERNELS[0] if KERNELS else None
 
 
+def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`F.linear(hidden, weight, bias)`, through `small_linear` where the call has 3 to `small_linear_rows()` rows
+    of float32 on CPU (a decode step's) and the kernels are loaded. `weight` is a plain tensor (not a DTensor).
+
+    Example::
+
+        out = linear(torch.randn(8, 576), torch.randn(1536, 576))  # 8 rows: the weight streamed once
+    """
+    rows = hidden.numel() // max(hidden.shape[-1], 1)  # a tp rank may hold none of a layer's columns
+    if (_FEWEST_ROWS <= rows <= _MOST_ROWS[0] and hidden.dtype == torch.float32 and weight.dtype == torch.float32
+            and hidden.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
+            and (bias is None or bias.dtype == torch.float32)
+            and not (torch.is_grad_enabled() and (weight.requires_grad or hidden.requires_grad))):
+        out = KERNELS[0].small_linear(hidden.reshape(rows, hidden.shape[-1]), weight, bias)
+        return out.view(*hidden.shape[:-1], weight.shape[0])
+    return F.linear(hidden, weight, bias)
+
+
 def use_small_batch_linears(model: torch.nn.Module) -> int:
-    """Run `model`'s float32 CPU nn.Linear layers through `small_linear` whenever a call has 3 to
-    `small_linear_rows()` rows (a decode step's), and through their own forward otherwise; returns how many layers.
-    Accelerate's hooks stay in front (the layer's `_old_forward` is the one replaced where a hook wraps it).
+    """Run `model`'s float32 CPU nn.Linear layers through `linear` (small_linear for a decode step's rows, their
+    own op otherwise); returns how many layers. Accelerate's hooks stay in front (the layer's `_old_forward` is the
+    one replaced where a hook wraps it).
 
     Example::
 
@@ -67,10 +107,8 @@ def use_small_batch_linears(model: torch.nn.Module) -> int:
     """
     if any(parameter.device.type == "cpu" for parameter in model.parameters()):
         load_cpu_kernels()
-    kernels = built()
-    if kernels is None:
+    if built() is None:
         return 0
-    most_rows = kernels.small_linear_rows()
     count = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -79,19 +117,11 @@ def use_small_batch_linears(model: torch.nn.Module) -> int:
                 and type(weight.data) is torch.Tensor and weight.device.type == "cpu" and weight.dtype == torch.float32
                 and not getattr(module, "_small_batch", False)):
             slot = "_old_forward" if hasattr(module, "_old_forward") else "forward"
-            setattr(module, slot, functools.partial(_small_batch_forward, module, getattr(module, slot), most_rows))
+            setattr(module, slot, functools.partial(_linear_forward, module))
             module._small_batch = True
             count += 1
     return count
 
 
-def _small_batch_forward(module: torch.nn.Linear, own: Callable, most_rows: int, hidden: torch.Tensor) -> torch.Tensor:
-    rows = hidden.numel() // module.in_features
-    weight, bias = module.weight, module.bias
-    if (_FEWEST_ROWS <= rows <= most_rows and hidden.dtype == torch.float32 and weight.device.type == "cpu"
-            and weight.dtype == torch.float32 and weight.is_contiguous() and hidden.device.type == "cpu"
-            and (bias is None or bias.dtype == torch.float32)
-            and not (torch.is_grad_enabled() and weight.requires_grad)):
-        out = KERNELS[0].small_linear(hidden.reshape(rows, module.in_features), weight, bias)
-        return out.view(*hidden.shape[:-1], module.out_features)
-    return own(hidden)
+def _linear_forward(module: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    return linear(hidden, module.weight, module.bias)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import Ranks, any_rank_failed
+from ._cpu_kernels import interpreter_tools_first, linear
 from .base import Progress
 
 _SHM_OP = "deepspeed_shm_comm"
@@ -109,7 +109,7 @@ def load_shared_memory_op(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> None:
     if not builder.is_compatible():
         raise RuntimeError("DeepSpeed says it is not compatible with this host")
     _wait_for_build_lock(builder.name, lock_wait_s)
-    with _interpreter_tools_first():
+    with interpreter_tools_first():
         builder.load(verbose=False)
 
 
@@ -126,20 +126,6 @@ def _wait_for_build_lock(name: str, wait_s: float) -> None:
             raise RuntimeError(f"the build lock {lock} stayed for {wait_s:.0f} s (left by a process killed while "
                                "building?); remove it if no build is running")
         time.sleep(0.5)
-
-
-@contextlib.contextmanager
-def _interpreter_tools_first() -> Iterator[None]:
-    """Put the interpreter's own bin folder first on PATH while the op loads, so that every process finds the same
-    `ninja` (a venv's, from DeepSpeed's requirements, before a system one). Two ninja versions read each other's
-    build log as stale, so a TorchServe worker (whose PATH has the venv) and a script run without it rebuilt the
-    op in turn."""
-    path = os.environ.get("PATH", "")
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
-    try:
-        yield
-    finally:
-        os.environ["PATH"] = path
 
 
 def _release_segment_name(rank: int) -> None:
@@ -162,22 +148,21 @@ def use_lean_forwards(module: torch.nn.Module) -> int:
     DeepSpeed's forwards wrap every call in autograd Functions (ColumnParallel, RowParallel) and deepspeed.comm's
     timed wrappers, and multiply by a transposed view; on a 2-CPU host that Python, paid by each rank for every
     linear layer (seven per Llama decoder layer), cost tp 2 about a seventh of its decode speed. The lean forward
-    is the same arithmetic (F.linear without bias is matmul with weight.t(); the bias is added after the
-    all-reduce, as DeepSpeed does) and the same all-reduce (DeepSpeed's backend `inference_all_reduce`). Layers
-    of other classes, subclasses, and layers set up for gathering, overlap or compiled collectives keep
-    DeepSpeed's forward.
+    is the same arithmetic (F.linear without bias is matmul with weight.t(), through small_linear for a decode
+    step's rows: engines/_cpu_kernels.py; the bias is added after the all-reduce, as DeepSpeed does) and the same
+    all-reduce (DeepSpeed's backend `inference_all_reduce`). Layers of other classes, subclasses, and layers set
+    up for gathering, overlap or compiled collectives keep DeepSpeed's forward.
     """
-    import torch.nn.functional as F
     from deepspeed.comm import ReduceOp
     from deepspeed.comm.comm import cdb as backend
     from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, LmHeadLinearAllreduce
 
     def column(layer, input):
-        output = F.linear(input, layer.weight)
+        output = linear(input, layer.weight)
         return output if layer.bias is None else output.add_(layer.bias)
 
     def row(layer, input):
-        output = F.linear(input, layer.weight)
+        output = linear(input, layer.weight)
         backend.inference_all_reduce(output, ReduceOp.SUM, layer.mp_group)  # in place
         return output if layer.bias is None else output.add_(layer.bias)
 

@@ -31,19 +31,27 @@ LENGTHS = (64, 512, 1024)
 WAYS = ("DynamicCache", "paged, kernel", "paged, gather")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def in_process_args(doc: str, argv: Optional[List[str]]) -> argparse.Namespace:
+    """The in-process benches' options (rounds, out); two threads, as a 2-CPU worker has."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "docs")
-    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    return parser.parse_args(argv)
+
+
+def smollm2() -> torch.nn.Module:
+    """The demo's real model, fp32, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     from ts_plugin.testing.demo import prepare_smollm2
 
-    torch.set_num_threads(2)
-    path = prepare_smollm2()
-    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    paged = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(prepare_smollm2(), dtype=torch.float32).eval()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = in_process_args(__doc__, argv)
+    plain, paged = smollm2(), smollm2()
     use_paged_attention(paged)
     kernel = _cpu_kernels.built()
     if kernel is None:

@@ -234,19 +234,28 @@ def worker_processes(ts) -> list:
 
 
 def ranks_of(ts, name: str) -> Dict[int, list]:
-    """LOCAL_RANK -> the live rank processes of model `name` in this server (torchrun's agent is left out)."""
+    """LOCAL_RANK -> the live rank processes of model `name` in this server (torchrun's agent is left out; a worker
+    without torchrun is rank 0)."""
     folder = str((ts.model_store / name).resolve())
     ranks: Dict[int, list] = {}
     for proc in worker_processes(ts):
         try:
             if proc.cwd() != folder or proc.status() == "zombie":
                 continue
-            local_rank = proc.environ().get("LOCAL_RANK")
+            local_rank = proc.environ().get("LOCAL_RANK", "0")  # a worker TorchServe starts itself: rank 0
+            agent = any(arg.endswith("torchrun") or arg == "torch.distributed.run" for arg in proc.cmdline())
         except Exception:  # noqa: BLE001 - psutil.Error: the process just ended
             continue
-        if local_rank is not None:
+        if not agent:
             ranks.setdefault(int(local_rank), []).append(proc)
     return ranks
+
+
+def ranks_rss(ts, name: str, world_size: int) -> int:
+    """Bytes resident in all of model `name`'s rank processes, which must be `world_size`."""
+    ranks = ranks_of(ts, name)
+    assert len(ranks) == world_size and all(len(procs) == 1 for procs in ranks.values()), ranks
+    return sum(procs[0].memory_info().rss for procs in ranks.values())
 
 
 def assert_gone(processes, within: float = 20) -> None:

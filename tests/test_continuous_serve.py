@@ -6,12 +6,11 @@ import json
 import threading
 import time
 
-import psutil
 import pytest
 import requests
 
-from _llm import (PARSE_CRASHES, PROMPTS, REPO, bad_body_beside_a_stream, reference_text, serving, stream_text,
-                  tiny_llama_and_store)
+from _llm import (PARSE_CRASHES, PROMPTS, REPO, bad_body_beside_a_stream, ranks_rss, reference_text, serving,
+                  stream_text, tiny_llama_and_store)
 from ts_plugin.testing import archive_model, java_available, write_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.skipif(not java_available(), reason="TorchServe needs Java 11+")]
@@ -141,17 +140,8 @@ def test_an_answer_whole_after_its_first_step_is_sent(server, name, stream):
     assert text == reference_text(model_dir, PROMPTS[1], 1)
 
 
-def _worker_rss(name: str) -> int:
-    total = 0
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if "model_service_worker" in cmdline and name in cmdline:
-            total += process.memory_info().rss
-    return total
-
-
-@pytest.mark.parametrize("name", ["cb-custom", "cb-tp", "cb-pp"])
-def test_cancelled_clients_free_their_rows(server, name):
+@pytest.mark.parametrize("name,world_size", [("cb-custom", 1), ("cb-tp", 2), ("cb-pp", 2)])
+def test_cancelled_clients_free_their_rows(server, name, world_size):
     ts, model_dir = server
     body = {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": LONG}, "stream": True}
     url = f"{ts.inference_url}/predictions/{name}"
@@ -162,12 +152,12 @@ def test_cancelled_clients_free_their_rows(server, name):
 
     cancel_one()
     time.sleep(0.5)
-    before = _worker_rss(name)
+    before = ranks_rss(ts, name, world_size)
     for _ in range(50):
         cancel_one()
     answer = ts.predict(name, {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 10}})
     assert answer.status_code == 200 and answer.json()["generated_text"] == reference_text(model_dir, PROMPTS[1], 10)
-    grown = _worker_rss(name) - before
+    grown = ranks_rss(ts, name, world_size) - before
     assert grown < 64 * 2**20, f"worker memory grew by {grown / 2**20:.1f} MiB over 50 cancelled requests"
     log = (ts.log_dir / "model_log.log").read_text(encoding="utf-8", errors="replace")
     cancelled = sum(1 for line in log.splitlines() if f"{name}_" in line and "its client went away" in line)

@@ -3,6 +3,12 @@ for every row count and shape, and a model switched to it takes it for a decode 
 with the same greedy tokens as its own linears, behind Accelerate's hooks too."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -101,3 +107,43 @@ def test_linears_the_kernel_cannot_run_keep_their_own_path(counting):
     x = torch.randn(4, 32, requires_grad=True)
     linear(x).sum().backward()  # training: autograd needs the linear's own op
     assert x.grad is not None and counting.rows == []
+
+
+def test_a_stale_build_lock_leaves_pytorchs_ops_in_bounded_time(tmp_path):
+    """torch waits for an extension's build lock without a bound; one left by a process killed while building
+    hung every later worker at load. The kernels give up after the wait, with the reason, and the model runs."""
+    script = (
+        "import time, torch\n"
+        "from torch.utils.cpp_extension import _get_build_directory\n"
+        "from pathlib import Path\n"
+        "from ts_plugin.engines import _cpu_kernels\n"
+        "name = 'ts_plugin_cpu_kernels_' + torch.backends.cpu.get_cpu_capability().lower()\n"
+        "Path(_get_build_directory(name, verbose=False), 'lock').write_text('')\n"
+        "started = time.monotonic()\n"
+        "why = _cpu_kernels.load_cpu_kernels(lock_wait_s=1.0)\n"
+        "assert time.monotonic() - started < 10 and 'build lock' in why and _cpu_kernels.built() is None, why\n"
+        "layer = torch.nn.Linear(8, 4)\n"
+        "assert _cpu_kernels.use_small_batch_linears(layer) == 0\n"
+        "x = torch.randn(5, 8)\n"
+        "torch.testing.assert_close(_cpu_kernels.linear(x, layer.weight), x @ layer.weight.t())\n"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_build_lock_older_than_any_build_is_removed_and_a_recent_one_waited_for(tmp_path, monkeypatch):
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from ts_plugin.engines._cpu_kernels import STALE_LOCK_S, wait_for_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = Path(_get_build_directory("some_op", verbose=False), "lock")
+    lock.write_text("")
+    with pytest.raises(RuntimeError, match="stayed for 1 s"):
+        wait_for_build_lock("some_op", 1.0)
+    assert lock.exists()  # a build may still hold it
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    wait_for_build_lock("some_op", 1.0)
+    assert not lock.exists()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _llm import PROMPTS, REPO, predict_concurrently, reference_text, scrape, stream_text, tiny_llama_and_store
+from _llm import (PROMPTS, REPO, predict_concurrently, ranks_rss, reference_text, scrape, stream_text,
+                  tiny_llama_and_store)
 from ts_plugin.engines.base import kv_bytes_per_token
 from ts_plugin.testing import TorchServe, archive_model, java_available, write_config
 
@@ -82,18 +83,29 @@ def test_a_request_larger_than_the_bound_gets_a_4xx_and_one_that_fits_is_answere
 @pytest.mark.parametrize("name", list(MODELS))
 def test_cancelled_requests_leave_the_batch_and_free_the_bound(server, name):
     """Clients that go away after their first token: their rows leave at the next call, so after a request that
-    runs to its end no row is left running or waiting and the bound is free again."""
+    runs to its end no row is left running or waiting, the bound is free again, and 50 of them leave every rank's
+    memory flat."""
     import requests
 
     ts, model_dir = server
+    _, tp, pp = MODELS[name]
     body = {"inputs": "another request", "parameters": {"max_new_tokens": NEW_TOKENS}, "stream": True}
-    for _ in range(20):
+
+    def cancel_one() -> None:
         with requests.post(f"{ts.inference_url}/predictions/{name}", json=body, headers=ts._headers(), stream=True,
                            timeout=60) as response:
             assert response.status_code == 200
             next(response.iter_content(chunk_size=None))
+
+    for _ in range(5):  # the pool's blocks and the step's buffers made
+        cancel_one()
+    before = ranks_rss(ts, name, tp * pp)
+    for _ in range(50):
+        cancel_one()
     answer = ts.predict(name, {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 8}})
     assert answer.status_code == 200 and answer.json()["generated_text"] == reference_text(model_dir, PROMPTS[2], 8)
+    grown = ranks_rss(ts, name, tp * pp) - before
+    assert grown < 64 * 2**20, f"the ranks' memory grew by {grown / 2**20:.1f} MiB over 50 cancelled requests"
     metrics = scrape(ts, name)
     assert metrics["num_requests_running"] == 0 and metrics["num_requests_waiting"] == 0
     assert metrics["kv_cache_usage_perc"] == 0

@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
@@ -28,23 +29,30 @@ KERNELS: List[Any] = []
 _VECTOR_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 #: fewer rows than this: MKL's matrix-vector path already reads the weight at memory speed
 _FEWEST_ROWS = 3
+#: the longest a worker waits for another process's build lock on an extension before it goes on without it
+BUILD_LOCK_WAIT_S = 60.0
+#: a build lock older than this was left by a killed build (ours and DeepSpeed's op build in under a minute)
+STALE_LOCK_S = 600.0
 #: the most rows small_linear takes (the kernels' small_linear_rows(); 0 until they are loaded)
 _MOST_ROWS = [0]
 
 
-def load_cpu_kernels() -> Optional[str]:
+def load_cpu_kernels(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> Optional[str]:
     """Build (once per machine: torch caches it) and load the kernels. Returns why not, where they could not be
-    built, and says so once in the log: decode rows then attend through a gather and the model's own attention
-    (about 1.4x slower a step at 1,024 positions), and linears run through PyTorch's."""
+    built (or another process's build lock stayed past `lock_wait_s`), and says so once in the log: decode rows
+    then attend through a gather and the model's own attention (about 1.4x slower a step at 1,024 positions), and
+    linears run through PyTorch's."""
     if KERNELS:
         return None if KERNELS[0] is not None else "they failed to build earlier in this process"
     from torch.utils.cpp_extension import load
 
+    # built for this CPU's vector width, under a name of its own: a cache shared by other machines stays valid
+    capability = torch.backends.cpu.get_cpu_capability()
+    name = f"ts_plugin_cpu_kernels_{capability.lower()}"
     try:
-        # built for this CPU's vector width, under a name of its own: a cache shared by other machines stays valid
-        capability = torch.backends.cpu.get_cpu_capability()
+        wait_for_build_lock(name, lock_wait_s)
         with interpreter_tools_first():
-            KERNELS.append(load(name=f"ts_plugin_cpu_kernels_{capability.lower()}",
+            KERNELS.append(load(name=name,
                                 sources=[str(Path(__file__).with_name("_cpu_kernels.cpp"))],
                                 extra_cflags=["-O3", "-ffast-math", "-fopenmp", *_VECTOR_FLAGS.get(capability, [])],
                                 extra_ldflags=["-fopenmp"]))
@@ -70,6 +78,32 @@ def interpreter_tools_first() -> Iterator[None]:
         yield
     finally:
         os.environ["PATH"] = path
+
+
+def wait_for_build_lock(name: str, wait_s: float) -> None:
+    """Raise where extension `name`'s build lock stays past `wait_s`: torch takes it for every load, built or
+    not, and waits for it without a bound, so a lock left by a process killed while building would hang every
+    worker. A real build usually releases it within the wait; where not, the worker goes on without the
+    extension (PyTorch's ops; gloo for DeepSpeed's all-reduce). A lock older than STALE_LOCK_S, far longer than
+    any build of these takes, was left by a killed build: it is removed, with a warning."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False), "lock")
+    deadline = time.monotonic() + wait_s
+    while lock.exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            break
+        if age > STALE_LOCK_S:
+            logger.warning("removing the build lock %s, %.0f s old: left by a process killed while building", lock,
+                           age)
+            lock.unlink(missing_ok=True)
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the build lock {lock} stayed for {wait_s:.0f} s (left by a process killed while "
+                               "building?); remove it if no build is running")
+        time.sleep(0.5)
 
 
 def built() -> Any:

@@ -22,12 +22,10 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import Ranks, any_rank_failed
-from ._cpu_kernels import interpreter_tools_first, linear
+from ._cpu_kernels import BUILD_LOCK_WAIT_S, interpreter_tools_first, linear, wait_for_build_lock
 from .base import Progress
 
 _SHM_OP = "deepspeed_shm_comm"
-#: the longest a worker waits for another process's build lock on the op before it uses gloo
-BUILD_LOCK_WAIT_S = 60.0
 
 
 def use_shared_memory_all_reduce(ranks: Ranks, progress: Progress, lock_wait_s: float = BUILD_LOCK_WAIT_S) -> bool:
@@ -108,24 +106,9 @@ def load_shared_memory_op(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> None:
     builder = ShareMemCommBuilder()
     if not builder.is_compatible():
         raise RuntimeError("DeepSpeed says it is not compatible with this host")
-    _wait_for_build_lock(builder.name, lock_wait_s)
+    wait_for_build_lock(builder.name, lock_wait_s)
     with interpreter_tools_first():
         builder.load(verbose=False)
-
-
-def _wait_for_build_lock(name: str, wait_s: float) -> None:
-    """Raise where the op's build lock stays past `wait_s`: torch takes it for every load, built or not, and
-    waits for it without a bound, so a lock left by a process killed while building would hang every worker. A
-    real build usually releases it within the wait; where not, this worker uses gloo."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory(name, verbose=False), "lock")
-    deadline = time.monotonic() + wait_s
-    while lock.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the build lock {lock} stayed for {wait_s:.0f} s (left by a process killed while "
-                               "building?); remove it if no build is running")
-        time.sleep(0.5)
 
 
 def _release_segment_name(rank: int) -> None:

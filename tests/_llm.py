@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ts_plugin.testing import reference_answers
+from ts_plugin.testing import reference_answers, torchrun_agent
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -243,7 +243,7 @@ def ranks_of(ts, name: str) -> Dict[int, list]:
             if proc.cwd() != folder or proc.status() == "zombie":
                 continue
             local_rank = proc.environ().get("LOCAL_RANK", "0")  # a worker TorchServe starts itself: rank 0
-            agent = any(arg.endswith("torchrun") or arg == "torch.distributed.run" for arg in proc.cmdline())
+            agent = torchrun_agent(proc.cmdline())
         except Exception:  # noqa: BLE001 - psutil.Error: the process just ended
             continue
         if not agent:

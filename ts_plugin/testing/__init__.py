@@ -12,6 +12,7 @@ from typing import Any
 
 _MODULE_OF = {
     "TorchServe": "torchserve", "TorchServeError": "torchserve", "java_available": "torchserve",
+    "torchrun_agent": "torchserve",
     "free_ports": "processes", "kill_process_tree": "processes",
     "worker_context": "context", "start_batch": "context", "failed_statuses": "context",
     "make_tiny_model": "tiny_model", "make_tokenizer": "tiny_model",

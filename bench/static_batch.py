@@ -16,12 +16,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .report import median_range, ratios, write_block
+from .procs import baseline_tree
 from .run import REPO, log
 
 BASELINE = "773c70a"  # the last commit with the left-padded cache
@@ -58,28 +58,22 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     model = str(prepare_smollm2())
     trees = {"this tree": REPO}
-    with tempfile.TemporaryDirectory(prefix="ts_plugin-baseline-") as workdir:
-        baseline = Path(workdir) / "tree"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(baseline), args.baseline],
-                       check=True, capture_output=True)
+    with baseline_tree(args.baseline) as baseline:
         trees[f"baseline {args.baseline}"] = baseline
-        try:
-            runs: Dict[str, List[float]] = {name: [] for name in trees}
-            same = True
-            for round_index in range(args.rounds):
-                order = list(trees) if round_index % 2 == 0 else list(reversed(trees))
-                tokens = {}
-                for name in order:
-                    env = {**os.environ, "PYTHONPATH": str(trees[name])}
-                    done = subprocess.run([sys.executable, "-c", _RUN, model, str(ROWS), str(NEW_TOKENS)], env=env,
-                                          check=True, capture_output=True, text=True)
-                    result = json.loads(done.stdout.strip().splitlines()[-1])
-                    runs[name].append(result["tok_s"])
-                    tokens[name] = result["tokens"]
-                    log(f"round {round_index + 1} {name}: {result['tok_s']:.1f} tok/s")
-                same = same and len({json.dumps(t) for t in tokens.values()}) == 1
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], check=False)
+        runs: Dict[str, List[float]] = {name: [] for name in trees}
+        same = True
+        for round_index in range(args.rounds):
+            order = list(trees) if round_index % 2 == 0 else list(reversed(trees))
+            tokens = {}
+            for name in order:
+                env = {**os.environ, "PYTHONPATH": str(trees[name])}
+                done = subprocess.run([sys.executable, "-c", _RUN, model, str(ROWS), str(NEW_TOKENS)], env=env,
+                                      check=True, capture_output=True, text=True)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[name].append(result["tok_s"])
+                tokens[name] = result["tokens"]
+                log(f"round {round_index + 1} {name}: {result['tok_s']:.1f} tok/s")
+            same = same and len({json.dumps(t) for t in tokens.values()}) == 1
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": "SmolLM2-135M-Instruct (fp32)", "rows": ROWS,
               "new_tokens": NEW_TOKENS, "rounds": args.rounds, "baseline": args.baseline, "tok_s": runs,
               "same_tokens": same}

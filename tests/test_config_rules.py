@@ -202,8 +202,6 @@ TRIPS = [
     pytest.param("TSP215", "continuousBatching: true\nbatchSize: 1\n", "batchSize", (2, 1), None, id="215"),
     pytest.param("TSP217", "minWorkers: 1\nbatchSize: 4\n", "batchSize", (2, 1), None, id="217"),
     pytest.param("TSP218", "handler:\n  steps_per_call: 4\n", "handler.steps_per_call", (2, 3), None, id="218"),
-    pytest.param("TSP219", "parallelType: pp\ntorchrun:\n  nproc-per-node: 2\ncontinuousBatching: true\nbatchSize: 4\n"
-                 "pippy:\n  chunks: 2\n", "pippy.chunks", (7, 3), None, id="219"),
     pytest.param("TSP220", "handler:\n  max_num_batched_tokens: null\n", "handler.max_num_batched_tokens", (2, 3),
                  None, id="220"),
 ]
@@ -303,10 +301,6 @@ NEAR = [
     pytest.param("TSP217", "batchSize: 4\ncontinuousBatching: false\n", None, id="217-static-chosen"),
     pytest.param("TSP217", "batchSize: 4\nasyncCommunication: true\n", None, id="217-async"),
     pytest.param("TSP218", "continuousBatching: true\nbatchSize: 4\nhandler:\n  steps_per_call: 4\n", None, id="218"),
-    pytest.param("TSP219", "parallelType: pp\ntorchrun:\n  nproc-per-node: 2\ncontinuousBatching: true\nbatchSize: 4\n"
-                 "pippy:\n  chunks: 2\nhandler:\n  steps_per_call: 8\n", None, id="219"),
-    pytest.param("TSP219", "parallelType: pptp\ntorchrun:\n  nproc-per-node: 4\ncontinuousBatching: true\nbatchSize: 4\n"
-                 "pippy:\n  chunks: 2\n  pp_size: 2\n", None, id="219-pptp"),
     pytest.param("TSP220", "handler:\n  max_num_batched_tokens: 4096\n", None, id="220"),
 ]
 

@@ -1,7 +1,7 @@
 """ts_plugin.continuous.ContinuousGroups in-process, on a real tiny Llama: where the engine splits a batch into row
-groups (pp with pippy.chunks), the live rows form that many ContinuousBatches stepped concurrently; answers equal
-single-process generate, requests spread over the groups, seeds follow the join order as in one batch, and a
-failure in one group fails them all."""
+groups (pp with pippy.chunks), the live rows form that many ContinuousBatches, each stepped by a thread of its own;
+answers equal single-process generate, requests spread over the groups, seeds follow the join order as in one
+batch, a group never waits for another's step, and a failure in one group fails them all."""
 from __future__ import annotations
 
 import threading
@@ -45,16 +45,17 @@ def model(tmp_path_factory):
     return AutoModelForCausalLM.from_pretrained(str(path)).eval(), AutoTokenizer.from_pretrained(str(path))
 
 
-def run(live, schedule, steps):
-    """schedule: step -> [(request id, prompt ids, params)] joining then; returns request id -> result, and the
-    rows of each group after every step."""
-    results, sizes = {}, []
-    for step in range(steps):
-        for request_id, output in live.steps(schedule.get(step, []), 1).items():
+def run(live, schedule, calls):
+    """schedule: call -> [(request id, prompt ids, params)] handed over then; returns request id -> result."""
+    results = {}
+    for call in range(calls):
+        for request_id, output in live.steps(schedule.get(call, []), 1).items():
             if output.result is not None:
                 results[request_id] = output.result
-        sizes.append([len(batch) for batch in live.batches] if isinstance(live, ContinuousGroups) else [len(live)])
-    return results, sizes
+    while len(live):
+        results.update((request_id, output.result) for request_id, output in live.steps([], 1).items()
+                       if output.result is not None)
+    return results
 
 
 def test_the_model_row_groups_pick_groups_or_one_batch(model):
@@ -69,14 +70,21 @@ def test_rows_in_groups_give_single_process_greedy_tokens(model):
     live = ContinuousGroups(TwoGroups(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0, 2,
                             KVBlocks(256))
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    schedule = {0: [("long", prompts[0], SamplingParams(14))],
-                2: [("short", prompts[1], SamplingParams(3)), ("mid", prompts[2], SamplingParams(6))],
-                5: [("late", prompts[1], SamplingParams(4))]}
-    results, sizes = run(live, schedule, 20)
-    assert sizes[2] == [2, 1]  # "short" joined the empty group, "mid" the one with "long" (fewest rows first)
-    for request_id, prompt, length in (("long", 0, 14), ("short", 1, 3), ("mid", 2, 6), ("late", 1, 4)):
+    live.steps([("long", prompts[0], SamplingParams(14))], 1)
+    live.steps([("short", prompts[1], SamplingParams(12)), ("mid", prompts[2], SamplingParams(6))], 1)
+
+    def group_of(request_id):
+        return next(index for index, (batch, handed) in enumerate(zip(live.batches, live._handed))
+                    if request_id in batch or any(request[0] == request_id for request in handed))
+
+    # "short" went to the empty group, "mid" to the one with "long" (fewest rows first, ties to the first)
+    assert (group_of("long"), group_of("short"), group_of("mid")) == (0, 1, 0)
+    results = run(live, {2: [("late", prompts[1], SamplingParams(4))]}, 6)
+    for request_id, prompt, length in (("short", 1, 12), ("mid", 2, 6), ("late", 1, 4), ("long", 0, 14)):
         assert results[request_id].token_ids == reference(hf, prompts[prompt], length), request_id
     assert len(live) == 0 and live.kv.used == 0
+    live.close()
+    assert not any(thread.is_alive() for thread in live._threads)
 
 
 def test_sampled_requests_get_the_tokens_they_get_in_one_batch(model):
@@ -88,10 +96,10 @@ def test_sampled_requests_get_the_tokens_they_get_in_one_batch(model):
                 1: [("b", prompts[1], SamplingParams(6, do_sample=True, top_k=20)),
                     ("seeded", prompts[2], SamplingParams(7, do_sample=True, seed=99))],
                 3: [("c", prompts[2], SamplingParams(5, do_sample=True, top_p=0.9))]}
-    grouped, _ = run(ContinuousGroups(TwoGroups(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 7, 2,
+    grouped = run(ContinuousGroups(TwoGroups(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 7, 2,
                                       KVBlocks(256)),
                      schedule, 14)
-    single, _ = run(ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 7,
+    single = run(ContinuousBatch(HFStepModel(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 7,
                                     KVBlocks(256)),
                     schedule, 14)
     assert {k: v.token_ids for k, v in grouped.items()} == {k: v.token_ids for k, v in single.items()}
@@ -113,26 +121,39 @@ def test_a_failure_in_one_group_resets_every_group(model):
     live.steps([("running", short, SamplingParams(20))], 1)
     with pytest.raises(RuntimeError, match="this stage failed"):
         live.steps([("other", short, SamplingParams(20)), ("bad", short * 8, SamplingParams(20))], 1)
+        for _ in range(40):  # "bad" fails its group's first step; the other group may step first
+            live.steps([], 1)
     assert len(live) == 0 and live.kv.used == 0
+    # the groups step again afterwards
+    assert run(live, {0: [("after", short, SamplingParams(3))]}, 1)["after"].token_ids == reference(hf, short, 3)
 
 
-def test_several_steps_per_call_stop_in_every_group_once_one_frees_a_slot(model):
-    """With steps_per_call, a group whose row finishes stops the call for all groups: the other group does not
-    step on alone (on pp its stages would take turns), and its text of the steps it did run is kept."""
+def test_a_group_steps_on_while_another_group_is_in_a_step(model):
+    """No barrier between the groups: while group 1's step is held, group 0 runs its request to the end, and the
+    held one then ends too (on pp, one group's step in stage 1 never keeps stage 0 from the other's next step)."""
     hf, tokenizer = model
-    live = ContinuousGroups(TwoGroups(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0, 2,
+    release = threading.Event()
+
+    class HoldsGroupOne(TwoGroups):
+        def forward(self, input_ids, batch):
+            if threading.current_thread().name.endswith("-1"):
+                release.wait(60)
+            return super().forward(input_ids, batch)
+
+    live = ContinuousGroups(HoldsGroupOne(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0, 2,
                             KVBlocks(256))
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    outputs = live.steps([("long", prompts[0], SamplingParams(14)), ("short", prompts[1], SamplingParams(2))], 8)
-    assert [len(batch) for batch in live.batches] == [1, 0]  # "short" finished and left its group
-    assert outputs["short"].result is not None and outputs["long"].result is None
-    long_row = live.batches[0].running[0]
-    # stopped once "short" finished, not after 8 steps alone; how many steps it ran before depends on how the
-    # two threads were scheduled (1 to 4 seen on a busy 2-CPU host)
-    assert 1 <= len(long_row.seq.token_ids) < 8
-    assert outputs["long"].text == tokenizer.decode(long_row.seq.token_ids)
-    text = outputs["long"].text
-    while outputs["long"].result is None:  # the rest, 8 steps per call while nothing else finishes
-        outputs = live.steps([], 8)
-        text += outputs["long"].text
-    assert outputs["long"].result.token_ids == reference(hf, prompts[0], 14) and text == outputs["long"].result.text
+    live.steps([("free", prompts[0], SamplingParams(6)), ("held", prompts[1], SamplingParams(5))], 1)
+    free = None
+    for _ in range(20):
+        outputs = live.steps([], 1)
+        assert "held" not in outputs or outputs["held"].result is None
+        if "free" in outputs and outputs["free"].result is not None:
+            free = outputs["free"].result
+            break
+    assert free is not None and not release.is_set()
+    release.set()
+    results = run(live, {}, 0)
+    assert free.token_ids == reference(hf, prompts[0], 6)
+    assert results["held"].token_ids == reference(hf, prompts[1], 5)
+    live.close()

@@ -26,15 +26,15 @@ where a seeded request here must give the same tokens alone or beside others; wh
 the model's own forward over a flat batch through a registered attention function (see engines/_paged.py).
 
 Where the engine splits a batch into row groups (pp with `pippy.chunks`: at most one group per stage),
-`ContinuousGroups` keeps one ContinuousBatch per group, all on one KVBlocks, and steps them in threads of their
-own: while stage 1 runs one group's step, stage 0 runs another's.
+`ContinuousGroups` keeps one ContinuousBatch per group, all on one KVBlocks, and steps each in a thread of its own
+that never waits for the others: while stage 1 runs one group's step, stage 0 runs another's, and a request joins
+its group at that group's next step.
 """
 from __future__ import annotations
 
 import dataclasses
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -195,19 +195,15 @@ class ContinuousBatch:
         return outputs
 
     def steps(self, joining: Sequence[Tuple[str, List[int], SamplingParams]], count: int,
-              slot_freed: Optional[threading.Event] = None,
               heartbeat: Optional[Callable[[], None]] = None) -> Dict[str, StepOutput]:
-        """Up to `count` steps, the first with `joining`; fewer once a row finishes (here, or in another group that
-        shares `slot_freed`), since its slot is then free for a new request. Each request's output holds its text
-        of all the steps. `heartbeat()` is called after each step."""
-        slot_freed = slot_freed or threading.Event()
+        """Up to `count` steps, the first with `joining`; fewer once a row finishes, since its slot is then free for
+        a new request. Each request's output holds its text of all the steps. `heartbeat()` is called after each
+        step."""
         heartbeat = heartbeat or (lambda: None)
         outputs = self.step(joining)
         heartbeat()
         for _ in range(count - 1):
-            if any(output.result for output in outputs.values()):
-                slot_freed.set()
-            if not len(self) or slot_freed.is_set():
+            if not len(self) or any(output.result for output in outputs.values()):
                 break
             for request_id, output in self.step([]).items():
                 outputs[request_id] = outputs[request_id].then(output) if request_id in outputs else output
@@ -356,9 +352,12 @@ class ContinuousBatch:
 
 
 class ContinuousGroups:
-    """The live rows of one worker in `groups` ContinuousBatches, stepped concurrently; the same calls as one
-    ContinuousBatch. A new request joins the group with the fewest rows. An unseeded request gets its seed in the
-    order requests joined, as in one batch. The groups share the KV blocks."""
+    """The live rows of one worker in `groups` ContinuousBatches, each stepped by a thread of its own for as long
+    as it has rows: the same calls as one ContinuousBatch. A group never waits for another's step, so on pp the
+    stages stay busy across joins and finishes, and a request handed over joins at its group's next step. A new
+    request joins the group with the fewest rows. An unseeded request gets its seed in the order requests joined,
+    as in one batch. The groups share the KV blocks. A step that fails parks every group after its step in
+    flight, and the next call resets them all and raises it."""
 
     def __init__(self, model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int, groups: int,
                  kv: KVBlocks, max_batched_tokens: Optional[int] = None, grammars: Optional[Grammars] = None):
@@ -369,17 +368,34 @@ class ContinuousGroups:
         self.default_seed = default_seed
         self._joined = 0
         self.groups = groups
-        self._pool = ThreadPoolExecutor(groups, thread_name_prefix="continuous-rows")
+        self._changed = threading.Condition()
+        self._handed: List[list] = [[] for _ in self.batches]  # per group: joining at its next step
+        self._cancels: List[List[str]] = [[] for _ in self.batches]  # per group: dropped before its next step
+        self._ready: Dict[str, StepOutput] = {}  # outputs since the last call, merged per request
+        self._stepped = 0  # steps of all groups
+        self._finished = 0  # requests finished
+        self._busy = 0  # groups in a step
+        self._parked = False  # a step failed, or a reset is under way: no group starts another
+        self._failure: Optional[BaseException] = None
+        self._closed = False
+        self._threads = [threading.Thread(target=self._step_group, args=(index,), daemon=True,
+                                          name=f"continuous-rows-{index}") for index in range(groups)]
+        for thread in self._threads:
+            thread.start()
 
     def __contains__(self, request_id: str) -> bool:
-        return any(request_id in batch for batch in self.batches)
+        with self._changed:
+            return (any(request_id == handed[0] for part in self._handed for handed in part)
+                    or any(request_id in batch for batch in self.batches))
 
     def __len__(self) -> int:
-        return sum(len(batch) for batch in self.batches)
+        with self._changed:
+            return sum(len(batch) + len(part) for batch, part in zip(self.batches, self._handed))
 
     def load(self) -> Tuple[int, int]:
         loads = [batch.load() for batch in self.batches]
-        return sum(running for running, _ in loads), sum(waiting for _, waiting in loads)
+        return (sum(running for running, _ in loads),
+                sum(waiting for _, waiting in loads) + sum(len(part) for part in self._handed))
 
     def kv_usage(self) -> Tuple[int, Optional[int]]:
         return self.batches[0].kv_usage()
@@ -389,41 +405,94 @@ class ContinuousGroups:
         return sum(batch.preemptions for batch in self.batches)
 
     def cancel(self, request_ids: Sequence[str]) -> None:
-        for batch in self.batches:
-            batch.cancel(request_ids)
+        unwanted = set(request_ids)
+        with self._changed:
+            for index, part in enumerate(self._handed):
+                self._handed[index] = [handed for handed in part if handed[0] not in unwanted]
+                self._cancels[index] += request_ids
 
     def steps(self, joining: Sequence[Tuple[str, List[int], SamplingParams]], count: int,
               heartbeat: Optional[Callable[[], None]] = None) -> Dict[str, StepOutput]:
-        parts: List[list] = [[] for _ in self.batches]
-        for request_id, prompt, params in joining:
-            if params.seed is None:
-                params = dataclasses.replace(params, seed=self.default_seed + self._joined)
-            self._joined += 1
-            group = min(range(len(self.batches)), key=lambda i: len(self.batches[i]) + len(parts[i]))
-            parts[group].append((request_id, prompt, params))
-        # the groups stop together once one frees a slot: a group stepping alone would leave the other stages idle
-        slot_freed = threading.Event()
-        futures = [self._pool.submit(batch.steps, part, count, slot_freed, heartbeat)
-                   for batch, part in zip(self.batches, parts) if part or len(batch)]
-        outputs: Dict[str, StepOutput] = {}
-        failure: Optional[BaseException] = None
-        for future in futures:
-            try:
-                outputs.update(future.result())
-            except BaseException as error:  # noqa: BLE001 - raised below, once every group has stopped
-                failure = failure or error
-        if failure is not None:
-            self.reset()  # the handler fails every running request with this call
-            raise failure
-        return outputs
+        """Hand `joining` to the groups and return the outputs since the last call once `count` steps (of all the
+        groups together) have run since this one, or a request finished, or nothing is left to run.
+        `heartbeat()` is called after each step."""
+        heartbeat = heartbeat or (lambda: None)
+        with self._changed:
+            for request_id, prompt, params in joining:
+                if params.seed is None:
+                    params = dataclasses.replace(params, seed=self.default_seed + self._joined)
+                self._joined += 1
+                group = min(range(self.groups), key=lambda i: len(self.batches[i]) + len(self._handed[i]))
+                self._handed[group].append((request_id, prompt, params))
+            self._changed.notify_all()
+            start, finished, seen = self._stepped, self._finished, self._stepped
+            while self._failure is None and self._live():
+                if self._stepped != seen:
+                    seen = self._stepped
+                    heartbeat()
+                if self._stepped - start >= count or self._finished != finished:
+                    break
+                self._changed.wait()
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                self._reset_parked()  # the handler fails every running request with this call
+                raise failure
+            ready, self._ready = self._ready, {}
+        return ready
 
     def reset(self) -> None:
-        for batch in self.batches:
-            batch.reset()
+        with self._changed:
+            self._parked = True
+            self._reset_parked()
 
     def close(self) -> None:
         self.reset()
-        self._pool.shutdown(wait=True)
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+    def _live(self) -> bool:
+        return self._busy > 0 or any(self._handed) or any(len(batch) for batch in self.batches)
+
+    def _reset_parked(self) -> None:
+        """With every group parked (held by the lock), drop every request; then let the groups step again."""
+        self._changed.wait_for(lambda: self._busy == 0)
+        for batch in self.batches:
+            batch.reset()
+        self._handed = [[] for _ in self.batches]
+        self._cancels = [[] for _ in self.batches]
+        self._ready = {}
+        self._parked = False
+
+    def _step_group(self, index: int) -> None:
+        batch = self.batches[index]
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._closed or (not self._parked
+                                                                and (self._handed[index] or len(batch) > 0)))
+                if self._closed:
+                    return
+                joining, self._handed[index] = self._handed[index], []
+                cancels, self._cancels[index] = self._cancels[index], []
+                self._busy += 1
+            failure = None
+            try:
+                batch.cancel(cancels)
+                outputs = batch.step(joining) if joining or len(batch) else {}
+            except BaseException as error:  # noqa: BLE001 - raised by the next call, once every group is parked
+                outputs, failure = {}, error
+            with self._changed:
+                self._busy -= 1
+                for request_id, output in outputs.items():
+                    earlier = self._ready.get(request_id)
+                    self._ready[request_id] = output if earlier is None else earlier.then(output)
+                    self._finished += output.result is not None
+                self._stepped += 1
+                if failure is not None:
+                    self._failure, self._parked = self._failure or failure, True
+                self._changed.notify_all()
 
 
 def continuous_batch(model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int,

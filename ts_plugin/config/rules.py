@@ -70,8 +70,6 @@ CB_SEQUENCE = _rule("TSP214", "error", "continuousBatching with sequenceBatching
                     "SequenceContinuousBatching is used instead: a sequence per request, maxNumSequence at once)")
 CB_BATCH_ONE = _rule("TSP215", "warning", "continuousBatching with batchSize 1 (one request at a time: a request "
                      "that arrives while another streams waits until it ends)")
-CB_GROUPS_ONE_STEP = _rule("TSP219", "warning", "continuousBatching on pp with pippy.chunks > 1 and one decode step "
-                           "between joins (the row groups fill and drain the pipeline at every step)")
 CB_UNSET = _rule("TSP217", "warning", "batchSize > 1 with continuousBatching not set (static batching: a request that "
                  "arrives while a batch generates waits for the batch's longest request)")
 STEPS_UNUSED = _rule("TSP218", "warning", "handler.steps_per_call without continuousBatching (only continuous "
@@ -499,14 +497,6 @@ def _check_continuous(config: ModelConfig, out: _Collector) -> None:
                 "requests (default 1) run at once, the others get 503 while the sequences live, and without "
                 "sequenceMaxIdleMSec every request fails with 500 (NullPointerException)",
                 "remove `sequenceBatching`")
-    if (config.parallel_type == "pp" and config.pippy is not None and config.pippy.chunks > 1
-            and config.handler.steps_per_call == 1):
-        out.add(CB_GROUPS_ONE_STEP, ("pippy", "chunks"),
-                f"pippy.chunks {config.pippy.chunks} with continuousBatching steps {config.pippy.chunks} groups of rows "
-                "through the stages, but with one decode step between joins the pipeline fills and drains at every "
-                "step, so the stages barely overlap (SmolLM2 on pp 2: continuous / static 1.06x at 1 step, 1.32x "
-                "at 4, 1.45x at 8)",
-                "set `handler.steps_per_call: 8` (a new request then waits up to 8 steps to join)")
     if config.batch_size == 1:
         out.add(CB_BATCH_ONE, ("batchSize",),
                 "continuousBatching with batchSize 1: the batch holds one request, so a request that arrives while "

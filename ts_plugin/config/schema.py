@@ -126,9 +126,9 @@ class HandlerConfig(_Section):
         "Without it, \"auto\" gets a 400; \"required\" and a named function need none (a grammar forces them).")
     steps_per_call: int = Field(
         1, ge=1, le=64, description="continuousBatching: decode steps between the points where new requests join "
-        "(as vLLM's num-scheduler-steps). The steps run in a loop of their own, so the frontend's round trip is off "
-        "their path either way; more lets pp's row groups (pippy.chunks) overlap in the stages longer, but a new "
-        "request may wait that many steps to join.")
+        "(as vLLM's num-scheduler-steps), fewer once a request finishes. The steps run in a loop of their own, so "
+        "the frontend's round trip is off their path either way, and pp's row groups (pippy.chunks) step on their "
+        "own without waiting for each other; more only makes a new request wait up to that many steps to join.")
     max_num_batched_tokens: Optional[int] = Field(
         256, ge=16, description="Prompt and decode tokens one step computes at most (vLLM's name): each running "
         "request counts one, and a prompt longer than what is left is prefilled in chunks over several steps, "

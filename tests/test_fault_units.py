@@ -187,6 +187,12 @@ ranks = Ranks.from_env()
 dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size)
 watch_peers(ranks, timeout_s=3, interval_s=0.5)
 print("watching", flush=True)
+if sys.argv[1:] == ["shut-down"]:  # as a rank that is shutting down: its groups go, then it lingers
+    time.sleep(1)
+    dist.destroy_process_group()
+    time.sleep(2)  # four rounds of the watch
+    print("left cleanly", flush=True)
+    sys.exit(0)
 time.sleep(120)
 """
 
@@ -214,6 +220,28 @@ def test_the_ranks_watch_leaves_the_worker_when_a_peer_stops_answering(tmp_path)
         assert procs[0].wait(timeout=30) == 70, procs[0].stderr.read()
         assert time.monotonic() - stopped < 3 + 0.5 + 5
         assert "did not answer within 3 s" in procs[0].stderr.read()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_ranks_watch_stays_quiet_while_a_rank_shuts_down(tmp_path):
+    """A rank that destroys its process groups (shutting down) ends its watch quietly and exits 0, rather than
+    reading its own gone groups as a lost peer (exit 70)."""
+    from ts_plugin.testing import free_ports
+
+    script = tmp_path / "watch.py"
+    script.write_text(WATCH_SCRIPT)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0]), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PATH": ""}
+    procs = [subprocess.Popen([sys.executable, str(script), "shut-down"],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0 and "left cleanly" in out, err[-3000:]
     finally:
         for proc in procs:
             proc.kill()

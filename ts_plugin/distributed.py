@@ -199,6 +199,8 @@ def watch_peers(ranks: Ranks, timeout_s: float, interval_s: float = WATCH_INTERV
             try:
                 dist.monitored_barrier(group, timeout=timeout, wait_all_ranks=True)
             except Exception as error:  # noqa: BLE001 - whatever the barrier says, a peer did not answer in time
+                if not dist.is_initialized():
+                    return  # this rank destroyed its process groups: it is shutting down, not failing
                 leave_worker(ranks, error, f"a rank of this worker did not answer within {timeout_s:.0f} s")
 
     threading.Thread(target=watch, name="ts_plugin-watch-peers", daemon=True).start()

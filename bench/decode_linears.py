@@ -1,6 +1,6 @@
 """What small_linear (engines/_cpu_kernels.py) does to a decode step: the same paged step with the model's linears
 through PyTorch's op (MKL) and through small_linear, in-process, the demo's real model (SmolLM2-135M, fp32, its
-oneDNN lm_head as served), ROWS rows prefilled to CONTEXT positions, then DECODE_STEPS greedy decode steps; the
+lm_head a linear like the others, as served where the kernels are built), ROWS rows prefilled to CONTEXT positions, then DECODE_STEPS greedy decode steps; the
 figure is ms per decode step. The two alternate within each round (in a rotated order), and every round's tokens
 must be equal. Writes docs/decode-linears-benchmark.json and its block in docs/benchmarks.md.
 
@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ts_plugin.engines import _cpu_kernels
-from ts_plugin.engines._onednn_head import use_onednn_head
 from ts_plugin.engines._paged import use_paged_attention
 
 from .paged_decode import DECODE_STEPS, ROWS, _decode_paged, in_process_args, smollm2
@@ -30,7 +29,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = in_process_args(__doc__, argv)
     model = smollm2()
     use_paged_attention(model)
-    use_onednn_head(model)
     if _cpu_kernels.use_small_batch_linears(model) == 0:
         raise SystemExit("the CPU kernels did not build here; see the warning above")
     most_rows = _cpu_kernels._MOST_ROWS[0]
@@ -45,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             log(f"round {round_index + 1} {way}: {step_ms:.1f} ms a step")
         same = same and torch.equal(*tokens.values())
     _cpu_kernels._MOST_ROWS[0] = most_rows
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": "SmolLM2-135M-Instruct (fp32, oneDNN lm_head)",
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": "SmolLM2-135M-Instruct (fp32)",
               "rows": ROWS, "context": CONTEXT, "decode_steps": DECODE_STEPS, "threads": torch.get_num_threads(),
               "rounds": args.rounds, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "ms_per_step": runs, "same_tokens": same}

@@ -87,52 +87,77 @@ constexpr int kLanes = 16, kRowsAtOnce = 8;  // accumulators: 2 x rows, of 32 re
 constexpr int kLanes = 8, kRowsAtOnce = 4;  // of 16 registers
 #endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
-constexpr int64_t kDepth = 512;  // columns of x kept in L1 while two weight rows stream past
+typedef int Lanes __attribute__((vector_size(kLanes * sizeof(int))));
+static_assert(kLanes == 2 * kRowsAtOnce, "one accumulator per row of x and weight row, one lane sum each");
+constexpr int kLevels = kLanes == 16 ? 4 : 3;  // log2(kLanes)
 
-static inline float lane_sum(Vec v) {
-  float total = 0.f;
-  for (int i = 0; i < kLanes; ++i) total += v[i];
-  return total;
-}
+// The lane sums of kLanes accumulators at once: each level adds the two halves of every pair of vectors, so the
+// kLanes vectors become one whose lane p holds the sum of accumulator order[p] (instead of a horizontal sum each).
+struct LaneSums {
+  Lanes low[kLevels], high[kLevels];
+  int order[kLanes];
 
-// out[m, n0..n1) += x[m, k0..k1) . w[n, k0..k1) for MB rows of x, two weight rows at a time
+  LaneSums() {
+    for (int level = 0, half = kLanes / 2; level < kLevels; ++level, half /= 2) {
+      for (int p = 0; p < kLanes; ++p) {
+        const int base = p / (2 * half) * 2 * half, q = p % (2 * half);
+        low[level][p] = q < half ? base + q : kLanes + base + q - half;
+        high[level][p] = q < half ? base + half + q : kLanes + base + q;
+      }
+    }
+    Vec probe[kLanes];
+    for (int i = 0; i < kLanes; ++i) probe[i] = Vec{} + static_cast<float>(i);
+    const Vec sums = reduce(probe);
+    for (int p = 0; p < kLanes; ++p) order[p] = static_cast<int>(sums[p] / kLanes + 0.5f);
+  }
+
+  Vec reduce(Vec* acc) const {  // overwrites acc
+    for (int level = 0, count = kLanes; level < kLevels; ++level, count /= 2) {
+      for (int j = 0; j < count / 2; ++j) {
+        acc[j] = __builtin_shuffle(acc[2 * j], acc[2 * j + 1], low[level]) +
+                 __builtin_shuffle(acc[2 * j], acc[2 * j + 1], high[level]);
+      }
+    }
+    return acc[0];
+  }
+};
+static const LaneSums kLaneSums;
+
+// out[m, n..n+2) += x[m, k0..k1) . w[n..n+2, k0..k1) for MB rows of x (w[n + 1] only where `pair`)
 template <int MB>
-static void rows_of_x(const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t n0, int64_t n1,
+static void rows_of_x(const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t n, bool pair,
                       int64_t k0, int64_t k1) {
   const int64_t vec_end = k0 + (k1 - k0) / kLanes * kLanes;
-  for (int64_t n = n0; n < n1; n += 2) {
-    const bool pair = n + 1 < n1;
-    const float* w0 = w + n * K;
-    const float* w1 = w + (pair ? n + 1 : n) * K;
-    Vec a0[MB], a1[MB];
-    for (int m = 0; m < MB; ++m) a0[m] = a1[m] = Vec{};
-    for (int64_t k = k0; k < vec_end; k += kLanes) {
-      __builtin_prefetch(w0 + 2 * K + k);
-      __builtin_prefetch(w1 + 2 * K + k);
-      Vec v0 = *reinterpret_cast<const Vec*>(w0 + k), v1 = *reinterpret_cast<const Vec*>(w1 + k);
-      for (int m = 0; m < MB; ++m) {
-        Vec xv = *reinterpret_cast<const Vec*>(x + m * K + k);
-        a0[m] += v0 * xv;
-        a1[m] += v1 * xv;
-      }
-    }
+  const float* w0 = w + n * K;
+  const float* w1 = w + (pair ? n + 1 : n) * K;
+  Vec acc[kLanes];  // acc[2m + c]: row m of x against weight row n + c
+  for (int i = 0; i < kLanes; ++i) acc[i] = Vec{};
+  for (int64_t k = k0; k < vec_end; k += kLanes) {
+    __builtin_prefetch(w0 + 2 * K + k);
+    __builtin_prefetch(w1 + 2 * K + k);
+    Vec v0 = *reinterpret_cast<const Vec*>(w0 + k), v1 = *reinterpret_cast<const Vec*>(w1 + k);
     for (int m = 0; m < MB; ++m) {
-      float s0 = lane_sum(a0[m]), s1 = lane_sum(a1[m]);
-      for (int64_t k = vec_end; k < k1; ++k) {
-        s0 += w0[k] * x[m * K + k];
-        s1 += w1[k] * x[m * K + k];
-      }
-      out[m * N + n] += s0;
-      if (pair) out[m * N + n + 1] += s1;
+      Vec xv = *reinterpret_cast<const Vec*>(x + m * K + k);
+      acc[2 * m] += v0 * xv;
+      acc[2 * m + 1] += v1 * xv;
     }
+  }
+  const Vec sums = kLaneSums.reduce(acc);
+  for (int p = 0; p < kLanes; ++p) {
+    const int m = kLaneSums.order[p] / 2, column = kLaneSums.order[p] % 2;
+    if (m >= MB || (column == 1 && !pair)) continue;
+    const float* weight_row = column == 0 ? w0 : w1;
+    float total = sums[p];
+    for (int64_t k = vec_end; k < k1; ++k) total += weight_row[k] * x[m * K + k];
+    out[m * N + n + column] += total;
   }
 }
 
 template <int MB>
-static void rows_dispatch(int mb, const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t n0,
-                          int64_t n1, int64_t k0, int64_t k1) {
-  if (mb == MB) return rows_of_x<MB>(x, w, out, K, N, n0, n1, k0, k1);
-  if constexpr (MB > 1) rows_dispatch<MB - 1>(mb, x, w, out, K, N, n0, n1, k0, k1);
+static void rows_dispatch(int mb, const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t n,
+                          bool pair, int64_t k0, int64_t k1) {
+  if (mb == MB) return rows_of_x<MB>(x, w, out, K, N, n, pair, k0, k1);
+  if constexpr (MB > 1) rows_dispatch<MB - 1>(mb, x, w, out, K, N, n, pair, k0, k1);
 }
 
 // x [M, K] @ w[N, K]^T (+ bias), float32: streams w once at memory speed where M is a decode step's few rows
@@ -147,20 +172,27 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  // even blocks of whole vectors, x's rows of a block within 32 KiB of L1: one lane sum per output and block
+  const int64_t most_depth = std::max<int64_t>(kLanes, 8192 / std::max<int64_t>(M, 1));
+  const int64_t blocks = (K + most_depth - 1) / most_depth;
+  const int64_t depth = ((K + blocks - 1) / blocks + kLanes - 1) / kLanes * kLanes;
   at::parallel_for(0, (N + 1) / 2, 8, [&](int64_t p0, int64_t p1) {
     const int64_t n0 = 2 * p0, n1 = std::min(N, 2 * p1);
-    for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
-      const int64_t k1 = std::min(K, k0 + kDepth);
-      for (int64_t m = 0; m < M; m += kRowsAtOnce) {
-        rows_dispatch<kRowsAtOnce>(std::min<int64_t>(kRowsAtOnce, M - m), xp + m * K, wp, op + m * N, K, N, n0, n1,
-                                   k0, k1);
+    for (int64_t k0 = 0; k0 < K; k0 += depth) {
+      const int64_t k1 = std::min(K, k0 + depth);
+      for (int64_t n = n0; n < n1; n += 2) {
+        for (int64_t m = 0; m < M; m += kRowsAtOnce) {
+          rows_dispatch<kRowsAtOnce>(std::min<int64_t>(kRowsAtOnce, M - m), xp + m * K, wp, op + m * N, K, N, n,
+                                     n + 1 < n1, k0, k1);
+        }
       }
     }
   });
   return out;
 }
 
-// the most rows small_linear runs in one pass over the weight (more rows: MKL reads it as fast)
+// the most rows small_linear is for: more (in turns over each pair of weight rows, read from memory once) made the
+// step compute-bound, no faster than MKL's blocked sgemm at 16 rows
 int64_t small_linear_rows() { return kRowsAtOnce; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,16 +1,22 @@
-"""The output projection (lm_head) through oneDNN on CPU in float32.
+"""The output projection (lm_head) through oneDNN on CPU in float32, where ts_plugin's CPU kernels could not be
+built.
 
 A decode step's lm_head is a skinny matmul (a few rows by a vocabulary of 50k-150k), which PyTorch's default
-CPU path (MKL's sgemm) runs at a fraction of memory bandwidth; oneDNN's linear reads the weight about twice as
-fast (docs/benchmarks.md, "Measurements behind the design"). The logits agree with the default path to float32
-rounding. Where the head's weight is its own (untied, or a pp last stage without the input embedding), the
-oneDNN copy replaces it; where the input embedding shares it, the copy sits beside it (vocab x hidden x 4 bytes).
+CPU path (MKL's sgemm) ran at a fraction of memory bandwidth on some hosts, where oneDNN's linear read the weight
+about twice as fast (docs/benchmarks.md, "The lm_head through oneDNN"). Where the kernels are built, the head stays
+a plain nn.Linear and small_linear takes its decode rows, faster than both (8 rows of SmolLM2's 576 x 49,152
+head: 3.8-4.0 ms against oneDNN's 7-10 ms and MKL's 8-10 ms, 2026-12-07) and without a copy. The logits agree with
+the default path to float32 rounding. Where the head's weight is its own (untied, or a pp last stage without the
+input embedding), the oneDNN copy replaces it; where the input embedding shares it, the copy sits beside it
+(vocab x hidden x 4 bytes).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+from . import _cpu_kernels
 
 
 class OneDNNLinear(torch.nn.Module):
@@ -31,12 +37,13 @@ class OneDNNLinear(torch.nn.Module):
 
 def use_onednn_head(model: torch.nn.Module) -> Optional[str]:
     """Compute `model`'s output projection through oneDNN where it is a plain float32 nn.Linear on CPU (not
-    offloaded, not sharded); returns what was done, for the log, or None where nothing was."""
+    offloaded, not sharded) and ts_plugin's CPU kernels could not be built (where they are, small_linear takes
+    the head's decode rows); returns what was done, for the log, or None where nothing was."""
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
     if (type(head) is not torch.nn.Linear or type(weight) is not torch.nn.Parameter or weight.device.type != "cpu"
             or weight.dtype != torch.float32 or getattr(head, "_hf_hook", None) is not None
-            or not torch.backends.mkldnn.is_available()):
+            or not torch.backends.mkldnn.is_available() or _cpu_kernels.load_cpu_kernels() is None):
         return None
     shared = any(parameter is weight for name, parameter in model.named_parameters(remove_duplicate=False)
                  if not name.startswith(_module_name(model, head) + "."))

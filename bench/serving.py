@@ -203,7 +203,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         fleets = [(ts, servers, "")]
         if baseline_servers:
             tree = stack.enter_context(baseline_tree(args.baseline))
-            old_ts = stack.enter_context(TorchServe(workdir / "ts-baseline", store, extra_env={"PYTHONPATH": str(tree)}))
+            # its kernels built into a cache of their own: the two trees' sources would rebuild each other's
+            old_env = {"PYTHONPATH": str(tree), "TORCH_EXTENSIONS_DIR": str(workdir / "baseline-extensions")}
+            old_ts = stack.enter_context(TorchServe(workdir / "ts-baseline", store, extra_env=old_env))
             old_ts.start(models={})
             fleets.append((old_ts, baseline_servers, f"@{args.baseline}"))
         for _ in range(args.rounds):

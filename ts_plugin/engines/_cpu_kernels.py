@@ -2,10 +2,9 @@
 CPU's vector width and loaded at first use:
 
 - `paged_decode`: decode rows' attention straight from the paged KV pool (engines/_paged.py);
-- `small_linear`: a linear over a decode step's few rows. MKL's sgemm reads the weight of a 3-8 row matmul at
-  about half the memory speed it reaches for one row; this kernel streams it once at close to that speed, which
-  made SmolLM2's 8-row decode step 0.92x as long with its oneDNN head, 0.81-0.83x with MKL's (docs/benchmarks.md,
-  "Decode linears").
+- `small_linear`: a linear over a decode step's few rows, the lm_head's too. MKL's sgemm reads the weight of a
+  3-8 row matmul at about half the memory speed it reaches for one row; this kernel streams it once at close to
+  that speed (docs/benchmarks.md, "Decode linears").
 
 Without a compiler both fall back to PyTorch's own ops, with a warning.
 """

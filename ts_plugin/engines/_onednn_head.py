@@ -4,11 +4,11 @@ built.
 A decode step's lm_head is a skinny matmul (a few rows by a vocabulary of 50k-150k), which PyTorch's default
 CPU path (MKL's sgemm) ran at a fraction of memory bandwidth on some hosts, where oneDNN's linear read the weight
 about twice as fast (docs/benchmarks.md, "The lm_head through oneDNN"). Where the kernels are built, the head stays
-a plain nn.Linear and small_linear takes its decode rows, faster than both (8 rows of SmolLM2's 576 x 49,152
-head: 3.8-4.0 ms against oneDNN's 7-10 ms and MKL's 8-10 ms, 2026-12-07) and without a copy. The logits agree with
-the default path to float32 rounding. Where the head's weight is its own (untied, or a pp last stage without the
-input embedding), the oneDNN copy replaces it; where the input embedding shares it, the copy sits beside it
-(vocab x hidden x 4 bytes).
+a plain nn.Linear and small_linear takes its decode rows, faster than both here (8 rows of SmolLM2's 576 x 49,152
+head, repeated calls in isolation: 3.8-4.0 ms against oneDNN's 7-10 and MKL's 8-10, 2026-12-07) and without a
+copy. The logits agree with the default path to float32 rounding. Where the head's weight is its own (untied, or
+a pp last stage without the input embedding), the oneDNN copy replaces it; where the input embedding shares it,
+the copy sits beside it (vocab x hidden x 4 bytes).
 """
 from __future__ import annotations
 

@@ -157,3 +157,21 @@ def test_a_group_steps_on_while_another_group_is_in_a_step(model):
     assert free.token_ids == reference(hf, prompts[0], 6)
     assert results["held"].token_ids == reference(hf, prompts[1], 5)
     live.close()
+
+
+def test_a_group_waiting_for_blocks_another_group_holds_does_not_spin(model):
+    """A request whose group finds no free KV block (the other group's row holds them all) waits for the other
+    group's steps instead of stepping its empty batch over and over, then starts once the blocks are freed."""
+    hf, tokenizer = model
+    live = ContinuousGroups(TwoGroups(hf, torch.device("cpu")), tokenizer, [tokenizer.eos_token_id], 0, 2,
+                            KVBlocks(4))  # 64 slots
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    holder = (prompts[0] * 10)[:50]  # 50 + 12 new tokens: all 4 blocks
+    live.steps([("holder", holder, SamplingParams(12))], 1)
+    live.steps([("waiter", prompts[1], SamplingParams(5))], 1)
+    results = run(live, {}, 0)
+    assert results["holder"].token_ids == reference(hf, holder, 12)
+    assert results["waiter"].token_ids == reference(hf, prompts[1], 5)
+    # about one step of the waiting group per step of the holder's (a spinning group made thousands)
+    assert live._stepped <= 4 * (12 + 5), live._stepped
+    live.close()

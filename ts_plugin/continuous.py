@@ -351,6 +351,10 @@ class ContinuousBatch:
             advance(row.seq, int(tokens[at]), self.tokenizer, self.eos, now, at, collect)
 
 
+#: the longest a row group whose waiting rows found no KV blocks waits for another group's step before it tries again
+BLOCKED_WAIT_S = 0.05
+
+
 class ContinuousGroups:
     """The live rows of one worker in `groups` ContinuousBatches, each stepped by a thread of its own for as long
     as it has rows: the same calls as one ContinuousBatch. A group never waits for another's step, so on pp the
@@ -493,6 +497,12 @@ class ContinuousGroups:
                 if failure is not None:
                     self._failure, self._parked = self._failure or failure, True
                 self._changed.notify_all()
+                if failure is None and batch.waiting and not batch.running:
+                    # no row could start for want of KV blocks, which other groups' rows hold: step again once
+                    # another group has stepped (and may have freed some) rather than spin
+                    seen = self._stepped
+                    self._changed.wait_for(lambda: self._closed or self._parked or self._handed[index]
+                                           or self._stepped != seen, timeout=BLOCKED_WAIT_S)
 
 
 def continuous_batch(model: StepModel, tokenizer: Any, eos_ids: Sequence[int], default_seed: int,

@@ -100,6 +100,13 @@ class StepOutput:
         return StepOutput(self.text + later.text, later.result, self.logprobs + later.logprobs)
 
 
+def merge_outputs(merged: Dict[str, StepOutput], later: Dict[str, StepOutput]) -> None:
+    """Add a later step's outputs to `merged`, per request (its text and logprobs appended, its result the later)."""
+    for request_id, output in later.items():
+        earlier = merged.get(request_id)
+        merged[request_id] = output if earlier is None else earlier.then(output)
+
+
 class ContinuousBatch:
     """The live requests of one worker, and the one step loop over them: every rank that runs generation keeps
     one and calls it identically (so every decision below is a function of the calls alone, never of timing).
@@ -205,8 +212,7 @@ class ContinuousBatch:
         for _ in range(count - 1):
             if not len(self) or any(output.result for output in outputs.values()):
                 break
-            for request_id, output in self.step([]).items():
-                outputs[request_id] = outputs[request_id].then(output) if request_id in outputs else output
+            merge_outputs(outputs, self.step([]))
             heartbeat()
         return outputs
 
@@ -489,10 +495,8 @@ class ContinuousGroups:
                 outputs, failure = {}, error
             with self._changed:
                 self._busy -= 1
-                for request_id, output in outputs.items():
-                    earlier = self._ready.get(request_id)
-                    self._ready[request_id] = output if earlier is None else earlier.then(output)
-                    self._finished += output.result is not None
+                merge_outputs(self._ready, outputs)
+                self._finished += sum(output.result is not None for output in outputs.values())
                 self._stepped += 1
                 if failure is not None:
                     self._failure, self._parked = self._failure or failure, True

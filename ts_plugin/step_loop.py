@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .continuous import ContinuousBatch, ContinuousGroups, StepOutput
+from .continuous import ContinuousBatch, ContinuousGroups, StepOutput, merge_outputs
 from .requests import SamplingParams
 
 Joining = Tuple[str, List[int], SamplingParams]
@@ -149,9 +149,7 @@ class StepLoop:
             running, waiting = self.live.load()
             used, bound = self.live.kv_usage()
             with self._changed:
-                for row_id, output in outputs.items():
-                    earlier = self._ready.get(row_id)
-                    self._ready[row_id] = output if earlier is None else earlier.then(output)
+                merge_outputs(self._ready, outputs)
                 self._error = failure or self._error
                 self._stepped += 1
                 self._has_rows = len(self.live) > 0

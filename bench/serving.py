@@ -47,7 +47,7 @@ from .run import REPO, log, make_model, package
 #: at batchSize 4, as the issue compares them; pp continuous also with 8 steps per call (which its row groups needed
 #: before they stepped on their own, 2026-12-07); tp also with 4 steps per call (fewer round trips through the frontend, which shares the 2 CPUs with the
 #: ranks); batchSize 8 admits all 8 clients at once, as the anchor's scheduler does (and once with the lm_head on
-#: PyTorch's default CPU path instead of oneDNN); one client, one request at a time: what continuous batching costs
+#: PyTorch's default CPU path instead of oneDNN, and with the step compiled: handler.compile_step); one client, one request at a time: what continuous batching costs
 #: where nothing can join, with 1 and 4 decode steps per frontend call
 SERVERS = {
     "custom-static": ("custom", 4, False, {}, 8), "custom-continuous": ("custom", 4, True, {}, 8),
@@ -57,6 +57,8 @@ SERVERS = {
     "custom-continuous-b8": ("custom", 8, True, {}, 8), "tp-continuous-b8": ("tp", 8, True, {}, 8),
     "pp-continuous-b8": ("pp", 8, True, {}, 8), "pp-continuous-b8-steps8": ("pp", 8, True, {"steps_per_call": 8}, 8),
     "custom-continuous-b8-mkl-head": ("custom", 8, True, {"onednn_lm_head": False}, 8),
+    "custom-continuous-b8-compiled": ("custom", 8, True, {"compile_step": True}, 8),
+    "tp-continuous-b8-compiled": ("tp", 8, True, {"compile_step": True}, 8),
     "custom-static-1client": ("custom", 4, False, {}, 1),
     "custom-continuous-steps1-1client": ("custom", 4, True, {"steps_per_call": 1}, 1),
     "custom-continuous-steps4-1client": ("custom", 4, True, {"steps_per_call": 4}, 1),

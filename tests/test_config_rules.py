@@ -204,6 +204,9 @@ TRIPS = [
     pytest.param("TSP218", "handler:\n  steps_per_call: 4\n", "handler.steps_per_call", (2, 3), None, id="218"),
     pytest.param("TSP220", "handler:\n  max_num_batched_tokens: null\n", "handler.max_num_batched_tokens", (2, 3),
                  None, id="220"),
+    pytest.param("TSP225", "handler:\n  compile_step: true\n", "handler.compile_step", (2, 3), None, id="225"),
+    pytest.param("TSP226", TP2.replace("tp", "pp") + "startupTimeout: 600\nhandler:\n  compile_step: true\n",
+                 "handler.compile_step", (6, 3), None, id="226"),
 ]
 
 # --- near configs that must not trip the code: (code, yaml, context) -------------------------------
@@ -302,6 +305,8 @@ NEAR = [
     pytest.param("TSP217", "batchSize: 4\nasyncCommunication: true\n", None, id="217-async"),
     pytest.param("TSP218", "continuousBatching: true\nbatchSize: 4\nhandler:\n  steps_per_call: 4\n", None, id="218"),
     pytest.param("TSP220", "handler:\n  max_num_batched_tokens: 4096\n", None, id="220"),
+    pytest.param("TSP225", "startupTimeout: 300\nhandler:\n  compile_step: true\n", None, id="225"),
+    pytest.param("TSP226", TP2 + "startupTimeout: 600\nhandler:\n  compile_step: true\n", None, id="226-tp"),
 ]
 
 

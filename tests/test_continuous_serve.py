@@ -1,5 +1,6 @@
-"""continuousBatching: true through the real TorchServe, on every parallelType: requests join the running batch at
-every step, a short one overtakes a long one, cancelled clients free their rows, seeds stay per request."""
+"""continuousBatching: true through the real TorchServe, on every parallelType (custom and tp also with the step
+compiled): requests join the running batch at every step, a short one overtakes a long one, cancelled clients free
+their rows, seeds stay per request."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,9 @@ MODELS = {  # name -> (example, overrides)
     "cb-tp": ("tp", {}),
     "cb-pp": ("pp", {}),  # the example's chunks 2: two groups of rows, one per stage
     "cb-pptp": ("pptp", {}),
+    # the step compiled at load (handler.compile_step): the same exact answers
+    "cb-custom-compiled": ("custom", {"startupTimeout": 600, "handler": {"compile_step": True}}),
+    "cb-tp-compiled": ("tp", {"startupTimeout": 600, "handler": {"compile_step": True}}),
 }
 
 
@@ -34,7 +38,8 @@ def server(tmp_path_factory):
         config = write_config(root / f"{name}.yaml", REPO / f"examples/{example}/model-config.yaml",
                               continuousBatching=True, batchSize=4, maxBatchDelay=50, deviceType="cpu",
                               handler={"max_new_tokens": LONG, "max_length": 200,
-                                       "max_num_batched_tokens": BUDGET}, **overrides)
+                                       "max_num_batched_tokens": BUDGET, **overrides.get("handler", {})},
+                              **{key: value for key, value in overrides.items() if key != "handler"})
         archive_model(store, name, config, model_dir)
     with serving(root / "ts", store, MODELS) as ts:
         yield ts, model_dir

@@ -119,6 +119,8 @@ def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
         out = linear(torch.randn(8, 576), torch.randn(1536, 576))  # 8 rows: the weight streamed once
     """
+    if torch.compiler.is_compiling():  # one opaque op in the compiled step's graph (engines/_compiled.py)
+        return torch.ops.ts_plugin.small_linear(hidden, weight, bias)
     rows = hidden.numel() // max(hidden.shape[-1], 1)  # a tp rank may hold none of a layer's columns
     if (_FEWEST_ROWS <= rows <= _MOST_ROWS[0] and hidden.dtype == torch.float32 and weight.dtype == torch.float32
             and hidden.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
@@ -127,6 +129,16 @@ def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         out = KERNELS[0].small_linear(hidden.reshape(rows, hidden.shape[-1]), weight, bias)
         return out.view(*hidden.shape[:-1], weight.shape[0])
     return F.linear(hidden, weight, bias)
+
+
+@torch.library.custom_op("ts_plugin::small_linear", mutates_args=())
+def _small_linear_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return linear(hidden, weight, bias)
+
+
+@_small_linear_op.register_fake
+def _(hidden, weight, bias):
+    return hidden.new_empty((*hidden.shape[:-1], weight.shape[0]))
 
 
 def use_small_batch_linears(model: torch.nn.Module) -> int:

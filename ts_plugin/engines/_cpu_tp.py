@@ -16,7 +16,7 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -144,13 +144,16 @@ def use_lean_forwards(module: torch.nn.Module) -> int:
         output = linear(input, layer.weight)
         return output if layer.bias is None else output.add_(layer.bias)
 
-    def row(layer, input):
+    def row(layer, group, input):
         output = linear(input, layer.weight)
-        backend.inference_all_reduce(output, ReduceOp.SUM, layer.mp_group)  # in place
+        if torch.compiler.is_compiling():  # one opaque op in the compiled step's graph (engines/_compiled.py)
+            torch.ops.ts_plugin.inference_all_reduce_(output, group)
+        else:
+            backend.inference_all_reduce(output, ReduceOp.SUM, layer.mp_group)  # in place
         return output if layer.bias is None else output.add_(layer.bias)
 
-    def head(layer, columns, input):  # the head's weight holds this rank's columns: multiply them by its slice
-        return row(layer, input[..., columns])
+    def head(layer, group, columns, input):  # the head's weight holds this rank's columns: multiply them by its slice
+        return row(layer, group, input[..., columns])
 
     lean = 0
     for layer in module.modules():
@@ -163,15 +166,41 @@ def use_lean_forwards(module: torch.nn.Module) -> int:
                 continue
             layer.forward = _LeanForward(column, layer)
         elif kind is LinearAllreduce:
-            layer.forward = _LeanForward(row, layer)
+            layer.forward = _LeanForward(row, layer, _group_index(layer.mp_group))
         elif hasattr(layer, "_partition_sizes") and hasattr(layer, "tp_index"):
             sizes = layer._partition_sizes  # frozen when DeepSpeed cut the weight
             start = sum(sizes[:layer.tp_index])
-            layer.forward = _LeanForward(head, layer, slice(start, start + sizes[layer.tp_index]))
+            layer.forward = _LeanForward(head, layer, _group_index(layer.mp_group),
+                                         slice(start, start + sizes[layer.tp_index]))
         else:
             continue
         lean += 1
     return lean
+
+
+#: the process groups of the lean forwards' all-reduces, by the index `ts_plugin::inference_all_reduce_` takes
+_GROUPS: List[Any] = []
+
+
+def _group_index(group: Any) -> int:
+    for index, known in enumerate(_GROUPS):
+        if known is group:
+            return index
+    _GROUPS.append(group)
+    return len(_GROUPS) - 1
+
+
+@torch.library.custom_op("ts_plugin::inference_all_reduce_", mutates_args=("tensor",))
+def _all_reduce_op(tensor: torch.Tensor, group: int) -> None:
+    from deepspeed.comm import ReduceOp
+    from deepspeed.comm.comm import cdb
+
+    cdb.inference_all_reduce(tensor, ReduceOp.SUM, _GROUPS[group])
+
+
+@_all_reduce_op.register_fake
+def _(tensor, group):
+    return None
 
 
 @contextlib.contextmanager

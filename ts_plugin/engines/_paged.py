@@ -23,10 +23,12 @@ follow one decision.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -210,12 +212,24 @@ class PagedBatch:
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
                     **kwargs: Any) -> Tuple[torch.Tensor, None]:
-    """transformers' attention-function signature over a PagedBatch (the `paged` keyword argument): query, key and
-    value are `[1, heads, step tokens, head dim]`; returns `[1, step tokens, heads, head dim]`."""
-    inner, additive = _INNER[type(module)]
-    batch: Optional[PagedBatch] = kwargs.pop("paged", None)
+    """transformers' attention-function signature over a PagedBatch (the `paged` keyword argument, or the compiled
+    step's: `compiled_step`): query, key and value are `[1, heads, step tokens, head dim]`; returns `[1, step
+    tokens, heads, head dim]`. In a graph being compiled it is one opaque op (`ts_plugin::paged_attention`)."""
+    if torch.compiler.is_compiling():  # the batch is the compiled step's, read when the op runs
+        if any(kwargs.get(name) is not None for name in _SHAPING_KWARGS):
+            return _attend_outside_graph(module, query, key, value, scaling, kwargs), None
+        return torch.ops.ts_plugin.paged_attention(query, key, value, module.layer_idx, float(scaling or 0.0),
+                                                   int(kwargs.get("sliding_window") or 0)), None
+    batch: Optional[PagedBatch] = kwargs.pop("paged", None) or _STEP.batch
     if batch is None:  # a forward of the model's own (generate): its own attention, over its own cache and mask
+        inner, _ = _INNER[type(module)]
         return inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return _attend(module, query, key, value, batch, scaling, kwargs), None
+
+
+def _attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: PagedBatch,
+            scaling: Optional[float], kwargs: Dict[str, Any]) -> torch.Tensor:
+    inner, additive = _INNER[type(module)]
     window = kwargs.pop("sliding_window", None) or 0
     kwargs.pop("is_causal", None)
     keys, values = batch.pool.write(module.layer_idx, key[0], value[0], batch)
@@ -244,7 +258,48 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             out[first:first + count] = attended
         else:
             out.index_copy_(0, group.tokens.to(out.device), attended)
-    return out.unsqueeze(0), None
+    return out.unsqueeze(0)
+
+
+class _Step(threading.local):
+    """The PagedBatch of the compiled step this thread runs, and its attention modules by layer_idx."""
+
+    batch: Optional[PagedBatch] = None
+    modules: Dict[int, torch.nn.Module] = {}
+
+
+_STEP = _Step()
+#: attention keyword arguments that change the result and that the compiled step's op does not take: where a
+#: model sets one, its attention runs outside the graph (the load's warm-up check compares the logits anyway)
+_SHAPING_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "head_mask", "dropout_rng")
+
+
+@contextlib.contextmanager
+def compiled_step(batch: PagedBatch, modules: Dict[int, torch.nn.Module]) -> Iterator[None]:
+    """Within the block, attention in a compiled forward of this thread runs over `batch`, `modules[layer_idx]`
+    being the attention module of each layer (the graph's op cannot take either)."""
+    _STEP.batch, _STEP.modules = batch, modules
+    try:
+        yield
+    finally:
+        _STEP.batch, _STEP.modules = None, {}
+
+
+@torch.library.custom_op("ts_plugin::paged_attention", mutates_args=())
+def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float,
+                        window: int) -> torch.Tensor:
+    return _attend(_STEP.modules[layer], query, key, value, _STEP.batch, scaling or None,
+                   {"sliding_window": window})
+
+
+@_paged_attention_op.register_fake
+def _(query, key, value, layer, scaling, window):
+    return query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
+
+
+@torch.compiler.disable
+def _attend_outside_graph(module, query, key, value, scaling, kwargs):
+    return _attend(module, query, key, value, _STEP.batch, scaling, dict(kwargs))
 
 
 #: the model's own attention function per attention module class, and whether its mask is additive (eager)

@@ -46,8 +46,8 @@ class DispatchedModel(HFStepModel):
     """A step model whose modules Accelerate placed by `device_map` (GPU ids, "cpu", "disk")."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, device_map: DeviceMap,
-                 offload_dir: Optional[Path]):
-        super().__init__(model, device)
+                 offload_dir: Optional[Path], **step_options: Any):
+        super().__init__(model, device, **step_options)
         self.device_map = device_map
         self.offload_dir = offload_dir
         self._cleanup = (weakref.finalize(self, shutil.rmtree, str(offload_dir), True)
@@ -372,4 +372,5 @@ def load(context: LoadContext) -> DispatchedModel:
     sizes = ", ".join(f"{name} {_mib(size)}" for name, size in bytes_per_device(model, device_map, dtype).items())
     progress(f"device map: {describe_device_map(model, device_map)}")
     progress(f"accelerate: placed {sizes}; peak RSS {peak_rss_mb():.0f} MiB")
-    return DispatchedModel(model, main_device(device_map), device_map, offload_dir)
+    return DispatchedModel(model, main_device(device_map), device_map, offload_dir,
+                           compile_step=handler.compile_step, progress=progress)

@@ -16,7 +16,8 @@ import torch
 
 from ..kv_blocks import BLOCK_SIZE
 from ._cpu_kernels import use_small_batch_linears
-from ._paged import NO_MASK, KVPool, PagedBatch, use_paged_attention
+from ._compiled import compile_forward, step_kwargs
+from ._paged import KVPool, PagedBatch, use_paged_attention
 
 if TYPE_CHECKING:
     from ..config import ModelConfig, ParallelLayout
@@ -105,7 +106,7 @@ class HFStepModel(StepModel):
     """A HuggingFace causal LM on one device (or tensor-parallel, where every rank runs the same step)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, share: Optional[Callable] = None,
-                 samples_here: bool = True):
+                 samples_here: bool = True, compile_step: bool = False, progress: Optional[Progress] = None):
         self.model = model
         self.device = device
         self._share = share
@@ -113,15 +114,14 @@ class HFStepModel(StepModel):
         self.pool = KVPool(BLOCK_SIZE)
         use_paged_attention(model)
         use_small_batch_linears(model)
-        self._keep = logits_to_keep(model)
+        self._inputs = step_kwargs(device, logits_to_keep(model))
+        self._compiled = compile_forward(model, self._inputs, *([progress] if progress else [])) if compile_step \
+            else None
 
     @torch.inference_mode()
     def forward(self, input_ids, batch):
-        out = self.model(input_ids=input_ids.view(1, -1).to(self.device),
-                         position_ids=batch.position_ids.to(self.device), attention_mask=NO_MASK.to(self.device),
-                         use_cache=False,
-                         paged=batch,
-                         **self._keep(batch))
+        inputs = self._inputs(input_ids, batch)
+        out = self._compiled(batch, inputs) if self._compiled else self.model(**inputs, paged=batch)
         return rows_logits(out.logits, batch)
 
     def share_tokens(self, tokens):

@@ -74,7 +74,8 @@ def load(context: LoadContext) -> HFStepModel:
     release_memory()
     progress(f"shard ready (peak RSS {peak_rss_mb():.0f} MiB)")
     share = broadcast_tokens if ranks.world_size > 1 else None
-    return HFStepModel(module, device, share=share, samples_here=ranks.rank == 0)
+    return HFStepModel(module, device, share=share, samples_here=ranks.rank == 0,
+                       compile_step=config.handler.compile_step, progress=progress)
 
 
 def _check_it_runs(module: torch.nn.Module, device: torch.device) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -30,6 +31,26 @@ def decision_group() -> Any:
     import torch.distributed as dist
 
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+
+
+def release_openmp_workers() -> None:
+    """End the OpenMP worker threads of the calling thread (the one that loaded the model), before the loop's thread
+    runs the steps: OpenMP keeps a team per thread that opened a parallel region, and with two teams on a host of few
+    CPUs libgomp stops spinning between regions (more threads than CPUs), so every parallel region of the loop's
+    thread waited for its workers to wake. On 2 CPUs, a decode step of SmolLM2 took 88 ms from a second thread
+    against 68 ms from the loading thread, and 68 ms from it too once this ran (docs/benchmarks.md, "One OpenMP
+    team"). OpenMP 5's `omp_pause_resource_all` (soft) ends them; a later region of the calling thread would start a
+    new team. Where torch's OpenMP runtime lacks it, nothing changes."""
+    import ctypes
+
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        runtime = next((line.split()[-1] for line in maps
+                        if Path(line.split()[-1]).name.startswith(("libgomp", "libiomp"))), None)
+        if runtime is not None:
+            ctypes.CDLL(runtime).omp_pause_resource_all(1)  # omp_pause_soft
+    except (OSError, AttributeError):  # no /proc (not Linux), or a runtime before OpenMP 5
+        pass
 
 
 @dataclass(frozen=True)
@@ -79,6 +100,7 @@ class StepLoop:
         self._error: Optional[BaseException] = None
         self._closed = False
         self.state = LoopState(kv_bound=live.kv_usage()[1])
+        release_openmp_workers()
         self._thread = threading.Thread(target=self._run, name="ts_plugin-step-loop", daemon=True)
         self._thread.start()
 

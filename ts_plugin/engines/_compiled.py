@@ -39,7 +39,7 @@ Forward = Callable[[PagedBatch, Dict[str, Any]], Any]
 
 
 def compile_forward(model: torch.nn.Module, step_inputs: Callable[[torch.Tensor, PagedBatch], Dict[str, Any]],
-                    progress: Callable[[str], None] = logger.info) -> Optional[Forward]:
+                    progress: Optional[Callable[[str], None]] = None) -> Optional[Forward]:
     """Compile `model`'s forward for paged steps and check it against the eager one; returns the compiled forward
     (called as `forward(batch, inputs)`, inputs from `step_inputs(ids, batch)`), or None where the model runs
     eagerly (said once through `progress` and the log).
@@ -90,7 +90,7 @@ def compile_forward(model: torch.nn.Module, step_inputs: Callable[[torch.Tensor,
         reasons = "; ".join(f"{reason[:120]} ({count}x)" for reason, count in list(breaks.items())[:3])
         logger.warning("handler.compile_step: the compiled step breaks its graph (%s); it runs compiled in pieces",
                        reasons)
-    progress("handler.compile_step: the step runs compiled")
+    (progress or logger.info)("handler.compile_step: the step runs compiled")
     return forward
 
 
@@ -103,8 +103,9 @@ def step_kwargs(device: torch.device, keep: Callable[[PagedBatch], dict]) -> Cal
     return inputs
 
 
-def _eager(progress: Callable[[str], None], why: str) -> None:
+def _eager(progress: Optional[Callable[[str], None]], why: str) -> None:
     message = f"handler.compile_step: the step runs eagerly ({why})"
     logger.warning(message)
-    progress(message)
+    if progress:
+        progress(message)
     return None

@@ -103,7 +103,8 @@ Loaded = Union[StepModel, Follower]
 
 
 class HFStepModel(StepModel):
-    """A HuggingFace causal LM on one device (or tensor-parallel, where every rank runs the same step)."""
+    """A HuggingFace causal LM on one device (or tensor-parallel, where every rank runs the same step); with
+    `compile_step` its step's forward is compiled at load (engines/_compiled.py)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, share: Optional[Callable] = None,
                  samples_here: bool = True, compile_step: bool = False, progress: Optional[Progress] = None):
@@ -115,8 +116,7 @@ class HFStepModel(StepModel):
         use_paged_attention(model)
         use_small_batch_linears(model)
         self._inputs = step_kwargs(device, logits_to_keep(model))
-        self._compiled = compile_forward(model, self._inputs, *([progress] if progress else [])) if compile_step \
-            else None
+        self._compiled = compile_forward(model, self._inputs, progress) if compile_step else None
 
     @torch.inference_mode()
     def forward(self, input_ids, batch):

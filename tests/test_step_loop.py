@@ -199,3 +199,31 @@ def test_ranks_with_calls_at_different_moments_step_the_same_batch(tiny, tmp_pat
     assert {"a", "c", "f"}.isdisjoint(ranks[0]["results"])
     for row_id, prompt, count in (("b", PROMPTS[1], 6), ("d", PROMPTS[0], 30), ("e", PROMPTS[1], 9)):
         assert ranks[0]["results"][row_id] == reference(hf, tokenizer(prompt)["input_ids"], count)
+
+
+RELEASE_SCRIPT = textwrap.dedent(r'''
+    import os, threading, torch
+    from ts_plugin.step_loop import release_openmp_workers
+    torch.set_num_threads(2)
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+    weight, rows = torch.randn(1536, 576), torch.randn(8, 576)
+    torch.nn.functional.linear(rows, weight)  # a parallel region: this thread's OpenMP team starts
+    with_team = threads()
+    release_openmp_workers()
+    released = threads()
+    result = []
+    worker = threading.Thread(target=lambda: result.append(torch.nn.functional.linear(rows, weight)))
+    worker.start()
+    worker.join()
+    print(with_team, released, torch.allclose(result[0], rows @ weight.t(), atol=1e-4))
+''')
+
+
+def test_the_loading_threads_openmp_workers_end_before_the_loop_steps():
+    # two OpenMP teams on 2 CPUs made every parallel region of the loop's thread wait for its workers to wake
+    out = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr
+    with_team, released, correct = out.stdout.split()
+    assert int(released) == int(with_team) - 1 and correct == "True"

@@ -1,15 +1,15 @@
-"""`handler.compile_step`: a step's forward compiled by `torch.compile` (inductor) into one graph per shape kind,
-so the norms, rotary embeddings, residual adds and activations between the linears run as a few fused kernels
+"""`handler.compile_step`: a step's forward compiled by `torch.compile` (inductor) into one graph, so the norms, rotary embeddings, residual adds and activations between the linears run as a few fused kernels
 instead of a few hundred small ops each dispatched from Python.
 
-What the graph cannot trace is one opaque op in it: the paged attention (`ts_plugin::paged_attention`, reading
+What dynamo cannot trace is one opaque op in the graph (torch.library custom ops): the paged attention (`ts_plugin::paged_attention`, reading
 the step's PagedBatch from `compiled_step`), small_linear (`ts_plugin::small_linear`) and tp's all-reduce
 (`ts_plugin::inference_all_reduce_`). So it neither breaks at the attention nor at tp's collectives.
 
-Compiling happens at load, on a scratch KV pool, over the step shapes that specialise a graph (one token, one row,
-several of each): 40-120 s on a 2-CPU host, which startupTimeout must cover (rule TSP225). Each warm-up step's
-logits are compared with the eager forward's; a compile error or a difference makes the model run eagerly, said
-once in the log, as graph breaks are.
+The step's sizes (tokens, rows) are marked unbacked, so one graph serves every step, one token and one row
+included. It compiles at load, on a scratch KV pool: 30-140 s on a 2-CPU host, which startupTimeout must cover
+(rule TSP225). The warm-up steps (one token, one row, several of each) compare their logits with the eager
+forward's; a compile error or a difference makes the model run eagerly, said once in the log, as graph breaks are.
+Measured: docs/benchmarks.md, "The step compiled"; untried on GPU (no device was lent).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ._paged import _INNER, NO_MASK, KVPool, PagedBatch, PagedRow, compiled_step
 
 logger = logging.getLogger(__name__)
 
-#: warm-up steps (block ids, length, new tokens per row): prefill, decode, one token, one row's chunk
+#: warm-up steps (block ids, length, new tokens per row): prefills, decodes and a prefill chunk, one row and several
 _WARM_UP: List[List[PagedRow]] = [
     [PagedRow([0], 5, 5), PagedRow([1], 3, 3)],
     [PagedRow([0], 6, 1), PagedRow([1], 4, 1), PagedRow([2], 1, 1)],

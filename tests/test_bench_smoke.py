@@ -58,7 +58,7 @@ def test_serving_smoke_benchmark_writes_its_table(tmp_path):
     block = page.split("<!-- bench:serving-custom:begin", 1)[1].split("<!-- bench:serving-custom:end -->")[0]
     rows = {line.split(" | ")[0][2:]: line for line in block.splitlines() if line.startswith("| custom-")}
     assert set(rows) == {"custom-static", "custom-continuous", "custom-continuous-b8", "custom-continuous-b8-mkl-head",
-                         "custom-static-1client", "custom-continuous-steps1-1client",
+                         "custom-continuous-b8-compiled", "custom-static-1client", "custom-continuous-steps1-1client",
                          "custom-continuous-steps4-1client"}
     assert all(line.endswith("| yes |") for line in rows.values()), rows
     assert (out / "serving-benchmark-custom.json").is_file()

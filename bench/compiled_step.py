@@ -15,11 +15,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ts_plugin.engines._paged import KVPool, PagedBatch, PagedRow
 from ts_plugin.engines.base import HFStepModel
-from ts_plugin.kv_blocks import BLOCK_SIZE
 
-from .paged_decode import DECODE_STEPS, ROWS, _prompt, in_process_args, smollm2
+from .paged_decode import DECODE_STEPS, ROWS, _decode_paged, in_process_args, smollm2
 from .report import median_range, ratios, write_block
 from .run import log
 
@@ -42,7 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         tokens = {}
         for way in WAYS[round_index % 2:] + WAYS[:round_index % 2]:
             step_model._compiled = compiled if way == "compiled" else None
-            step_ms, tokens[way] = _decode(step_model, model)
+            step_ms, tokens[way] = _decode_paged(model, CONTEXT, step_model.forward)
             runs[way].append(step_ms)
             log(f"round {round_index + 1} {way}: {step_ms:.1f} ms a step")
         same = same and torch.equal(*tokens.values())
@@ -53,22 +51,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     (args.out / "compiled-step-benchmark.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     write_block(args.out / "benchmarks.md", "compiled-step", render(report))
     return 0
-
-
-def _decode(step_model: HFStepModel, model: torch.nn.Module):
-    """Prefill ROWS rows to CONTEXT positions, then DECODE_STEPS greedy steps; (ms a decode step, the tokens)."""
-    step_model.pool = KVPool(BLOCK_SIZE)
-    per_row = -(-(CONTEXT + DECODE_STEPS + 1) // BLOCK_SIZE)
-    tables = [list(range(row * per_row, (row + 1) * per_row)) for row in range(ROWS)]
-
-    def step(ids: torch.Tensor, rows: List[PagedRow]) -> torch.Tensor:
-        return step_model.forward(ids.view(-1), PagedBatch(step_model.pool, rows)).argmax(-1)
-
-    chosen = [step(_prompt(model, CONTEXT), [PagedRow(table, CONTEXT, CONTEXT) for table in tables])]
-    start = time.perf_counter()
-    for index in range(DECODE_STEPS):
-        chosen.append(step(chosen[-1], [PagedRow(table, CONTEXT + index + 1, 1) for table in tables]))
-    return (time.perf_counter() - start) * 1000 / DECODE_STEPS, torch.stack(chosen, dim=1)
 
 
 def render(report: Dict[str, Any]) -> str:

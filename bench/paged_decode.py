@@ -13,10 +13,11 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -101,23 +102,31 @@ def _decode_dynamic(model: torch.nn.Module, length: int):
     return (time.perf_counter() - start) * 1000 / DECODE_STEPS, torch.stack(chosen, dim=1)
 
 
-@torch.inference_mode()
-def _decode_paged(model: torch.nn.Module, length: int):
+def _decode_paged(model: torch.nn.Module, length: int,
+                  forward: Optional[Callable[[torch.Tensor, PagedBatch], torch.Tensor]] = None):
+    """Prefill ROWS rows to `length` positions, then DECODE_STEPS greedy steps; (ms a decode step, the tokens).
+    `forward(ids, batch)` gives each row's last logits from the step's `[tokens]` ids (default: `model`'s paged
+    forward)."""
+    forward = forward or functools.partial(_paged_logits, model)
     per_row = -(-(length + DECODE_STEPS) // BLOCK)
     pool = KVPool(BLOCK)
     tables = [list(range(row * per_row, (row + 1) * per_row)) for row in range(ROWS)]
 
     def step(ids: torch.Tensor, rows: List[PagedRow]) -> torch.Tensor:
-        batch = PagedBatch(pool, rows)
-        out = model(input_ids=ids.view(1, -1), position_ids=batch.position_ids, attention_mask=NO_MASK,
-                    use_cache=False, paged=batch, logits_to_keep=batch.last_tokens)
-        return out.logits[0].argmax(-1)
+        return forward(ids.reshape(-1), PagedBatch(pool, rows)).argmax(-1)
 
     chosen = [step(_prompt(model, length), [PagedRow(table, length, length) for table in tables])]
     start = time.perf_counter()
     for index in range(DECODE_STEPS):
         chosen.append(step(chosen[-1], [PagedRow(table, length + index + 1, 1) for table in tables]))
     return (time.perf_counter() - start) * 1000 / DECODE_STEPS, torch.stack(chosen, dim=1)
+
+
+@torch.inference_mode()
+def _paged_logits(model: torch.nn.Module, ids: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+    out = model(input_ids=ids.view(1, -1), position_ids=batch.position_ids, attention_mask=NO_MASK,
+                use_cache=False, paged=batch, logits_to_keep=batch.last_tokens)
+    return out.logits[0]
 
 
 def render(report: Dict[str, Any]) -> str:

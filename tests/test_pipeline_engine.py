@@ -241,19 +241,50 @@ def test_a_rank_that_cannot_load_its_stage_fails_the_load_on_every_rank(tmp_path
 def test_even_split_and_split_points():
     from ts_plugin.engines.pipeline import PipelineError, stage_bounds
 
-    assert stage_bounds(4, 2, "model.layers") == [(0, 2), (2, 4)]
-    assert stage_bounds(5, 2, "model.layers") == [(0, 3), (3, 5)]
-    assert stage_bounds(8, 3, "model.layers") == [(0, 3), (3, 6), (6, 8)]
-    assert stage_bounds(4, 2, "model.layers", ["model.layers.1"]) == [(0, 1), (1, 4)]
-    assert stage_bounds(6, 3, "transformer.h", ["transformer.h.2", "transformer.h.5"]) == [(0, 2), (2, 5), (5, 6)]
+    def even(layers):
+        return [1] * layers
+
+    assert stage_bounds(even(4), 2, "model.layers") == [(0, 2), (2, 4)]
+    assert stage_bounds(even(5), 2, "model.layers") == [(0, 3), (3, 5)]
+    assert stage_bounds(even(8), 3, "model.layers") == [(0, 3), (3, 6), (6, 8)]
+    assert stage_bounds(even(4), 2, "model.layers", ["model.layers.1"]) == [(0, 1), (1, 4)]
+    assert stage_bounds(even(4), 2, "model.layers", ["model.layers.1"], head_cost=9) == [(0, 1), (1, 4)]
+    assert stage_bounds(even(6), 3, "transformer.h", ["transformer.h.2", "transformer.h.5"]) == [(0, 2), (2, 5),
+                                                                                                 (5, 6)]
     with pytest.raises(PipelineError, match="needs? 1"):
-        stage_bounds(4, 2, "model.layers", ["model.layers.1", "model.layers.2"])
+        stage_bounds(even(4), 2, "model.layers", ["model.layers.1", "model.layers.2"])
     with pytest.raises(PipelineError, match="not a decoder layer"):
-        stage_bounds(4, 2, "model.layers", ["model.norm"])
+        stage_bounds(even(4), 2, "model.layers", ["model.norm"])
     with pytest.raises(PipelineError, match="must be increasing"):
-        stage_bounds(4, 2, "model.layers", ["model.layers.4"])
+        stage_bounds(even(4), 2, "model.layers", ["model.layers.4"])
     with pytest.raises(PipelineError, match="only 2 decoder layers"):
-        stage_bounds(2, 3, "model.layers")
+        stage_bounds(even(2), 3, "model.layers")
+
+
+def test_the_default_split_balances_the_stages_with_the_lm_head():
+    """The last stage also runs the LM head: the default split gives it fewer layers, so that the slowest stage
+    (the pipeline's pace) costs least."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ts_plugin.engines.pipeline import decode_costs, find_layer_list, stage_bounds
+
+    # SmolLM2-135M's shape: 30 layers of 14.2 MB (fp32) and a 576 x 49,152 head of 113 MB (tied to the input
+    # embedding), about 4 layers' decode time
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers_path, layers = find_layer_list(model)
+    layer_costs, head_cost = decode_costs(model, layers)
+    assert 3.9 < head_cost / layer_costs[0] < 4.1
+    assert stage_bounds(layer_costs, 2, layers_path, head_cost=head_cost) == [(0, 17), (17, 30)]
+    assert stage_bounds(layer_costs, 3, layers_path, head_cost=head_cost) == [(0, 11), (11, 22), (22, 30)]
+    # the split minimises the slowest stage; of equal ones, earlier stages take more
+    assert stage_bounds([1, 1, 1, 1], 2, "layers", head_cost=2) == [(0, 3), (3, 4)]
+    assert stage_bounds([1, 1, 1, 1], 2, "layers", head_cost=1) == [(0, 3), (3, 4)]
+    assert stage_bounds([5, 1, 1, 1], 2, "layers") == [(0, 1), (1, 4)]
+    assert stage_bounds([1, 1, 1, 1], 4, "layers", head_cost=100) == [(0, 1), (1, 2), (2, 3), (3, 4)]
 
 
 @pytest.mark.parametrize("arch, path", [("llama", "model.layers"), ("gpt2", "transformer.h"),
@@ -338,7 +369,7 @@ def test_other_families_split_in_process(tmp_path, family, stages):
     for index in range(stages):
         model = build_meta_model(path, torch.float32)
         layers_path, layers = find_layer_list(model)
-        info = materialize_stage(model, index, stage_bounds(len(layers), stages, layers_path), layers_path, path,
+        info = materialize_stage(model, index, stage_bounds([1] * len(layers), stages, layers_path), layers_path, path,
                                  torch.device("cpu"), torch.float32)
         parts.append(PipelineStage(model, info, torch.device("cpu"), torch.float32))
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]

@@ -226,6 +226,7 @@ class StageInfo:
     num_layers: int
     stage_bytes: int
     model_bytes: int
+    most_layers: int  # of any stage: the most layers whose keys and values one rank keeps
 
     @property
     def is_first(self) -> bool:
@@ -339,4 +340,5 @@ def materialize_stage(model: torch.nn.Module, stage: int, bounds: List[Tuple[int
             if buffer is not None and buffer.device.type != "meta" and buffer.device != device:
                 module._buffers[attr] = buffer.to(device)
     release_memory()
-    return StageInfo(stage, len(bounds), layers_path, start, end, len(layers), stage_bytes, model_bytes)
+    return StageInfo(stage, len(bounds), layers_path, start, end, len(layers), stage_bytes, model_bytes,
+                     max(last - first for first, last in bounds))

@@ -67,6 +67,8 @@ class StepModel(Protocol):
     samples_here: bool
     #: this rank's keys and values (its layers, its kv heads)
     pool: KVPool
+    #: the most decoder layers whose keys and values one rank keeps (a pp stage's); None: every layer
+    kv_layers: Optional[int] = None
 
     def forward(self, input_ids: torch.Tensor, batch: PagedBatch) -> Optional[torch.Tensor]:
         """Run one step of `input_ids` (`[tokens]`); return the logits of each row's last new token (`[rows,

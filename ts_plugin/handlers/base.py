@@ -185,7 +185,8 @@ class LLMHandler:
 
     def _bound_kv_cache(self, memory) -> None:
         try:
-            per_token = self.kv_bytes_per_token()
+            # on the rank that holds the most of them (the pp stage of the most layers)
+            per_token = kv_bytes_per_token(self.hf_config(), self.dtype, self.layout.tp_size, self.model.kv_layers)
         except (AttributeError, TypeError) as error:  # a config without the usual head and layer counts
             logger.warning("handler.kv_cache_memory is not applied: the KV size of a token of this model is "
                            "unknown (%s)", error)
@@ -198,19 +199,6 @@ class LLMHandler:
                               f"{per_token * BLOCK_SIZE} bytes")
         self.log_progress(f"KV cache: {memory.human_readable()} per rank, {self.kv_tokens} tokens in blocks of "
                           f"{BLOCK_SIZE}, allocated as they are used")
-
-    def kv_bytes_per_token(self) -> int:
-        """What one token's keys and values take on the rank that holds the most of them (the largest pp stage)."""
-        stage_layers = None
-        if self.layout.pp_size > 1:
-            from ..engines.pipeline import stage_bounds
-
-            points = self.config.pippy.split_points if self.config.pippy else None
-            text = self.hf_config().get_text_config()
-            bounds = stage_bounds(text.num_hidden_layers, self.layout.pp_size,
-                                  points[0].rpartition(".")[0] if points else "", points)
-            stage_layers = max(end - start for start, end in bounds)
-        return kv_bytes_per_token(self.hf_config(), self.dtype, self.layout.tp_size, stage_layers)
 
     def check_layout(self) -> None:
         """Compare the derived layout with what torchrun actually started."""

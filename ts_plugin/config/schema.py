@@ -65,7 +65,8 @@ class PippyConfig(_Section):
     input_names: List[str] = Field(default_factory=lambda: ["input_ids"], description="Model inputs fed to stage 0.")
     model_type: Literal["HF"] = Field("HF", description="Only HuggingFace causal LMs are supported.")
     split_points: Optional[List[str]] = Field(
-        None, description="Module names where stages begin (e.g. model.layers.2); by default the stages' decode cost is balanced, the LM head's included.")
+        None, description="Module names where stages begin (e.g. model.layers.2); by default the stages' decode "
+                          "cost is balanced, the LM head's included.")
     pp_size: Optional[int] = Field(None, ge=1, description="Pipeline stages; required for pptp, must divide the world size.")
     rpc_timeout: Optional[Union[int, float]] = Field(
         None, gt=0, description="Legacy PiPPy RPC timeout in seconds; used as the process-group timeout.")

@@ -93,3 +93,50 @@ def test_compiled_logits_that_differ_leave_the_step_eager(tiny, monkeypatch):
     messages = []
     assert HFStepModel(hf, CPU, compile_step=True, progress=messages.append)._compiled is None
     assert [m for m in messages if "runs eagerly" in m and "differ" in m], messages
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pipeline_stages_compiled_give_greedy_tokens(tmp_path, arch):
+    """pp: each stage's layers in one compiled graph, the model's forward and the stage's hooks around them eager."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ts_plugin.engines._checkpoint import build_meta_model, materialize_stage
+    from ts_plugin.engines._paged import PagedBatch
+    from ts_plugin.engines.base import StepModel
+    from ts_plugin.engines.pipeline import PipelineStage, decode_costs, find_layer_list, stage_bounds
+    from ts_plugin.testing import make_tiny_model
+
+    path = make_tiny_model(tmp_path / arch, arch=arch)
+    hf, tokenizer = AutoModelForCausalLM.from_pretrained(str(path)).eval(), AutoTokenizer.from_pretrained(str(path))
+
+    class Chain(StepModel):
+        samples_here = True
+
+        def __init__(self, stages):
+            self.stages = stages
+            self.pool = stages[0].pool
+
+        def forward(self, ids, batch):
+            for stage in self.stages:  # each over its own pool, from the rows as a later stage receives them
+                ids = stage.run(ids, PagedBatch.from_ints(stage.pool, batch.to_ints()))
+            return ids
+
+        def share_tokens(self, tokens):
+            return tokens
+
+    stages, messages = [], []
+    for index in range(2):
+        model = build_meta_model(path, torch.float32)
+        layers_path, layers = find_layer_list(model)
+        layer_costs, head_cost = decode_costs(model, layers)
+        info = materialize_stage(model, index, stage_bounds(layer_costs, 2, layers_path, head_cost=head_cost),
+                                 layers_path, path, CPU, torch.float32)
+        stages.append(PipelineStage(model, info, CPU, torch.float32, compile_step=True, progress=messages.append))
+    assert all(stage.compiled for stage in stages), messages
+    graphs = counters["stats"]["unique_graphs"]
+    requests = [(f"r{i}", tokenizer(prompt)["input_ids"], count) for i, (prompt, count)
+                in enumerate(zip(PROMPTS, (12, 5, 9)))]
+    tokens = serve(Chain(stages), tokenizer, requests)
+    for row_id, ids, count in requests:
+        assert tokens[row_id] == reference(hf, ids, count)
+    assert counters["stats"]["unique_graphs"] == graphs

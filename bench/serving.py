@@ -49,8 +49,8 @@ from .run import REPO, log, make_model, package
 #: and as TSP227 advises on CPU (one group of rows, 2 threads a stage); tp also with 4 steps per call (fewer round
 #: trips through the frontend, which shares the 2 CPUs with the ranks); batchSize 8 admits all 8 clients at once, as
 #: the anchor's scheduler does (and once with the lm_head on PyTorch's default CPU path instead of oneDNN, and with
-#: the step compiled: handler.compile_step, pp's on CPU too); one client, one request at a time: what continuous
-#: batching costs where nothing can join, with 1 and 4 decode steps per frontend call
+#: the step compiled: handler.compile_step); one client, one request at a time: what continuous batching costs where
+#: nothing can join, with 1 and 4 decode steps per frontend call
 SERVERS = {
     "custom-static": ("custom", 4, False, {}, 8), "custom-continuous": ("custom", 4, True, {}, 8),
     "tp-static": ("tp", 4, False, {}, 8), "tp-continuous": ("tp", 4, True, {}, 8),
@@ -60,8 +60,6 @@ SERVERS = {
     "pp-continuous-b8": ("pp", 8, True, {}, 8),
     "pp-continuous-b8-steps8": ("pp", 8, True, {"handler": {"steps_per_call": 8}}, 8),
     "pp-continuous-b8-cpu": ("pp", 8, True, {"pippy": {"chunks": 1}, "torchrun": {"OMP_NUMBER_THREADS": 2}}, 8),
-    "pp-continuous-b8-cpu-compiled": ("pp", 8, True, {"pippy": {"chunks": 1}, "torchrun": {"OMP_NUMBER_THREADS": 2},
-                                                      "handler": {"compile_step": True}}, 8),
     "custom-continuous-b8-mkl-head": ("custom", 8, True, {"handler": {"onednn_lm_head": False}}, 8),
     "custom-continuous-b8-compiled": ("custom", 8, True, {"handler": {"compile_step": True}}, 8),
     "tp-continuous-b8-compiled": ("tp", 8, True, {"handler": {"compile_step": True}}, 8),

@@ -27,9 +27,6 @@ MODELS = {  # name -> (example, overrides)
     # the step compiled at load (handler.compile_step): the same exact answers
     "cb-custom-compiled": ("custom", {"startupTimeout": 600, "handler": {"compile_step": True}}),
     "cb-tp-compiled": ("tp", {"startupTimeout": 600, "handler": {"compile_step": True}}),
-    # pp as TSP227 advises on CPU (one group of rows, two threads a stage), each stage's layers compiled
-    "cb-pp-compiled": ("pp", {"startupTimeout": 600, "pippy": {"chunks": 1}, "torchrun": {"OMP_NUMBER_THREADS": 2},
-                              "handler": {"compile_step": True}}),
 }
 
 

@@ -205,8 +205,8 @@ TRIPS = [
     pytest.param("TSP220", "handler:\n  max_num_batched_tokens: null\n", "handler.max_num_batched_tokens", (2, 3),
                  None, id="220"),
     pytest.param("TSP225", "handler:\n  compile_step: true\n", "handler.compile_step", (2, 3), None, id="225"),
-    pytest.param("TSP226", PPTP4 + "pippy:\n  pp_size: 2\nstartupTimeout: 600\nhandler:\n  compile_step: true\n",
-                 "handler.compile_step", (8, 3), None, id="226"),
+    pytest.param("TSP226", TP2.replace("tp", "pp") + "startupTimeout: 600\nhandler:\n  compile_step: true\n",
+                 "handler.compile_step", (6, 3), None, id="226"),
     pytest.param("TSP227", "parallelType: pp\ndeviceType: cpu\ntorchrun:\n  nproc-per-node: 2\n" + OWN_RDZV
                  + "  OMP_NUMBER_THREADS: 2\nbatchSize: 8\npippy:\n  chunks: 2\n", "pippy.chunks", (9, 3), None, id="227"),
     pytest.param("TSP227", "parallelType: pp\ndeviceType: cpu\ntorchrun:\n  nproc-per-node: 2\n" + OWN_RDZV,
@@ -311,8 +311,6 @@ NEAR = [
     pytest.param("TSP220", "handler:\n  max_num_batched_tokens: 4096\n", None, id="220"),
     pytest.param("TSP225", "startupTimeout: 300\nhandler:\n  compile_step: true\n", None, id="225"),
     pytest.param("TSP226", TP2 + "startupTimeout: 600\nhandler:\n  compile_step: true\n", None, id="226-tp"),
-    pytest.param("TSP226", TP2.replace("tp", "pp") + "startupTimeout: 600\nhandler:\n  compile_step: true\n", None,
-                 id="226-pp"),
     pytest.param("TSP227", "parallelType: pp\ndeviceType: cpu\ntorchrun:\n  nproc-per-node: 2\n" + OWN_RDZV
                  + "  OMP_NUMBER_THREADS: 2\npippy:\n  chunks: 1\n", None, id="227"),
     pytest.param("TSP227", "parallelType: pp\ndeviceType: gpu\ntorchrun:\n  nproc-per-node: 2\n" + OWN_RDZV

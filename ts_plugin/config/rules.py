@@ -78,7 +78,7 @@ WHOLE_PREFILL = _rule("TSP220", "warning", "handler.max_num_batched_tokens null 
                       "must end within responseTimeout and stalls every running request)")
 COMPILE_STARTUP = _rule("TSP225", "warning", "handler.compile_step with startupTimeout under 300 s (the step compiles "
                        "at load: 30-140 s on 2 CPUs, longer for larger models)")
-COMPILE_STAGES = _rule("TSP226", "warning", "handler.compile_step under pptp (its stages run eagerly)")
+COMPILE_STAGES = _rule("TSP226", "warning", "handler.compile_step under pp or pptp (their stages run eagerly)")
 PP_ON_CPU = _rule("TSP227", "warning", "pp on CPU with overlapping row groups (pippy.chunks > 1) or one thread a stage "
                   "(the stages share the host's cores and memory bandwidth)")
 DEVICE_IDS_DUPLICATE = _rule("TSP301", "error", "deviceIds lists a GPU twice")
@@ -624,10 +624,10 @@ def _check_sections(config: ModelConfig, layout: ParallelLayout, out: _Collector
                 "handler.trust_remote_code is true: Python code in the model folder will run in every worker",
                 "keep it only for model folders you trust")
     if config.handler.compile_step:
-        if ptype == "pptp":
+        if ptype in ("pp", "pptp"):
             out.add(COMPILE_STAGES, ("handler", "compile_step"),
-                    "handler.compile_step is not used under parallelType pptp: its stages' tensor-parallel layers run "
-                    "eagerly", "remove it, or use parallelType custom, tp or pp")
+                    f"handler.compile_step is not used under parallelType {ptype}: pipeline stages run eagerly",
+                    "remove it, or use parallelType custom or tp")
         elif config.startup_timeout < COMPILE_STARTUP_S:
             out.add(COMPILE_STARTUP, ("handler", "compile_step"),
                     f"handler.compile_step compiles the step at load, 30-140 s on 2 CPUs for a 135M model (more for "

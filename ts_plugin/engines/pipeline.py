@@ -44,12 +44,10 @@ import torch.distributed as dist
 from ..distributed import InStepError, Ranks
 from ..kv_blocks import BLOCK_SIZE
 from ._onednn_head import use_onednn_head
-from ._checkpoint import StageInfo, _Skipped, build_meta_model, materialize_stage, peak_rss_mb
-from ._compiled import WARM_UP, compile_layers, differs, graph_breaks, say_compiled, say_eager
+from ._checkpoint import StageInfo, build_meta_model, materialize_stage, peak_rss_mb
 from ._cpu_kernels import use_small_batch_linears
 from ._paged import NO_MASK, KVPool, PagedBatch, use_paged_attention
-from .base import (EngineError, Follower, LoadContext, Progress, StepModel, logits_to_keep, raise_if_any_rank_failed,
-                   rows_logits)
+from .base import EngineError, Follower, LoadContext, StepModel, logits_to_keep, raise_if_any_rank_failed, rows_logits
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +162,9 @@ class _StageOutput(Exception):
 # --- one stage ----------------------------------------------------------------------------------------------------
 
 class PipelineStage:
-    """Runs this rank's layers through the model's own forward (see the module docstring); with `compile_step`, the
-    stage's layers run as one compiled graph (engines/_compiled.py), checked against the eager stage at load."""
+    """Runs this rank's layers through the model's own forward (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, info: StageInfo, device: torch.device, dtype: torch.dtype,
-                 compile_step: bool = False, progress: Optional[Progress] = None):
+    def __init__(self, model: torch.nn.Module, info: StageInfo, device: torch.device, dtype: torch.dtype):
         self.model = model
         self.info = info
         self.device = device
@@ -178,53 +174,13 @@ class PipelineStage:
         use_small_batch_linears(model)
         self._keep = logits_to_keep(model)
         self._inject: Optional[torch.Tensor] = None
+        layers = model.get_submodule(info.layers_path)
         embeddings = model.get_input_embeddings()
         self.embedding_dim = getattr(embeddings, "embedding_dim", None) or model.config.get_text_config().hidden_size
-        self._layers = model.get_submodule(info.layers_path)
-        self._own = [self._layers[i] for i in range(info.start, info.end)]
-        self._hooks: List[Any] = []
-        self._place(None)
-        self.compiled = compile_step and self._compile(progress)
-
-    def _place(self, joined: Optional[torch.nn.Module]) -> None:
-        """Put the stage's layers in the model's list, each in its place, or all of them as `joined` in the first's
-        place (the others passing through); and the stage's hooks on its first and last module."""
-        for handle in self._hooks:
-            handle.remove()
-        for offset, layer in enumerate(self._own):
-            self._layers[self.info.start + offset] = layer if joined is None else joined if offset == 0 else _Skipped()
-        first, last = (joined, joined) if joined is not None else (self._own[0], self._own[-1])
-        self._hooks = []
-        if not self.info.is_first:
-            self._hooks.append(first.register_forward_pre_hook(self._inject_hidden, with_kwargs=True))
-        if not self.info.is_last:
-            self._hooks.append(last.register_forward_hook(self._stop_after))
-
-    def _compile(self, progress: Optional[Progress]) -> bool:
-        """Compile the stage's layers into one graph and check them against the eager stage on warm-up steps (on
-        scratch pools); where that fails the stage stays eager, said once. Returns whether it runs compiled."""
-        breaks_before = graph_breaks()
-        joined = compile_layers(self._own)
-        eager_pool, compiled_pool = KVPool(BLOCK_SIZE), KVPool(BLOCK_SIZE)
-        try:
-            for index, rows in enumerate(WARM_UP):
-                tokens = sum(row.new for row in rows)
-                inputs = (torch.arange(1, 1 + tokens) if self.info.is_first else torch.randn(
-                    1, tokens, self.embedding_dim, generator=torch.Generator().manual_seed(index)).to(self.dtype))
-                self._place(None)
-                eager = self.run(inputs, PagedBatch(eager_pool, rows))
-                self._place(joined)
-                difference = differs(eager, self.run(inputs, PagedBatch(compiled_pool, rows)))
-                if difference:
-                    self._place(None)
-                    say_eager(progress, f"the stage's outputs {difference}")
-                    return False
-        except Exception as error:  # noqa: BLE001 - any compile failure: the eager stage serves, loudly
-            self._place(None)
-            say_eager(progress, f"{type(error).__name__}: {str(error)[:300]}")
-            return False
-        say_compiled(breaks_before, progress)
-        return True
+        if not info.is_first:
+            layers[info.start].register_forward_pre_hook(self._inject_hidden, with_kwargs=True)
+        if not info.is_last:
+            layers[info.end - 1].register_forward_hook(self._stop_after)
 
     def _inject_hidden(self, module, args, kwargs):
         # what the model computed before this layer (embedding of a placeholder, position embeddings, the
@@ -247,8 +203,7 @@ class PipelineStage:
         if self.info.is_first:
             kwargs["input_ids"] = inputs.view(1, -1).to(self.device)
         else:
-            # an inference tensor whatever the caller made (a compiled stage's graph is guarded on it)
-            self._inject = inputs.to(self.device).clone()
+            self._inject = inputs.to(self.device)
             kwargs["inputs_embeds"] = torch.zeros(1, inputs.shape[1], self.embedding_dim, dtype=inputs.dtype,
                                                   device=self.device)
         try:
@@ -476,8 +431,7 @@ def load(context: LoadContext):
             note = use_onednn_head(model)
             if note:
                 context.progress(note)
-        stage = PipelineStage(model, info, context.device, context.dtype, config.handler.compile_step,
-                              context.progress)
+        stage = PipelineStage(model, info, context.device, context.dtype)
     except Exception as error:  # noqa: BLE001 - agree with the other ranks first, then raise
         failure = error
     raise_if_any_rank_failed(failure, "its pipeline stage", control)  # e.g. a tensor missing from its checkpoint part

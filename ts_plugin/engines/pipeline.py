@@ -138,17 +138,27 @@ def _balanced_starts(costs: Sequence[int], stages: int, head_cost: int) -> List[
     prefix = list(itertools.accumulate(costs, initial=0))
 
     @functools.lru_cache(maxsize=None)
-    def slowest(start: int, left: int) -> int:  # the least slowest-stage cost of layers start.. in `left` stages
+    def best(start: int, left: int) -> Tuple[int, int]:
+        """(the least slowest-stage cost of layers start.. in `left` stages, where the first of them ends); of
+        equal costs, the largest first stage."""
         if left == 1:
-            return prefix[n] - prefix[start] + head_cost
-        return min(max(prefix[end] - prefix[start], slowest(end, left - 1)) for end in range(start + 1, n - left + 2))
+            return prefix[n] - prefix[start] + head_cost, n
+        cost, negative_end = min((max(prefix[end] - prefix[start], best(end, left - 1)[0]), -end)
+                                 for end in range(start + 1, n - left + 2))
+        return cost, -negative_end
 
     starts = [0]
     for left in range(stages, 1, -1):
-        start, best = starts[-1], slowest(starts[-1], left)
-        starts.append(max(end for end in range(start + 1, n - left + 2)
-                          if max(prefix[end] - prefix[start], slowest(end, left - 1)) == best))
+        starts.append(best(starts[-1], left)[1])
     return starts
+
+
+def split_stages(model: torch.nn.Module, stages: int,
+                 split_points: Optional[Sequence[str]] = None) -> Tuple[str, List[Tuple[int, int]]]:
+    """The decoder layer list's path and each stage's [start, end) layers (`stage_bounds` over `decode_costs`)."""
+    layers_path, layers = find_layer_list(model)
+    layer_costs, head_cost = decode_costs(model, layers)
+    return layers_path, stage_bounds(layer_costs, stages, layers_path, split_points, head_cost)
 
 
 class _StageOutput(Exception):
@@ -421,9 +431,7 @@ def load(context: LoadContext):
     failure: Optional[Exception] = None
     try:
         model = build_meta_model(context.model_path, context.dtype, config.handler.trust_remote_code)
-        layers_path, layers = find_layer_list(model)
-        layer_costs, head_cost = decode_costs(model, layers)
-        bounds = stage_bounds(layer_costs, stages, layers_path, pippy.split_points if pippy else None, head_cost)
+        layers_path, bounds = split_stages(model, stages, pippy.split_points if pippy else None)
         before = peak_rss_mb()  # imports done, skeleton on meta: what follows is this stage's weights
         info = materialize_stage(model, ranks.rank, bounds, layers_path, context.model_path, context.device,
                                  context.dtype)

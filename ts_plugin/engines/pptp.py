@@ -22,7 +22,7 @@ from ..config.rules import PPTP_HEADS_HINT, attention_split_problem
 from ..distributed import Ranks, broadcast_tokens, collective_device
 from ._checkpoint import Slicer, build_meta_model, materialize_stage, peak_rss_mb, release_memory
 from .base import EngineError, LoadContext, StepModel, raise_if_any_rank_failed
-from .pipeline import PipelineStage, decode_costs, find_layer_list, stage_bounds
+from .pipeline import PipelineStage, split_stages
 
 
 def tensor_parallel_plan(model: torch.nn.Module, layers_path: str, start: int, end: int) -> Dict[str, object]:
@@ -150,9 +150,7 @@ def load(context: LoadContext) -> TensorParallelStage:
     failure: Optional[Exception] = None
     try:
         model = build_meta_model(context.model_path, dtype, config.handler.trust_remote_code)
-        layers_path, layers = find_layer_list(model)
-        layer_costs, head_cost = decode_costs(model, layers)
-        bounds = stage_bounds(layer_costs, layout.pp_size, layers_path, config.pippy.split_points, head_cost)
+        layers_path, bounds = split_stages(model, layout.pp_size, config.pippy.split_points)
         plan = tensor_parallel_plan(model, layers_path, *bounds[stage_index])
         before = peak_rss_mb()
         info = materialize_stage(model, stage_index, bounds, layers_path, context.model_path, device, dtype,

@@ -123,9 +123,10 @@ class HandlerConfig(_Section):
     compile_step: bool = Field(
         False, description="custom and tp: compile the model's forward for the step loop with torch.compile "
         "(inductor), the paged attention, small_linear and tp's all-reduce as ops inside one graph. It fuses the "
-        "small ops between the linears (0.86-0.91x a decode step's time on SmolLM2 on 2 CPUs, bench.compiled_step) and compiles at "
-        "load, 30-140 s on 2 CPUs, which startupTimeout must cover. Warm-up steps are checked against the eager "
-        "forward; a failure or difference runs the model eagerly, said in the log. pp and pptp stages run eagerly.")
+        "small ops between the linears (0.86-0.91x a decode step's time on SmolLM2 on 2 CPUs, bench.compiled_step) "
+        "and compiles at load, 30-140 s on 2 CPUs, which startupTimeout must cover. Warm-up steps are checked against "
+        "the eager forward; a failure or difference runs the model eagerly, said in the log. pp and pptp stages run "
+        "eagerly.")
     disable_any_whitespace: bool = Field(
         False, description="Structured output: JSON answers get no whitespace beyond what the grammar needs (vLLM's "
         "option). By default JSON's own free whitespace is allowed, which a small model may fill until max_tokens.")

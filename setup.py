@@ -42,5 +42,7 @@ setup(
         "torch-model-archiver==0.12.0",
     ],
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["ts-plugin=ts_plugin.cli:main"]},
+    entry_points={"console_scripts": ["ts-plugin=ts_plugin.cli:main"],
+                  # torchrun's --rdzv-backend ts-plugin (ts_plugin/_rendezvous.py)
+                  "torchrun.handlers": ["ts-plugin=ts_plugin._rendezvous:handler_creator"]},
 )

@@ -81,6 +81,8 @@ COMPILE_STARTUP = _rule("TSP225", "warning", "handler.compile_step with startupT
 COMPILE_STAGES = _rule("TSP226", "warning", "handler.compile_step under pp or pptp (their stages run eagerly)")
 PP_ON_CPU = _rule("TSP227", "warning", "pp on CPU with overlapping row groups (pippy.chunks > 1) or one thread a stage "
                   "(the stages share the host's cores and memory bandwidth)")
+MULTI_NODE_PLAIN_C10D = _rule("TSP228", "warning", "nnodes > 1 on plain c10d (a node that never joins fails the "
+                              "worker through TorchServe's generic 507, naming no node)")
 DEVICE_IDS_DUPLICATE = _rule("TSP301", "error", "deviceIds lists a GPU twice")
 DEVICE_IDS_NEGATIVE = _rule("TSP302", "error", "a negative GPU id in deviceIds")
 DEVICE_IDS_TOO_FEW = _rule("TSP303", "error", "deviceIds shorter than the GPUs one worker needs")
@@ -425,6 +427,9 @@ def _check_parallel(config: ModelConfig, layout: ParallelLayout, out: _Collector
 #: torchrun keys TorchServe 0.12 parses and then drops (WorkerLifeCycle.attachRunner): field -> key
 _DROPPED_TORCHRUN_KEYS = {"rdzv_conf": "rdzv-conf", "monitor_interval": "monitor-interval", "node_rank": "node-rank"}
 MULTI_NODE_STARTUP_S = 300
+#: how long rdzv-backend ts-plugin waits for the other nodes on the frontend's host (ts_plugin/_rendezvous.py):
+#: within TorchServe's fixed 2 minutes for a worker's start, with time left for torchrun's start and the ranks' report
+RDZV_JOIN_TIMEOUT_S = 100
 
 
 def _check_torchrun(config: ModelConfig, torchrun: TorchrunConfig, ptype: str, out: _Collector) -> None:
@@ -455,6 +460,15 @@ def _check_torchrun(config: ModelConfig, torchrun: TorchrunConfig, ptype: str, o
                 "and `ts-plugin join --management-address` joins a model's first worker only",
                 "set `minWorkers: 1` and `maxWorkers: 1` (scale with more hosts or replicas), or run one join per "
                 "worker on each node with `--rdzv-id <model>_<worker id>`")
+    if torchrun.rdzv_backend == "c10d":
+        out.add(MULTI_NODE_PLAIN_C10D, ("torchrun", "rdzv-backend") if "rdzv_backend" in torchrun.model_fields_set
+                else ("torchrun", "nnodes"),
+                f"torchrun.rdzv-backend is c10d with {torchrun.nnodes} nodes: TorchServe drops rdzv-conf, so a node "
+                "that never joins leaves torchrun waiting until TorchServe's 2-minute limit on a worker's start, "
+                "whose 507 'Failed to start workers' names no node",
+                "set `rdzv-backend: ts-plugin` (c10d's rendezvous, ending its wait after "
+                f"{RDZV_JOIN_TIMEOUT_S} s with an error in model_log.log naming the missing nodes and their "
+                "`ts-plugin join` command)")
     if config.startup_timeout < MULTI_NODE_STARTUP_S:
         out.add(MULTI_NODE_STARTUP, ("startupTimeout",) if "startup_timeout" in config.model_fields_set
                 else ("torchrun", "nnodes"),
@@ -516,7 +530,7 @@ DEFAULT_RDZV_PORT = 29400  # torchrun's c10d default (torch.distributed.elastic.
 def _default_rendezvous(torchrun: TorchrunConfig) -> bool:
     """No rdzv-endpoint (torchrun's default localhost:29400), or one on port 29400 (also the default port when
     the endpoint has none)."""
-    if torchrun.rdzv_backend != "c10d":
+    if torchrun.rdzv_backend not in ("c10d", "ts-plugin"):  # ts-plugin is c10d's store with a bounded wait
         return False
     endpoint = (torchrun.rdzv_endpoint or "").strip()
     if not endpoint:

@@ -46,7 +46,10 @@ class TorchrunConfig(_Section):
     nproc_per_node: Optional[int] = Field(
         None, alias="nproc-per-node", ge=1,
         description="Processes (ranks, one per GPU) per worker. Mutually exclusive with parallelLevel.")
-    rdzv_backend: str = Field("c10d", alias="rdzv-backend", description="torchrun rendezvous backend.")
+    rdzv_backend: str = Field(
+        "c10d", alias="rdzv-backend",
+        description="torchrun rendezvous backend. `ts-plugin` is c10d whose wait for the other nodes ends within "
+                    "TorchServe's limit, naming the missing ones (TSP228).")
     rdzv_endpoint: Optional[str] = Field(
         None, alias="rdzv-endpoint",
         description="host:port of the rendezvous; default localhost:29400, shared by every model on the host.")

@@ -49,11 +49,16 @@ def serve(step_model, tokenizer, requests):
     return {row_id: result.token_ids for row_id, result in results.items()}
 
 
-def test_compiled_steps_give_greedy_tokens_and_compile_nothing_after_the_load(tiny):
+@pytest.mark.parametrize("guards", ["checked", "skipped"])
+def test_compiled_steps_give_greedy_tokens_and_compile_nothing_after_the_load(tiny, guards, monkeypatch):
+    """Served, the warm-up's graph runs with its guards skipped; checked here, they must hold for every step."""
     hf, tokenizer = tiny
     messages = []
     step_model = HFStepModel(hf, CPU, compile_step=True, progress=messages.append)
-    assert step_model._compiled is not None, messages
+    assert messages[-1] == "handler.compile_step: the step runs compiled", messages  # guards skipped when served
+    if guards == "checked":
+        set_stance = torch.compiler.set_stance
+        monkeypatch.setattr(torch.compiler, "set_stance", lambda **_: set_stance("default"))
     graphs = counters["stats"]["unique_graphs"]
     # rows join at different steps: prefills of several lengths, one row alone, several decoding together
     requests = [(f"r{i}", tokenizer(prompt)["input_ids"], count) for i, (prompt, count)

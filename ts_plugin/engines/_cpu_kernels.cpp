@@ -191,12 +191,42 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
   return out;
 }
 
-// the most rows small_linear is for: more (in turns over each pair of weight rows, read from memory once) made the
-// step compute-bound, no faster than MKL's blocked sgemm at 16 rows
-int64_t small_linear_rows() { return kRowsAtOnce; }
+// the rows one pass of small_linear holds in registers; more take further passes over each pair of weight rows,
+// read from memory once
+int64_t small_linear_rows_at_once() { return kRowsAtOnce; }
+
+// the rows ts_plugin::small_linear takes: engines/_cpu_kernels.py sets them at load for this CPU
+static int64_t fewest_rows = 3, most_rows = kRowsAtOnce;
+
+void set_small_linear_rows(int64_t fewest, int64_t most) {
+  fewest_rows = fewest;
+  most_rows = most;
+}
+
+// ts_plugin::small_linear, the compiled step's linear (engines/_compiled.py): small_linear where `hidden` holds a
+// decode step's rows, aten's linear otherwise (a prefill's). An op of the dispatcher's, so that the graph calls it
+// with no Python between; the eager step decides the same in engines/_cpu_kernels.py's `linear`.
+torch::Tensor linear_op(const torch::Tensor& hidden, const torch::Tensor& weight,
+                        const c10::optional<torch::Tensor>& bias) {
+  const int64_t K = hidden.size(-1);
+  const int64_t rows = K ? hidden.numel() / K : 0;
+  if (rows >= fewest_rows && rows <= most_rows && hidden.scalar_type() == torch::kFloat &&
+      weight.scalar_type() == torch::kFloat && weight.is_contiguous() &&
+      (!bias.has_value() || bias->scalar_type() == torch::kFloat)) {
+    auto sizes = hidden.sizes().vec();
+    sizes.back() = weight.size(0);
+    return small_linear(hidden.reshape({rows, K}), weight, bias).view(sizes);
+  }
+  return at::linear(hidden, weight, bias);
+}
+
+TORCH_LIBRARY_FRAGMENT(ts_plugin, m) { m.def("small_linear(Tensor hidden, Tensor weight, Tensor? bias) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(ts_plugin, CPU, m) { m.impl("small_linear", &linear_op); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode);
   m.def("small_linear", &small_linear);
-  m.def("small_linear_rows", &small_linear_rows);
+  m.def("small_linear_rows_at_once", &small_linear_rows_at_once);
+  m.def("set_small_linear_rows", &set_small_linear_rows);
 }

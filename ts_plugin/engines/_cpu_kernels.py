@@ -3,8 +3,9 @@ CPU's vector width and loaded at first use:
 
 - `paged_decode`: decode rows' attention straight from the paged KV pool (engines/_paged.py);
 - `small_linear`: a linear over a decode step's few rows, the lm_head's too. MKL's sgemm reads the weight of a
-  3-8 row matmul at about half the memory speed it reaches for one row; this kernel streams it once at close to
-  that speed (docs/benchmarks.md, "Decode linears").
+  3-8 row matmul at about half the memory speed it reaches for one row (on CPUs not Intel's, of every row count up
+  to about 32); this kernel streams it once at close to that speed (docs/benchmarks.md, "Decode linears").
+  The compiled step calls it as the dispatcher's op `ts_plugin::small_linear`, defined by the kernels.
 
 Without a compiler both fall back to PyTorch's own ops, with a warning.
 """
@@ -17,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +28,12 @@ logger = logging.getLogger(__name__)
 #: the built extension, or None where it could not be built (empty until load_cpu_kernels ran)
 KERNELS: List[Any] = []
 _VECTOR_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
-#: fewer rows than this: MKL's matrix-vector path already reads the weight at memory speed
-_FEWEST_ROWS = 3
 #: the longest a worker waits for another process's build lock on an extension before it goes on without it
 BUILD_LOCK_WAIT_S = 60.0
 #: a build lock older than this was left by a killed build (ours and DeepSpeed's op build in under a minute)
 STALE_LOCK_S = 600.0
-#: the most rows small_linear takes (the kernels' small_linear_rows(); 0 until they are loaded)
-_MOST_ROWS = [0]
+#: the fewest and the most rows small_linear takes (small_linear_range; none until the kernels are loaded)
+_FEWEST_ROWS, _MOST_ROWS = [1], [0]
 
 
 def load_cpu_kernels(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> Optional[str]:
@@ -56,7 +55,9 @@ def load_cpu_kernels(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> Optional[str]:
                                 sources=[str(Path(__file__).with_name("_cpu_kernels.cpp"))],
                                 extra_cflags=["-O3", "-ffast-math", "-fopenmp", *_VECTOR_FLAGS.get(capability, [])],
                                 extra_ldflags=["-fopenmp"]))
-        _MOST_ROWS[0] = KERNELS[0].small_linear_rows()
+        _FEWEST_ROWS[0], _MOST_ROWS[0] = small_linear_range(KERNELS[0].small_linear_rows_at_once(), cpu_vendor())
+        KERNELS[0].set_small_linear_rows(_FEWEST_ROWS[0], _MOST_ROWS[0])
+        torch.library.register_fake("ts_plugin::small_linear", _small_linear_shape)  # the op the kernels define
     except Exception as error:  # noqa: BLE001 - no compiler, or a toolchain torch cannot use: PyTorch's ops serve
         KERNELS.append(None)
         why = f"{type(error).__name__}: {str(error)[:300]}"
@@ -64,6 +65,35 @@ def load_cpu_kernels(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> Optional[str]:
                        "linears run through PyTorch's", why)
         return why
     return None
+
+
+def small_linear_range(rows_at_once: int, vendor: str) -> Tuple[int, int]:
+    """The fewest and the most rows small_linear takes, by the CPU's vendor. torch's BLAS is MKL, whose fast paths
+    serve Intel's CPUs: there its matrix-vector path reads the weight of one or two rows at memory speed and its
+    blocked sgemm is as fast past one pass of small_linear, so small_linear takes 3 to `rows_at_once` rows. On other
+    CPUs MKL runs slower paths: on an AMD EPYC (AVX-512, 2 threads, weights past its L3) it read the weights of
+    1-32 rows at 7-16 GB/s, where small_linear read them at 24-28 GB/s up to 12 rows and took 0.84x MKL's time at
+    32, 1.2-1.5x at 64 (docs/benchmarks.md, "small_linear on CPUs that are not Intel's"); there it takes 1 to
+    4 x `rows_at_once` rows.
+
+    Example::
+
+        small_linear_range(8, "AuthenticAMD")  # (1, 32)
+    """
+    return (3, rows_at_once) if vendor == "GenuineIntel" else (1, 4 * rows_at_once)
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...); "GenuineIntel" where it cannot be read,
+    so that an unknown CPU keeps the measured default."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "GenuineIntel"
 
 
 @contextlib.contextmanager
@@ -112,17 +142,17 @@ def built() -> Any:
 
 
 def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`F.linear(hidden, weight, bias)`, through `small_linear` where the call has 3 to `small_linear_rows()` rows
+    """`F.linear(hidden, weight, bias)`, through `small_linear` where the call has the rows `small_linear_range` gives
     of float32 on CPU (a decode step's) and the kernels are loaded. `weight` is a plain tensor (not a DTensor).
 
     Example::
 
         out = linear(torch.randn(8, 576), torch.randn(1536, 576))  # 8 rows: the weight streamed once
     """
-    if torch.compiler.is_compiling():  # one opaque op in the compiled step's graph (engines/_compiled.py)
+    if torch.compiler.is_compiling() and built() is not None:  # one op of the kernels' in the compiled step's graph
         return torch.ops.ts_plugin.small_linear(hidden, weight, bias)
     rows = hidden.numel() // max(hidden.shape[-1], 1)  # a tp rank may hold none of a layer's columns
-    if (_FEWEST_ROWS <= rows <= _MOST_ROWS[0] and hidden.dtype == torch.float32 and weight.dtype == torch.float32
+    if (_FEWEST_ROWS[0] <= rows <= _MOST_ROWS[0] and hidden.dtype == torch.float32 and weight.dtype == torch.float32
             and hidden.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
             and (bias is None or bias.dtype == torch.float32)
             and not (torch.is_grad_enabled() and (weight.requires_grad or hidden.requires_grad))):
@@ -131,13 +161,7 @@ def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return F.linear(hidden, weight, bias)
 
 
-@torch.library.custom_op("ts_plugin::small_linear", mutates_args=())
-def _small_linear_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return linear(hidden, weight, bias)
-
-
-@_small_linear_op.register_fake
-def _(hidden, weight, bias):
+def _small_linear_shape(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return hidden.new_empty((*hidden.shape[:-1], weight.shape[0]))
 
 

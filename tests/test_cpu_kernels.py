@@ -40,6 +40,25 @@ def test_small_linear_gives_linears_result(kernels, rows, in_features, out_featu
         torch.testing.assert_close(kernels.small_linear(x, weight, b), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(1, 576), (2, 1, 576), (5, 576), (1, 40, 576), (300, 576), (4, 0)])
+def test_the_compiled_steps_op_gives_linears_result_for_any_rows(kernels, shape):
+    """ts_plugin::small_linear (the compiled step's linear): small_linear within small_linear_range's rows, aten's
+    linear past them, in the input's own shape; a tp rank's empty slice of columns too."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=generator)
+    weight = torch.randn(1536, shape[-1], generator=generator)
+    bias = torch.randn(1536, generator=generator)
+    with torch.inference_mode():
+        got = torch.ops.ts_plugin.small_linear(x, weight, bias)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
+
+
+def test_small_linear_takes_every_decode_row_count_where_mkl_is_not_intels():
+    assert _cpu_kernels.small_linear_range(8, "GenuineIntel") == (3, 8)  # MKL's fast paths: 1-2 rows and past 8
+    assert _cpu_kernels.small_linear_range(8, "AuthenticAMD") == (1, 32)
+    assert _cpu_kernels.small_linear_range(4, "HygonGenuine") == (1, 16)
+
+
 class _Counting:
     """The loaded kernels, counting small_linear's calls by row count."""
 

@@ -105,6 +105,7 @@ class LLMHandler:
         self.kv: Optional[KVBlocks] = None  # the KV cache's blocks and prefix cache, where this rank generates
         self.kv_tokens: Optional[int] = None  # token slots the KV cache holds (handler.kv_cache_memory); None: no bound
         self._preemptions_seen = 0
+        self._gauges_sent: Dict[str, float] = {}  # a gauge goes out when it changes: the frontend keeps the last value
         self._keepalive = _KeepAlive(None, [], 0, sends=False)  # the running static batch's (see _KeepAlive)
         self.grammars: Optional[Grammars] = None  # structured output: the tokenizer's side, checks and matchers
         self._live: Dict[str, _Live] = {}  # continuousBatching: the requests in the batch, by request id
@@ -517,12 +518,15 @@ class LLMHandler:
             return
         try:
             state = state or LoopState()
-            metrics.add_metric("num_requests_running", state.running, "count", metric_type=MetricTypes.GAUGE)
-            metrics.add_metric("num_requests_waiting", state.waiting, "count", metric_type=MetricTypes.GAUGE)
-            if self.step_loop is not None:
-                if state.kv_bound:
-                    metrics.add_metric("kv_cache_usage_perc", state.kv_used / state.kv_bound, "percent",
-                                       metric_type=MetricTypes.GAUGE)
+            gauges = {"num_requests_running": (state.running, "count"), "num_requests_waiting": (state.waiting, "count")}
+            if self.step_loop is not None and state.kv_bound:
+                gauges["kv_cache_usage_perc"] = (round(state.kv_used / state.kv_bound, 3), "percent")
+            # each metric line costs the frontend a parse and two log lines, at every call (a step apart)
+            for name, (value, unit) in gauges.items():
+                if self._gauges_sent.get(name) != value:
+                    metrics.add_metric(name, value, unit, metric_type=MetricTypes.GAUGE)
+                    self._gauges_sent[name] = value
+            if self.step_loop is not None and state.preemptions > self._preemptions_seen:
                 metrics.add_counter("num_preemptions", state.preemptions - self._preemptions_seen)
                 self._preemptions_seen = state.preemptions
             for name, value in (("prompt_tokens", sum(r.prompt_tokens for r in results)),

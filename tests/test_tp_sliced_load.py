@@ -30,6 +30,7 @@ SCRIPT = textwrap.dedent(r'''
 
     import torch
 
+    from ts_plugin.engines import _cpu_kernels
     from ts_plugin.engines._cpu_tp import deepspeed_layer_forwards
     from ts_plugin.handlers import LLMHandler
     from ts_plugin.testing import worker_context
@@ -50,9 +51,10 @@ SCRIPT = textwrap.dedent(r'''
         rows = [{"body": json.dumps({"inputs": p, "parameters": {"max_new_tokens": max_new}}).encode()}
                 for p in prompts]
         answers = handler.inference(handler.preprocess(rows))
-        # the engine's lean layer forwards against DeepSpeed's own, on the same shard: the same bits (12 rows: more
-        # than small_linear takes, whose sums in another order tests/test_cpu_kernels.py checks)
-        module, ids = handler.model.model, torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]])
+        # the engine's lean layer forwards against DeepSpeed's own, on the same shard: the same bits (more rows than
+        # small_linear takes on this CPU, whose sums in another order tests/test_cpu_kernels.py checks)
+        module = handler.model.model
+        ids = (torch.arange(_cpu_kernels._MOST_ROWS[0] + 4) * 7 + 3).remainder(50).view(1, -1)
         with torch.inference_mode():
             lean_logits = module(input_ids=ids).logits
             with deepspeed_layer_forwards(module) as switched:

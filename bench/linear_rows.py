@@ -81,8 +81,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def render(report: Dict[str, Any]) -> str:
     shapes = list(report["us_per_call"])
     lines = [f"{report['date']}: {report['vendor']}, CPU capability {report['cpu_capability']}, "
-             f"{report['threads']} threads, L3 {report['l3_bytes'] >> 20} MiB; float32, weights rotated through four times "
-             f"the L3; us a call, median of {report['rounds']} round(s), the two alternating. small_linear takes "
+             f"{report['threads']} threads, L3 {report['l3_bytes'] >> 20} MiB; float32, weights rotated through four "
+             f"times the L3; us a call, median of {report['rounds']} round(s), the two alternating. small_linear takes "
              f"{report['small_linear_rows'][0]} to {report['small_linear_rows'][1]} rows here.", "",
              "| rows | " + " | ".join(f"{shape}: MKL, small_linear, ratio" for shape in shapes) + " |",
              "|---|" + "---|" * len(shapes)]

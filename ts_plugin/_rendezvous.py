@@ -52,8 +52,8 @@ class _NamingMissingNodes(RendezvousHandler):
         if not self._frontend:
             return self._handler.next_rendezvous()
         timeout = self._params.get_as_int("join_timeout")
-        logger.warning("waiting up to %d s for the %d nodes of rendezvous %r at %s: start the others with %s",
-                       timeout, self._params.max_nodes, self._params.run_id, self._params.endpoint, self._join_command())
+        logger.warning("waiting up to %d s for the %d nodes of rendezvous %r at %s: start the others with %s", timeout,
+                       self._params.max_nodes, self._params.run_id, self._params.endpoint, self._join_command())
         started = time.monotonic()
         try:
             return self._handler.next_rendezvous()

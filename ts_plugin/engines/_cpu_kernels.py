@@ -71,10 +71,9 @@ def small_linear_range(rows_at_once: int, vendor: str) -> Tuple[int, int]:
     """The fewest and the most rows small_linear takes, by the CPU's vendor. torch's BLAS is MKL, whose fast paths
     serve Intel's CPUs: there its matrix-vector path reads the weight of one or two rows at memory speed and its
     blocked sgemm is as fast past one pass of small_linear, so small_linear takes 3 to `rows_at_once` rows. On other
-    CPUs MKL runs slower paths: on an AMD EPYC (AVX-512, 2 threads, weights past its L3) it read the weights of
-    1-32 rows at 7-16 GB/s, where small_linear read them at 24-28 GB/s up to 12 rows and took 0.84x MKL's time at
-    32, 1.2-1.5x at 64 (docs/benchmarks.md, "small_linear on CPUs that are not Intel's"); there it takes 1 to
-    4 x `rows_at_once` rows.
+    CPUs MKL runs slower paths: on an AMD EPYC (AVX-512, 2 threads, weights past its L3) small_linear took
+    0.22-0.47x MKL's time at 1-16 rows, 0.76-0.94x at 32 and 1.25-1.45x at 64 (docs/benchmarks.md, "A host whose
+    MKL is slow"); there it takes 1 to 4 x `rows_at_once` rows.
 
     Example::
 

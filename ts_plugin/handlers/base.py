@@ -518,7 +518,8 @@ class LLMHandler:
             return
         try:
             state = state or LoopState()
-            gauges = {"num_requests_running": (state.running, "count"), "num_requests_waiting": (state.waiting, "count")}
+            gauges = {"num_requests_running": (state.running, "count"),
+                      "num_requests_waiting": (state.waiting, "count")}
             if self.step_loop is not None and state.kv_bound:
                 gauges["kv_cache_usage_perc"] = (round(state.kv_used / state.kv_bound, 3), "percent")
             # each metric line costs the frontend a parse and two log lines, at every call (a step apart)

@@ -42,21 +42,23 @@ def test_small_linear_gives_linears_result(kernels, rows, in_features, out_featu
 
 @pytest.mark.parametrize("shape", [(1, 576), (2, 1, 576), (5, 576), (1, 40, 576), (300, 576), (4, 0)])
 def test_the_compiled_steps_op_gives_linears_result_for_any_rows(kernels, shape):
-    """ts_plugin::small_linear (the compiled step's linear): small_linear within small_linear_range's rows, aten's
-    linear past them, in the input's own shape; a tp rank's empty slice of columns too."""
+    """ts_plugin::small_linear (the compiled step's linear): small_linear within linear_plan's rows, oneDNN's or
+    aten's linear past them, in the input's own shape; a tp rank's empty slice of columns too. And `linear`, the
+    eager step's, the same."""
     generator = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(*shape, generator=generator)
     weight = torch.randn(1536, shape[-1], generator=generator)
     bias = torch.randn(1536, generator=generator)
+    expected = torch.nn.functional.linear(x, weight, bias)
     with torch.inference_mode():
-        got = torch.ops.ts_plugin.small_linear(x, weight, bias)
-    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
+        for got in (torch.ops.ts_plugin.small_linear(x, weight, bias), _cpu_kernels.linear(x, weight, bias)):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
 
 
-def test_small_linear_takes_every_decode_row_count_where_mkl_is_not_intels():
-    assert _cpu_kernels.small_linear_range(8, "GenuineIntel") == (3, 8)  # MKL's fast paths: 1-2 rows and past 8
-    assert _cpu_kernels.small_linear_range(8, "AuthenticAMD") == (1, 32)
-    assert _cpu_kernels.small_linear_range(4, "HygonGenuine") == (1, 16)
+def test_the_plan_keeps_mkl_on_intels_cpus_and_takes_onednn_elsewhere():
+    assert _cpu_kernels.linear_plan(8, "GenuineIntel", True) == (3, 8, False)  # MKL's fast paths: 1-2 rows, past 8
+    assert _cpu_kernels.linear_plan(8, "AuthenticAMD", True) == (1, 12, True)
+    assert _cpu_kernels.linear_plan(4, "HygonGenuine", False) == (1, 6, False)  # a torch without oneDNN: aten's
 
 
 class _Counting:

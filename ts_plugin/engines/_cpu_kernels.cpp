@@ -5,6 +5,7 @@
 //   sgemm reads it at about half that.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <cmath>
@@ -195,27 +196,43 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch
 // read from memory once
 int64_t small_linear_rows_at_once() { return kRowsAtOnce; }
 
-// the rows ts_plugin::small_linear takes: engines/_cpu_kernels.py sets them at load for this CPU
+// ts_plugin::small_linear's choice, set at load for this CPU by engines/_cpu_kernels.py's linear_plan: the rows
+// small_linear takes, and whether more rows go to oneDNN's linear rather than aten's (MKL's)
 static int64_t fewest_rows = 3, most_rows = kRowsAtOnce;
+static bool onednn_past = false;
 
-void set_small_linear_rows(int64_t fewest, int64_t most) {
+void set_linear_plan(int64_t fewest, int64_t most, bool onednn) {
   fewest_rows = fewest;
   most_rows = most;
+  onednn_past = onednn;
+}
+
+// oneDNN's float32 linear on the plain weight (no packed copy): x [M, K], w [N, K]
+static torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& w,
+                                   const c10::optional<torch::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                               std::optional<c10::string_view>)>();
+  return op.call(x, w, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
 // ts_plugin::small_linear, the compiled step's linear (engines/_compiled.py): small_linear where `hidden` holds a
-// decode step's rows, aten's linear otherwise (a prefill's). An op of the dispatcher's, so that the graph calls it
-// with no Python between; the eager step decides the same in engines/_cpu_kernels.py's `linear`.
+// decode step's rows, oneDNN's or aten's linear otherwise (a prefill's), by the plan. An op of the dispatcher's, so
+// that the graph calls it with no Python between; the eager step decides the same in `linear` (_cpu_kernels.py).
 torch::Tensor linear_op(const torch::Tensor& hidden, const torch::Tensor& weight,
                         const c10::optional<torch::Tensor>& bias) {
   const int64_t K = hidden.size(-1);
   const int64_t rows = K ? hidden.numel() / K : 0;
-  if (rows >= fewest_rows && rows <= most_rows && hidden.scalar_type() == torch::kFloat &&
-      weight.scalar_type() == torch::kFloat && weight.is_contiguous() &&
-      (!bias.has_value() || bias->scalar_type() == torch::kFloat)) {
+  const bool float32 = hidden.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat &&
+                       weight.is_contiguous() && (!bias.has_value() || bias->scalar_type() == torch::kFloat);
+  if (float32 && rows >= fewest_rows && (rows <= most_rows || onednn_past)) {
     auto sizes = hidden.sizes().vec();
     sizes.back() = weight.size(0);
-    return small_linear(hidden.reshape({rows, K}), weight, bias).view(sizes);
+    const auto flat = hidden.reshape({rows, K});
+    return (rows <= most_rows ? small_linear(flat, weight, bias) : onednn_linear(flat.contiguous(), weight, bias))
+        .view(sizes);
   }
   return at::linear(hidden, weight, bias);
 }
@@ -228,5 +245,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode);
   m.def("small_linear", &small_linear);
   m.def("small_linear_rows_at_once", &small_linear_rows_at_once);
-  m.def("set_small_linear_rows", &set_small_linear_rows);
+  m.def("set_linear_plan", &set_linear_plan);
 }

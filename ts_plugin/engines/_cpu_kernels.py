@@ -32,8 +32,9 @@ _VECTOR_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "
 BUILD_LOCK_WAIT_S = 60.0
 #: a build lock older than this was left by a killed build (ours and DeepSpeed's op build in under a minute)
 STALE_LOCK_S = 600.0
-#: the fewest and the most rows small_linear takes (small_linear_range; none until the kernels are loaded)
-_FEWEST_ROWS, _MOST_ROWS = [1], [0]
+#: linear_plan's: the fewest and the most rows small_linear takes (none until the kernels are loaded), and whether
+#: more go to oneDNN's linear instead of aten's (MKL's)
+_FEWEST_ROWS, _MOST_ROWS, _ONEDNN_PAST = [1], [0], [False]
 
 
 def load_cpu_kernels(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> Optional[str]:
@@ -55,8 +56,9 @@ def load_cpu_kernels(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> Optional[str]:
                                 sources=[str(Path(__file__).with_name("_cpu_kernels.cpp"))],
                                 extra_cflags=["-O3", "-ffast-math", "-fopenmp", *_VECTOR_FLAGS.get(capability, [])],
                                 extra_ldflags=["-fopenmp"]))
-        _FEWEST_ROWS[0], _MOST_ROWS[0] = small_linear_range(KERNELS[0].small_linear_rows_at_once(), cpu_vendor())
-        KERNELS[0].set_small_linear_rows(_FEWEST_ROWS[0], _MOST_ROWS[0])
+        plan = linear_plan(KERNELS[0].small_linear_rows_at_once(), cpu_vendor(), torch.backends.mkldnn.is_available())
+        (_FEWEST_ROWS[0], _MOST_ROWS[0], _ONEDNN_PAST[0]) = plan
+        KERNELS[0].set_linear_plan(*plan)
         torch.library.register_fake("ts_plugin::small_linear", _small_linear_shape)  # the op the kernels define
     except Exception as error:  # noqa: BLE001 - no compiler, or a toolchain torch cannot use: PyTorch's ops serve
         KERNELS.append(None)
@@ -67,19 +69,23 @@ def load_cpu_kernels(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> Optional[str]:
     return None
 
 
-def small_linear_range(rows_at_once: int, vendor: str) -> Tuple[int, int]:
-    """The fewest and the most rows small_linear takes, by the CPU's vendor. torch's BLAS is MKL, whose fast paths
-    serve Intel's CPUs: there its matrix-vector path reads the weight of one or two rows at memory speed and its
-    blocked sgemm is as fast past one pass of small_linear, so small_linear takes 3 to `rows_at_once` rows. On other
-    CPUs MKL runs slower paths: on an AMD EPYC (AVX-512, 2 threads, weights past its L3) small_linear took
-    0.22-0.47x MKL's time at 1-16 rows, 0.76-0.94x at 32 and 1.25-1.45x at 64 (docs/benchmarks.md, "A host whose
-    MKL is slow"); there it takes 1 to 4 x `rows_at_once` rows.
+def linear_plan(rows_at_once: int, vendor: str, onednn: bool) -> Tuple[int, int, bool]:
+    """How `linear` runs a float32 CPU linear of a given row count, by the CPU's vendor: (the fewest and the most
+    rows small_linear takes, whether more go to oneDNN's linear rather than aten's). torch's BLAS is MKL, whose fast
+    paths serve Intel's CPUs: there its matrix-vector path reads the weight of one or two rows at memory speed and
+    its blocked sgemm is as fast past one pass of small_linear, so small_linear takes 3 to `rows_at_once` rows and
+    MKL the rest. On other CPUs MKL runs slower paths: on an AMD EPYC (AVX-512, 2 threads, weights past its L3)
+    small_linear took 0.16-0.52x MKL's time at 1-12 rows, and oneDNN's linear (on the plain weight, no packed copy)
+    0.33-0.64x at 16-128 rows, less than small_linear's from 16 rows on (docs/benchmarks.md, "A host whose MKL is
+    slow"). There small_linear takes 1 to 1.5 x `rows_at_once` rows and oneDNN (where torch has it) the rest.
 
     Example::
 
-        small_linear_range(8, "AuthenticAMD")  # (1, 32)
+        linear_plan(8, "AuthenticAMD", True)  # (1, 12, True)
     """
-    return (3, rows_at_once) if vendor == "GenuineIntel" else (1, 4 * rows_at_once)
+    if vendor == "GenuineIntel":
+        return 3, rows_at_once, False
+    return 1, rows_at_once * 3 // 2, onednn
 
 
 def cpu_vendor() -> str:
@@ -141,8 +147,9 @@ def built() -> Any:
 
 
 def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`F.linear(hidden, weight, bias)`, through `small_linear` where the call has the rows `small_linear_range` gives
-    of float32 on CPU (a decode step's) and the kernels are loaded. `weight` is a plain tensor (not a DTensor).
+    """`F.linear(hidden, weight, bias)`, through `small_linear` where the call has the rows `linear_plan` gives it
+    (a decode step's) of float32 on CPU and the kernels are loaded, and through oneDNN's linear past them where the
+    plan says so. `weight` is a plain tensor (not a DTensor).
 
     Example::
 
@@ -156,6 +163,12 @@ def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             and (bias is None or bias.dtype == torch.float32)
             and not (torch.is_grad_enabled() and (weight.requires_grad or hidden.requires_grad))):
         out = KERNELS[0].small_linear(hidden.reshape(rows, hidden.shape[-1]), weight, bias)
+        return out.view(*hidden.shape[:-1], weight.shape[0])
+    if (_ONEDNN_PAST[0] and rows > _MOST_ROWS[0] and hidden.dtype == torch.float32 and weight.dtype == torch.float32
+            and hidden.device.type == "cpu" and weight.is_contiguous() and (bias is None or bias.dtype == torch.float32)
+            and not torch.is_grad_enabled()):
+        out = torch.ops.mkldnn._linear_pointwise(hidden.reshape(rows, hidden.shape[-1]).contiguous(), weight, bias,
+                                                 "none", [], "")
         return out.view(*hidden.shape[:-1], weight.shape[0])
     return F.linear(hidden, weight, bias)
 

@@ -1,9 +1,9 @@
-"""Where small_linear and oneDNN beat PyTorch's linear (MKL), by row count, on this CPU: SmolLM2-135M's linear shapes, float32,
-2 threads, the weights read from memory (the calls rotate through enough copies to pass four times the L3 cache). The
-figure is us a call, median of the rounds, the ways in turn within each round (oneDNN: its fp32 linear on the
-plain weight, `torch.ops.mkldnn._linear_pointwise`); linear_plan (engines/_cpu_kernels.py) chooses among them by the CPU's
-vendor, which this shows the grounds for. Writes
-docs/linear-rows-benchmark.json and its block in docs/benchmarks.md.
+"""Where small_linear and oneDNN beat PyTorch's linear (MKL), by row count, on this CPU: SmolLM2-135M's linear
+shapes, float32, 2 threads, the weights read from memory (the calls rotate through enough copies to pass four times
+the L3 cache). The figure is us a call, median of the rounds, the ways in turn within each round (oneDNN: its fp32
+linear on the plain weight, `torch.ops.mkldnn._linear_pointwise`); linear_plan (engines/_cpu_kernels.py) chooses
+among them by the CPU's vendor, which this shows the grounds for. Writes docs/linear-rows-benchmark.json and its
+block in docs/benchmarks.md.
 
     python -m bench.linear_rows --rounds 3
 """
@@ -75,7 +75,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "vendor": _cpu_kernels.cpu_vendor(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
               "l3_bytes": l3_bytes(), "rounds": args.rounds,
-              "linear_plan": [_cpu_kernels._FEWEST_ROWS[0], _cpu_kernels._MOST_ROWS[0], _cpu_kernels._ONEDNN_PAST[0]],
+              "linear_plan": [_cpu_kernels._FEWEST_ROWS[0], _cpu_kernels._MOST_ROWS[0],
+                              _cpu_kernels._ONEDNN_PAST[0]],
               "us_per_call": runs}
     (args.out / "linear-rows-benchmark.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     write_block(args.out / "benchmarks.md", "linear-rows", render(report))
@@ -86,8 +87,8 @@ def render(report: Dict[str, Any]) -> str:
     shapes = list(report["us_per_call"])
     lines = [f"{report['date']}: {report['vendor']}, CPU capability {report['cpu_capability']}, "
              f"{report['threads']} threads, L3 {report['l3_bytes'] >> 20} MiB; float32, weights rotated through four "
-             f"times the L3; us a call, median of {report['rounds']} round(s), the ways in turn. Here linear_plan gives "
-             f"small_linear {report['linear_plan'][0]} to {report['linear_plan'][1]} rows and "
+             f"times the L3; us a call, median of {report['rounds']} round(s), the ways in turn. Here linear_plan "
+             f"gives small_linear {report['linear_plan'][0]} to {report['linear_plan'][1]} rows and "
              f"{'oneDNN' if report['linear_plan'][2] else 'MKL'} more.", "",
              "| rows | " + " | ".join(f"{shape}: " + ", ".join(WAYS) for shape in shapes) + " |",
              "|---|" + "---|" * len(shapes)]

@@ -70,8 +70,8 @@ def test_the_frontends_rendezvous_ends_its_wait_naming_who_came_and_the_join_com
         monkeypatch.setenv("TS_PLUGIN_JOINED", "1" if joined else "0")
         return get_rendezvous_handler(RendezvousParameters("ts-plugin", endpoint, "llama-pp_29500", 3, 3, **conf))
 
-    frontend = handler(joined=False, join_timeout=4)
-    other = handler(joined=True, join_timeout=8)  # still there when the frontend's gives up
+    frontend = handler(joined=False, join_timeout=6)
+    other = handler(joined=True, join_timeout=12)  # still there when the frontend's gives up
     with ThreadPoolExecutor(1) as pool:
         other_waits = pool.submit(other.next_rendezvous)
         started = time.monotonic()
@@ -79,9 +79,10 @@ def test_the_frontends_rendezvous_ends_its_wait_naming_who_came_and_the_join_com
             frontend.next_rendezvous()
         with pytest.raises(RendezvousTimeoutError):
             other_waits.result()
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 30
     message = str(error.value)
-    assert f"rendezvous 'llama-pp_29500' at {endpoint}: after 4 s, 2 of the 3 nodes had joined (this host, " in message
+    assert re.search(rf"rendezvous 'llama-pp_29500' at {endpoint}: after \d+ s, 2 of the 3 nodes had joined "
+                     r"\(this host, ", message), message
     assert f"1 never came. On each missing node run `ts-plugin join llama-pp.mar --rdzv-id llama-pp_29500 " \
            f"--rdzv-endpoint {endpoint}`" in message
 

@@ -52,9 +52,11 @@ SCRIPT = textwrap.dedent(r'''
                 for p in prompts]
         answers = handler.inference(handler.preprocess(rows))
         # the engine's lean layer forwards against DeepSpeed's own, on the same shard: the same bits (more rows than
-        # small_linear takes on this CPU, whose sums in another order tests/test_cpu_kernels.py checks)
+        # small_linear takes, and aten's linear past them: the sums of small_linear and oneDNN, in other orders,
+        # tests/test_cpu_kernels.py checks)
         module = handler.model.model
         ids = (torch.arange(_cpu_kernels._MOST_ROWS[0] + 4) * 7 + 3).remainder(50).view(1, -1)
+        _cpu_kernels._ONEDNN_PAST[0] = False
         with torch.inference_mode():
             lean_logits = module(input_ids=ids).logits
             with deepspeed_layer_forwards(module) as switched:

@@ -158,19 +158,18 @@ def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if torch.compiler.is_compiling() and built() is not None:  # one op of the kernels' in the compiled step's graph
         return torch.ops.ts_plugin.small_linear(hidden, weight, bias)
     rows = hidden.numel() // max(hidden.shape[-1], 1)  # a tp rank may hold none of a layer's columns
-    if (_FEWEST_ROWS[0] <= rows <= _MOST_ROWS[0] and hidden.dtype == torch.float32 and weight.dtype == torch.float32
+    in_plan = _FEWEST_ROWS[0] <= rows <= _MOST_ROWS[0] or (_ONEDNN_PAST[0] and rows > _MOST_ROWS[0])
+    if not (in_plan and hidden.dtype == torch.float32 and weight.dtype == torch.float32
             and hidden.device.type == "cpu" and weight.device.type == "cpu" and weight.is_contiguous()
             and (bias is None or bias.dtype == torch.float32)
             and not (torch.is_grad_enabled() and (weight.requires_grad or hidden.requires_grad))):
-        out = KERNELS[0].small_linear(hidden.reshape(rows, hidden.shape[-1]), weight, bias)
-        return out.view(*hidden.shape[:-1], weight.shape[0])
-    if (_ONEDNN_PAST[0] and rows > _MOST_ROWS[0] and hidden.dtype == torch.float32 and weight.dtype == torch.float32
-            and hidden.device.type == "cpu" and weight.is_contiguous() and (bias is None or bias.dtype == torch.float32)
-            and not torch.is_grad_enabled()):
-        out = torch.ops.mkldnn._linear_pointwise(hidden.reshape(rows, hidden.shape[-1]).contiguous(), weight, bias,
-                                                 "none", [], "")
-        return out.view(*hidden.shape[:-1], weight.shape[0])
-    return F.linear(hidden, weight, bias)
+        return F.linear(hidden, weight, bias)
+    flat = hidden.reshape(rows, hidden.shape[-1])
+    if rows <= _MOST_ROWS[0]:
+        out = KERNELS[0].small_linear(flat, weight, bias)
+    else:
+        out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, bias, "none", [], "")
+    return out.view(*hidden.shape[:-1], weight.shape[0])
 
 
 def _small_linear_shape(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -19,7 +19,7 @@ import requests
 from _llm import (PROMPTS, REPO, assert_gone, greedy_bodies, predict_concurrently, reference_text, stream_interrupted,
                   stream_text)
 from ts_plugin.join import JoinError, plan_join
-from ts_plugin.testing import TorchServe, archive_model, java_available, make_tiny_model, write_config
+from ts_plugin.testing import TorchServe, archive_model, free_ports, java_available, make_tiny_model, write_config
 
 LAYOUTS = {"pp": 1, "tp": 1, "pptp": 2}  # parallelType -> nproc-per-node on each of the 2 nodes
 
@@ -57,14 +57,10 @@ def test_a_single_node_archive_has_nothing_to_join(tmp_path):
 def test_the_frontends_rendezvous_ends_its_wait_naming_who_came_and_the_join_command(monkeypatch):
     """rdzv-backend ts-plugin, as torchrun finds it (the entry point), with 2 of 3 nodes: the frontend's gives up
     after join_timeout, and says who came and what the missing node runs."""
-    import socket
-
     from torch.distributed.elastic.rendezvous import RendezvousParameters, RendezvousTimeoutError
     from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        endpoint = f"localhost:{probe.getsockname()[1]}"
+    endpoint = f"localhost:{free_ports(1)[0]}"
 
     def handler(joined: bool, **conf):
         monkeypatch.setenv("TS_PLUGIN_JOINED", "1" if joined else "0")

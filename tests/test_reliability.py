@@ -433,7 +433,7 @@ def test_killing_a_rank_idle_and_in_flight(server, name, other):
             idle_rate = idle_cpu_rate(ranks[1][0])
             request = threading.Thread(target=long_request, daemon=True)
             request.start()
-            wait_busy(ranks[1][0], idle_rate)  # the 240-token generation takes several seconds on 2 ranks
+            wait_busy(ranks[1][0], idle_rate, seconds=0.1)  # the 240-token generation: about a second on 2 ranks
         killed_at = time.monotonic()
         os.kill(ranks[1][0].pid, signal.SIGKILL)
         if phase == "in flight":

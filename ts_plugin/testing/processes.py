@@ -2,28 +2,50 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
 import time
-from typing import Iterable, List
+from typing import Iterable, List, Set
 
 import psutil
 
 
+#: ports free_ports handed out in this process: none twice
+_HANDED_OUT: Set[int] = set()
+
+
 def free_ports(count: int) -> List[int]:
-    """`count` distinct TCP ports that are free on 127.0.0.1 right now."""
-    sockets = []
+    """`count` distinct TCP ports that are free on 127.0.0.1 right now, below the kernel's ephemeral range and never
+    handed out before by this process. A port is often used minutes after it was chosen (a model's rdzv-endpoint at
+    archive time, its torchrun at registration); ports from the ephemeral range were then sometimes taken by the
+    local end of an outgoing connection (gloo's, a client's), and torchrun met another server there (seen in CI)."""
+    below = _ephemeral_low()
+    candidates = list(range(max(1024, below - 16384), below))
+    random.shuffle(candidates)
+    ports: List[int] = []
+    for port in candidates:
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        _HANDED_OUT.add(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"fewer than {count} free TCP ports below {below}")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default 32768 where it cannot be read)."""
     try:
-        # all bound at once: the kernel cannot hand the same port out twice
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def kill_process_tree(process: subprocess.Popen, descendants: Iterable[psutil.Process], grace_s: float = 15) -> None:

@@ -168,3 +168,50 @@ def test_a_build_lock_older_than_any_build_is_removed_and_a_recent_one_waited_fo
     os.utime(lock, (old, old))
     wait_for_build_lock("some_op", 1.0)
     assert not lock.exists()
+
+
+def test_the_compiled_steps_attention_op_attends_in_cpp_where_every_row_decodes(kernels):
+    """ts_plugin::paged_attention_cpu inside compiled_step: a step whose rows all decode writes the pool and attends
+    in C++ without calling the Python attention; a step with a prefilling row calls it, once a layer. Both leave
+    the pool and the output as the Python attention (_attend) does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ts_plugin.engines import _paged
+    from ts_plugin.engines._paged import KVPool, PagedBatch, PagedRow, compiled_step, use_paged_attention
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    use_paged_attention(model)
+    modules = {module.layer_idx: module for module in model.modules() if type(module) in _paged._INNER}
+    calls = []
+
+    def counted(*args):
+        calls.append(args[3])
+        return _paged._attend_step(*args)
+
+    steps = [[PagedRow([0], 5, 5), PagedRow([1], 3, 3)],  # prefill
+             [PagedRow([0], 6, 1), PagedRow([1], 4, 1)],  # decode
+             [PagedRow([0, 2], 17, 1), PagedRow([1], 5, 1)],  # decode, the pool grown to block 2
+             [PagedRow([0, 2], 18, 1), PagedRow([3], 4, 4)]]  # a row decodes, one prefills
+    python_pool, cpp_pool = KVPool(16), KVPool(16)
+    generator = torch.Generator().manual_seed(0)
+    kernels.set_attention_fallback(counted)
+    try:
+        for rows in steps:
+            calls.clear()
+            python_batch, cpp_batch = PagedBatch(python_pool, rows), PagedBatch(cpp_pool, rows)
+            tokens = cpp_batch.tokens
+            for layer, module in modules.items():
+                q, k, v = (torch.randn(1, heads, tokens, 16, generator=generator) for heads in (4, 2, 2))
+                expected = _paged._attend(module, q, k, v, python_batch, 0.25, {})
+                with compiled_step(cpp_batch, modules):
+                    got = torch.ops.ts_plugin.paged_attention_cpu(q, k, v, layer, 0.25, 0)
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            decoding = all(row.new == 1 for row in rows)
+            assert calls == ([] if decoding else list(modules)), rows
+            for layer in modules:
+                for cpp_part, python_part in zip(cpp_pool.layers[layer], python_pool.layers[layer]):
+                    assert torch.equal(cpp_part, python_part)
+    finally:
+        kernels.set_attention_fallback(_paged._attend_step)

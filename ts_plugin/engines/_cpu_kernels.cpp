@@ -2,13 +2,15 @@
 // - paged_decode: attention of decode rows (one new token each) straight from the paged KV pool, with no gather
 //   of the rows' keys and values into a padded batch first (engines/_paged.py falls back to gather + sdpa);
 // - small_linear: a linear over a decode step's few rows, streaming the weight once at memory speed where MKL's
-//   sgemm reads it at about half that.
+//   sgemm reads it at about half that;
+// - ts_plugin::paged_attention_cpu: the compiled step's attention, paged_decode with the pool's writes in C++.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 // q [rows, heads, dim]; keys, values [kv heads, slots, dim]; tables [rows, blocks]; lengths [rows]
@@ -237,13 +239,68 @@ torch::Tensor linear_op(const torch::Tensor& hidden, const torch::Tensor& weight
   return at::linear(hidden, weight, bias);
 }
 
-TORCH_LIBRARY_FRAGMENT(ts_plugin, m) { m.def("small_linear(Tensor hidden, Tensor weight, Tensor? bias) -> Tensor"); }
+// The step that the calling thread's compiled forward runs, where every row decodes (engines/_paged.py sets it):
+// the layers' pools (empty: a layer this rank's pool lacks), where the new keys and values go, the block tables.
+struct DecodeStep {
+  std::vector<torch::Tensor> keys, values;
+  torch::Tensor slots, tables, lengths;
+  int64_t block_size = 0;
+};
+static thread_local std::unique_ptr<DecodeStep> decode_step;
+// the Python attention of any other step (rows that prefill): _paged.py's, set at load; never freed, as the
+// interpreter may be gone when static objects are
+static py::object* attention_fallback = nullptr;
 
-TORCH_LIBRARY_IMPL(ts_plugin, CPU, m) { m.impl("small_linear", &linear_op); }
+void set_decode_step(std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor slots,
+                     torch::Tensor tables, torch::Tensor lengths, int64_t block_size) {
+  decode_step.reset(new DecodeStep{std::move(keys), std::move(values), std::move(slots), tables.contiguous(),
+                                   lengths.contiguous(), block_size});
+}
+
+void clear_decode_step() { decode_step.reset(); }
+
+void set_attention_fallback(py::object attend) {
+  if (attention_fallback == nullptr) attention_fallback = new py::object();
+  *attention_fallback = std::move(attend);
+}
+
+// query [1, heads, tokens, dim], key and value [1, kv heads, tokens, dim] -> [1, tokens, heads, dim]. One op of the
+// dispatcher's, so that a decode step's graph attends with no Python between (about 25 us a layer saved).
+torch::Tensor paged_attention_op(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
+                                 int64_t layer, double scaling, int64_t window) {
+  DecodeStep* step = decode_step.get();
+  if (step != nullptr && layer >= 0 && layer < static_cast<int64_t>(step->keys.size()) &&
+      step->keys[layer].dim() == 3 && query.scalar_type() == torch::kFloat &&
+      step->keys[layer].scalar_type() == torch::kFloat && key.scalar_type() == torch::kFloat &&
+      query.size(1) % step->keys[layer].size(0) == 0 && query.size(2) == step->slots.size(0)) {
+    step->keys[layer].index_copy_(1, step->slots, key[0]);
+    step->values[layer].index_copy_(1, step->slots, value[0]);
+    const double scale = scaling != 0.0 ? scaling : 1.0 / std::sqrt(static_cast<double>(query.size(3)));
+    return paged_decode(query[0].transpose(0, 1), step->keys[layer], step->values[layer], step->tables, step->lengths,
+                        step->block_size, scale, window)
+        .unsqueeze(0);
+  }
+  TORCH_CHECK(attention_fallback != nullptr, "ts_plugin::paged_attention_cpu: no attention set for this step");
+  py::gil_scoped_acquire gil;
+  return (*attention_fallback)(query, key, value, layer, scaling, window).cast<torch::Tensor>();
+}
+
+TORCH_LIBRARY_FRAGMENT(ts_plugin, m) {
+  m.def("small_linear(Tensor hidden, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("paged_attention_cpu(Tensor query, Tensor key, Tensor value, int layer, float scaling, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ts_plugin, CPU, m) {
+  m.impl("small_linear", &linear_op);
+  m.impl("paged_attention_cpu", &paged_attention_op);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode);
   m.def("small_linear", &small_linear);
   m.def("small_linear_rows_at_once", &small_linear_rows_at_once);
   m.def("set_linear_plan", &set_linear_plan);
+  m.def("set_decode_step", &set_decode_step);
+  m.def("clear_decode_step", &clear_decode_step);
+  m.def("set_attention_fallback", &set_attention_fallback);
 }

@@ -5,7 +5,10 @@ CPU's vector width and loaded at first use:
 - `small_linear`: a linear over a decode step's few rows, the lm_head's too. MKL's sgemm reads the weight of a
   3-8 row matmul at about half the memory speed it reaches for one row (on CPUs not Intel's, of every row count up
   to about 32); this kernel streams it once at close to that speed (docs/benchmarks.md, "Decode linears").
-  The compiled step calls it as the dispatcher's op `ts_plugin::small_linear`, defined by the kernels.
+  The compiled step calls it as the dispatcher's op `ts_plugin::small_linear`, defined by the kernels;
+- `ts_plugin::paged_attention_cpu`: the compiled step's attention on CPU. A step whose rows all decode writes the
+  pool and runs paged_decode in C++ (engines/_paged.py's compiled_step gives it the pool's tensors); any other step
+  calls back into _paged.py's Python attention.
 
 Without a compiler both fall back to PyTorch's own ops, with a warning.
 """
@@ -59,7 +62,8 @@ def load_cpu_kernels(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> Optional[str]:
         plan = linear_plan(KERNELS[0].small_linear_rows_at_once(), cpu_vendor(), torch.backends.mkldnn.is_available())
         (_FEWEST_ROWS[0], _MOST_ROWS[0], _ONEDNN_PAST[0]) = plan
         KERNELS[0].set_linear_plan(*plan)
-        torch.library.register_fake("ts_plugin::small_linear", _small_linear_shape)  # the op the kernels define
+        torch.library.register_fake("ts_plugin::small_linear", _small_linear_shape)  # the ops the kernels define
+        torch.library.register_fake("ts_plugin::paged_attention_cpu", _attention_shape)
     except Exception as error:  # noqa: BLE001 - no compiler, or a toolchain torch cannot use: PyTorch's ops serve
         KERNELS.append(None)
         why = f"{type(error).__name__}: {str(error)[:300]}"
@@ -174,6 +178,11 @@ def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def _small_linear_shape(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return hidden.new_empty((*hidden.shape[:-1], weight.shape[0]))
+
+
+def _attention_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float,
+                     window: int) -> torch.Tensor:
+    return query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
 
 
 def use_small_batch_linears(model: torch.nn.Module) -> int:

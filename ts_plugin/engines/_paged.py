@@ -66,19 +66,31 @@ class KVPool:
         """Store a step's `keys` and `values` (`[kv heads, tokens, head dim]`) at its slots; return the layer's pool."""
         pool = self.layers.get(layer)
         if pool is None or pool[0].shape[1] < batch.slots_needed:
-            grown = max(batch.slots_needed, 2 * pool[0].shape[1] if pool else 0)
-            if batch.blocks:
-                grown = min(grown, batch.blocks * self.block_size)
-            grown = -(-grown // self.block_size) * self.block_size
-            made = tuple(part.new_zeros((part.shape[0], grown, part.shape[-1])) for part in (keys, values))
-            if pool is not None:
-                for new, old in zip(made, pool):
-                    new[:, :old.shape[1]] = old
-            pool = self.layers[layer] = made
+            pool = self._grow(layer, keys, values, batch)
         slots = batch.slots.to(keys.device)
         pool[0].index_copy_(1, slots, keys)
         pool[1].index_copy_(1, slots, values)
         return pool
+
+    def reserve(self, batch: "PagedBatch") -> None:
+        """Grow the layers made so far to hold `batch`'s slots, as their writes would."""
+        for layer, pool in list(self.layers.items()):
+            if pool[0].shape[1] < batch.slots_needed:
+                self._grow(layer, *pool, batch)
+
+    def _grow(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
+              batch: "PagedBatch") -> Tuple[torch.Tensor, torch.Tensor]:
+        pool = self.layers.get(layer)
+        grown = max(batch.slots_needed, 2 * pool[0].shape[1] if pool else 0)
+        if batch.blocks:
+            grown = min(grown, batch.blocks * self.block_size)
+        grown = -(-grown // self.block_size) * self.block_size
+        made = tuple(part.new_zeros((part.shape[0], grown, part.shape[-1])) for part in (keys, values))
+        if pool is not None:
+            for new, old in zip(made, pool):
+                new[:, :old.shape[1]] = old
+        self.layers[layer] = made
+        return made
 
     def nbytes(self) -> int:
         return sum(part.nbytes for pool in self.layers.values() for part in pool)
@@ -218,8 +230,11 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     if torch.compiler.is_compiling():  # the batch is the compiled step's, read when the op runs
         if any(kwargs.get(name) is not None for name in _SHAPING_KWARGS):
             return _attend_outside_graph(module, query, key, value, scaling, kwargs), None
-        return torch.ops.ts_plugin.paged_attention(query, key, value, module.layer_idx, float(scaling or 0.0),
-                                                   int(kwargs.get("sliding_window") or 0)), None
+        # on CPU, the kernels' op: a step of decode rows attends in C++ (compiled_step), others through _attend
+        op = (torch.ops.ts_plugin.paged_attention_cpu if query.device.type == "cpu" and _cpu_kernels.built()
+              else torch.ops.ts_plugin.paged_attention)
+        return op(query, key, value, module.layer_idx, float(scaling or 0.0),
+                  int(kwargs.get("sliding_window") or 0)), None
     batch: Optional[PagedBatch] = kwargs.pop("paged", None) or _STEP.batch
     if batch is None:  # a forward of the model's own (generate): its own attention, over its own cache and mask
         inner, _ = _INNER[type(module)]
@@ -277,19 +292,35 @@ _SHAPING_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "head_mask", "d
 @contextlib.contextmanager
 def compiled_step(batch: PagedBatch, modules: Dict[int, torch.nn.Module]) -> Iterator[None]:
     """Within the block, attention in a compiled forward of this thread runs over `batch`, `modules[layer_idx]`
-    being the attention module of each layer (the graph's op cannot take either)."""
+    being the attention module of each layer (the graph's op cannot take either). Where every row decodes and the
+    decode kernel fits every layer, the kernels' op attends in C++ over the pool's tensors, given here."""
     _STEP.batch, _STEP.modules = batch, modules
+    kernels = _cpu_kernels.built()
+    decoding = len(batch.groups) == 1 and batch.groups[0].positions.shape[1] == 1
+    in_cpp = (kernels is not None and bool(modules) and decoding
+              and all(getattr(module, "sinks", None) is None for module in modules.values()))
+    if in_cpp:
+        group, pool = batch.groups[0], batch.pool
+        pool.reserve(batch)
+        layers = [pool.layers.get(layer, (torch.Tensor(), torch.Tensor())) for layer in range(max(modules) + 1)]
+        kernels.set_decode_step([keys for keys, _ in layers], [values for _, values in layers], batch.slots,
+                                group.tables, group.lengths, pool.block_size)
     try:
         yield
     finally:
         _STEP.batch, _STEP.modules = None, {}
+        if in_cpp:
+            kernels.clear_decode_step()
 
 
-@torch.library.custom_op("ts_plugin::paged_attention", mutates_args=())
-def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float,
-                        window: int) -> torch.Tensor:
+def _attend_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float,
+                 window: int) -> torch.Tensor:
+    """The compiled step's attention of `layer` over the thread's PagedBatch (compiled_step)."""
     return _attend(_STEP.modules[layer], query, key, value, _STEP.batch, scaling or None,
                    {"sliding_window": window})
+
+
+_paged_attention_op = torch.library.custom_op("ts_plugin::paged_attention", _attend_step, mutates_args=())
 
 
 @_paged_attention_op.register_fake
@@ -341,3 +372,5 @@ def use_paged_attention(model: torch.nn.Module) -> None:
             config._attn_implementation = ATTENTION
     if any(parameter.device.type == "cpu" for parameter in model.parameters()):
         _cpu_kernels.load_cpu_kernels()
+        if _cpu_kernels.built() is not None:
+            _cpu_kernels.built().set_attention_fallback(_attend_step)

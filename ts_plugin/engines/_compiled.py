@@ -3,9 +3,9 @@ rotary embeddings, residual adds and activations between the linears run as a fe
 hundred small ops each dispatched from Python.
 
 What dynamo cannot trace is one opaque op in the graph (torch.library custom ops): the paged attention
-(`ts_plugin::paged_attention`, reading the step's PagedBatch from `compiled_step`), small_linear
-(`ts_plugin::small_linear`) and tp's all-reduce (`ts_plugin::inference_all_reduce_`). So it neither breaks at the
-attention nor at tp's collectives.
+(`ts_plugin::paged_attention_cpu` on CPU, in C++ where every row decodes, else `ts_plugin::paged_attention`; both read
+the step's PagedBatch from `compiled_step`), small_linear (`ts_plugin::small_linear`) and tp's all-reduce
+(`ts_plugin::inference_all_reduce_`). So it neither breaks at the attention nor at tp's collectives.
 
 The step's sizes (tokens, rows) are marked unbacked, so one graph serves every step, one token and one row
 included. It compiles at load, on a scratch KV pool: 30-140 s on a 2-CPU host, which startupTimeout must cover

@@ -33,8 +33,9 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import psutil
 import requests
 
 from ts_plugin.testing import TorchServe, free_ports, reference_answers
@@ -104,16 +105,40 @@ def stream_one(url: str, body: Dict[str, Any], headers: Dict[str, str]) -> Dict[
 
 
 def run_workload(url: str, model: str, jobs: List[Dict[str, Any]], clients: int,
-                 headers: Dict[str, str]) -> Dict[str, Any]:
+                 headers: Dict[str, str], server: Optional[Tuple[int, Callable[[psutil.Process], bool]]] = None
+                 ) -> Dict[str, Any]:
+    """Send `jobs` from `clients` threads. `server`: the pid at the root of the server's processes and which of
+    them is its frontend, for the CPU seconds they spent meanwhile (`server_cpu_s`: all, the frontend's)."""
+    cpu_before = server_cpu_s(*server) if server else None
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda job: {**job, **stream_one(url, {"model": model, **job}, headers)}, jobs))
     wall = time.perf_counter() - start
     short = min(job["max_tokens"] for job in jobs)
     completion = sum(r["tokens"] or 0 for r in results)
-    return {"wall_s": wall, "completion_tokens": completion, "tokens_per_s": completion / wall,
-            "short_p99_s": p99([r["latency_s"] for r in results if r["max_tokens"] == short]),
-            "ttft_p99_s": p99([r["ttft_s"] for r in results]), "results": results}
+    run = {"wall_s": wall, "completion_tokens": completion, "tokens_per_s": completion / wall,
+           "short_p99_s": p99([r["latency_s"] for r in results if r["max_tokens"] == short]),
+           "ttft_p99_s": p99([r["ttft_s"] for r in results]), "results": results}
+    if server:
+        run["server_cpu_s"] = [after - before for after, before in zip(server_cpu_s(*server), cpu_before)]
+    return run
+
+
+def server_cpu_s(root: int, is_frontend: Callable[[psutil.Process], bool]) -> Tuple[float, float]:
+    """CPU seconds so far of the process `root` and its descendants, and of those among them `is_frontend` picks
+    (TorchServe's Java, vLLM's API server): the rest ran the model, the cores' spinning included."""
+    processes = psutil.Process(root)
+    total = frontend = 0.0
+    for process in [processes] + processes.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+            frontend += (times.user + times.system) if is_frontend(process) else 0.0
+    return total, frontend
+
+
+def is_java(process: psutil.Process) -> bool:
+    return "java" in process.name()
 
 
 def p99(values: List[float]) -> float:
@@ -222,7 +247,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     url = f"{server.inference_url}/predictions/{name}/1.0/v1/completions"
                     stream_one(url, {"model": name, "prompt": PROMPTS[0], "max_tokens": 2}, headers)  # warm-up
                     runs.setdefault(name + suffix, []).append(
-                        run_workload(url, name, solo_jobs if clients == 1 else jobs, clients, headers))
+                        run_workload(url, name, solo_jobs if clients == 1 else jobs, clients, headers,
+                                     (server.process.pid, is_java)))
                     log(f"{name + suffix}: {runs[name + suffix][-1]['tokens_per_s']:.1f} tok/s")
                     server.unregister(name)
             if "anchor" in only:
@@ -232,7 +258,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 vllm.pause(False)
                 url = f"{vllm.url}/v1/completions"
                 stream_one(url, {"model": vllm.model, "prompt": PROMPTS[0], "max_tokens": 2}, {})  # warm-up
-                runs.setdefault(VLLM, []).append(run_workload(url, vllm.model, jobs, 8, {}))
+                api_server = vllm.process.pid
+                runs.setdefault(VLLM, []).append(run_workload(url, vllm.model, jobs, 8, {},
+                                                              (api_server, lambda p: p.pid == api_server)))
                 vllm.pause(True)
                 log(f"{VLLM}: {runs[VLLM][-1]['tokens_per_s']:.1f} tok/s")
     summary = summarize(runs, expected)
@@ -258,6 +286,10 @@ def summarize(runs: Dict[str, List[Dict[str, Any]]], expected: Dict[str, str]) -
     for name, rounds in runs.items():
         out[name] = {key: statistics.median(run[key] for run in rounds)
                      for key in ("tokens_per_s", "short_p99_s", "ttft_p99_s", "wall_s")}
+        cpu = [[seconds * 1000 / run["completion_tokens"] for seconds in run["server_cpu_s"]]
+               for run in rounds if run.get("server_cpu_s") and run["completion_tokens"]]
+        if cpu:  # ms of CPU a completion token: the server's, its frontend's
+            out[name]["cpu_ms_per_token"] = [statistics.median(ms[i] for ms in cpu) for i in range(2)]
         out[name]["exact"] = all(r["text"] == expected[f"{r['max_tokens']}|{r['prompt']}"]
                                  for run in rounds for r in run["results"])
     return out
@@ -276,10 +308,13 @@ def render(report: Dict[str, Any]) -> str:
              f"round(s); `-1client`: one client sending {ONE_CLIENT_JOBS} requests of the long length one after "
              "another, where nothing can join. Ratios: continuous / static of the same parallelType (and client "
              "count), / the anchor (`transformers serve --continuous-batching`) and / vLLM's CPU build "
-             "(`vllm serve`, its defaults).", "",
+             "(`vllm serve`, its defaults). Server CPU: ms of CPU a completion token, of all the server's "
+             "processes (the cores' spinning included) and of its frontend's (TorchServe's Java, vLLM's API "
+             "server).", "",
              "| server | tokens/s | short p99 (s) | TTFT p99 (s) | vs static: tok/s, short p99, TTFT p99 | "
-             "vs anchor: tok/s, short p99 | vs vLLM: tok/s, short p99, TTFT p99 | all answers = generate |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "vs anchor: tok/s, short p99 | vs vLLM: tok/s, short p99, TTFT p99 | server CPU ms/token: all, "
+             "frontend | all answers = generate |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in summary.items():
         solo = name.endswith("-1client")
         static = summary.get(name.split("-")[0] + "-static" + "-1client" * solo) if "continuous" in name else None
@@ -287,6 +322,7 @@ def render(report: Dict[str, Any]) -> str:
                      f"{ratios(row, static, ('tokens_per_s', 'short_p99_s', 'ttft_p99_s'))} | "
                      f"{ratios(row, None if solo else anchor, ('tokens_per_s', 'short_p99_s'))} | "
                      f"{ratios(row, None if solo else vllm, ('tokens_per_s', 'short_p99_s', 'ttft_p99_s'))} | "
+                     f"{', '.join(f'{ms:.1f}' for ms in row.get('cpu_ms_per_token', []))} | "
                      f"{'yes' if row['exact'] else 'no'} |")
     return "\n".join(lines) + "\n"
 

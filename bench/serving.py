@@ -127,9 +127,9 @@ def run_workload(url: str, model: str, jobs: List[Dict[str, Any]], clients: int,
 def server_cpu_s(root: int, is_frontend: Callable[[psutil.Process], bool]) -> Tuple[float, float]:
     """CPU seconds so far of the process `root` and its descendants, and of those among them `is_frontend` picks
     (TorchServe's Java, vLLM's API server): the rest ran the model, the cores' spinning included."""
-    processes = psutil.Process(root)
+    root_process = psutil.Process(root)
     total = frontend = 0.0
-    for process in [processes] + processes.children(recursive=True):
+    for process in [root_process] + root_process.children(recursive=True):
         with contextlib.suppress(psutil.Error):
             times = process.cpu_times()
             total += times.user + times.system

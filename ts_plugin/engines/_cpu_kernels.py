@@ -63,7 +63,7 @@ def load_cpu_kernels(lock_wait_s: float = BUILD_LOCK_WAIT_S) -> Optional[str]:
         (_FEWEST_ROWS[0], _MOST_ROWS[0], _ONEDNN_PAST[0]) = plan
         KERNELS[0].set_linear_plan(*plan)
         torch.library.register_fake("ts_plugin::small_linear", _small_linear_shape)  # the ops the kernels define
-        torch.library.register_fake("ts_plugin::paged_attention_cpu", _attention_shape)
+        torch.library.register_fake("ts_plugin::paged_attention_cpu", attention_shape)
     except Exception as error:  # noqa: BLE001 - no compiler, or a toolchain torch cannot use: PyTorch's ops serve
         KERNELS.append(None)
         why = f"{type(error).__name__}: {str(error)[:300]}"
@@ -180,8 +180,9 @@ def _small_linear_shape(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     return hidden.new_empty((*hidden.shape[:-1], weight.shape[0]))
 
 
-def _attention_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float,
-                     window: int) -> torch.Tensor:
+def attention_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float,
+                    window: int) -> torch.Tensor:
+    """The paged attention ops' output for a `[1, heads, tokens, head dim]` query: `[1, tokens, heads, head dim]`."""
     return query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
 
 

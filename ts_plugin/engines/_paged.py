@@ -321,11 +321,7 @@ def _attend_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, la
 
 
 _paged_attention_op = torch.library.custom_op("ts_plugin::paged_attention", _attend_step, mutates_args=())
-
-
-@_paged_attention_op.register_fake
-def _(query, key, value, layer, scaling, window):
-    return query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
+_paged_attention_op.register_fake(_cpu_kernels.attention_shape)  # as the kernels' op
 
 
 @torch.compiler.disable
